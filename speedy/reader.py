@@ -1,0 +1,160 @@
+"""Worker-side chunk reads: read-only descriptors, verified records, never asks the writer."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import stat
+import zlib
+
+from . import faults
+from .chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE, REF_DELETED, REF_LIVE,
+                        chunk_name, parse_chunk_name)
+from .protocol import Err
+
+log = logging.getLogger("speedy.reader")
+
+CHECK_BLOCK = 4096
+
+
+class NotFound(Exception):
+    """No live file with that fid."""
+
+    code = Err.FILE_NOT_FOUND
+
+
+class ReadFailed(Exception):
+    """The disk read failed or the record did not verify."""
+
+    def __init__(self, message: str, code: int = Err.READ_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ChunkReader:
+    """Reads records of this server's chunk files through lazily opened O_RDONLY descriptors."""
+
+    def __init__(self, data_dir: str, group_id: int, index) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        self.group_id = group_id
+        self.index = index
+        self._fds: dict[int, int] = {}
+
+    def _fd(self, chunk_id: int) -> int:
+        """The read-only descriptor of a chunk, opened on first use."""
+        fd = self._fds.get(chunk_id)
+        if fd is None:
+            path = os.path.join(self.data_dir, chunk_name(self.group_id, chunk_id))
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise ReadFailed(f"cannot open {path}: {e.strerror}") from None
+            self._fds[chunk_id] = fd
+        return fd
+
+    def _header(self, fid: int) -> tuple[int, int, int, int]:
+        """(chunk_id, offset, size, checksum) of fid's live record, its header verified."""
+        loc = self.index.get(fid)
+        if loc is None:
+            raise NotFound(f"fid {fid} not found")
+        chunk_id, offset = loc
+        raw = self.read_at(chunk_id, offset, RECORD_HEADER_SIZE)
+        hfid, ref, size, csum, _ts = RECORD_HEADER.unpack(raw)
+        if hfid != fid:
+            raise ReadFailed(f"fid {fid}: the record at chunk {chunk_id} offset {offset} "
+                             f"holds fid {hfid}")
+        if ref == REF_DELETED:
+            raise NotFound(f"fid {fid} deleted")
+        if ref != REF_LIVE:
+            raise ReadFailed(f"fid {fid}: bad ref {ref} at chunk {chunk_id} offset {offset}")
+        if offset + RECORD_HEADER_SIZE + size > MAX_CHUNK_SIZE:
+            raise ReadFailed(f"fid {fid}: size {size} runs past the largest chunk")
+        return chunk_id, offset, size, csum
+
+    def read(self, fid: int) -> bytes:
+        """fid's data: stored fid, ref 1, size bounds and adler32 verified."""
+        chunk_id, offset, size, csum = self._header(fid)
+        data = self.read_at(chunk_id, offset + RECORD_HEADER_SIZE, size)
+        if zlib.adler32(data, 0) != csum:
+            raise ReadFailed(f"fid {fid}: checksum mismatch in chunk {chunk_id} at {offset}")
+        return data
+
+    def locate(self, fid: int) -> tuple[int, int, int]:
+        """(chunk_id, data_offset, size) of fid, header verified, for streaming a big read."""
+        chunk_id, offset, size, _csum = self._header(fid)
+        return chunk_id, offset + RECORD_HEADER_SIZE, size
+
+    def checksum_of(self, fid: int) -> int:
+        """The stored adler32 of fid's data (to verify a streamed read at its end)."""
+        return self._header(fid)[3]
+
+    def read_at(self, chunk_id: int, offset: int, size: int) -> bytes:
+        """size bytes of a chunk at offset; past the end of a short file they are zeros."""
+        fd = self._fd(chunk_id)
+        try:
+            if faults.ACTIVE:
+                faults.check("read", chunk_name(self.group_id, chunk_id))
+            data = os.pread(fd, size, offset)
+            while len(data) < size:
+                more = os.pread(fd, size - len(data), offset + len(data))
+                if not more:
+                    data += bytes(size - len(data))
+                    break
+                data += more
+        except OSError as e:
+            raise ReadFailed(f"reading chunk {chunk_id} at {offset}: {e.strerror}") from None
+        return data
+
+    def _own_chunks(self) -> list[int]:
+        """Ids of this group's chunk files in the data dir."""
+        ids = []
+        for name in os.listdir(self.data_dir):
+            parsed = parse_chunk_name(name)
+            if parsed and parsed[0] == self.group_id and self.chunk_path(name):
+                ids.append(parsed[1])
+        return ids
+
+    def check_disk(self) -> None:
+        """Read a random 4 KiB block of a random chunk (past the page cache when it can)."""
+        try:
+            ids = self._own_chunks()
+            if not ids:
+                raise ReadFailed("no chunk file to check", Err.CHUNK_CHECK_ERROR)
+            chunk_id = random.choice(ids)
+            fd = self._fd(chunk_id)
+            size = os.fstat(fd).st_size
+            offset = random.randrange(max(1, size // CHECK_BLOCK)) * CHECK_BLOCK
+            if faults.ACTIVE:
+                faults.check("read", chunk_name(self.group_id, chunk_id))
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, offset, CHECK_BLOCK, os.POSIX_FADV_DONTNEED)
+            os.pread(fd, CHECK_BLOCK, offset)
+        except OSError as e:
+            raise ReadFailed(f"disk check failed: {e.strerror}", Err.CHUNK_CHECK_ERROR) from None
+        except ReadFailed as e:
+            raise ReadFailed(str(e), Err.CHUNK_CHECK_ERROR) from None
+
+    def chunk_path(self, name: str) -> str | None:
+        """The path of this server's chunk file of exactly that name, or None."""
+        if not isinstance(name, str) or "/" in name or "\0" in name:
+            return None
+        parsed = parse_chunk_name(name)
+        if not parsed or parsed[0] != self.group_id or parsed[1] < 1:
+            return None
+        if name != chunk_name(*parsed):
+            return None
+        path = os.path.join(self.data_dir, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return path if stat.S_ISREG(st.st_mode) else None
+
+    def close(self) -> None:
+        """Close every descriptor."""
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()

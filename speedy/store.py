@@ -1,0 +1,549 @@
+"""The chunk store: the writer process's chunk files, recovery, appends, deletes, group commit.
+
+Only the writer process uses it. Layout of a data dir::
+
+    <data_dir>/chunk_<group>_<id>.chunk   the chunk files (CHUNKFILE.md), ids from 1
+    <data_dir>/.speedy/lock               flock'ed while a server uses the dir
+    <data_dir>/.speedy/index.snap         fid index snapshot (speedy/snapshot.py)
+    <data_dir>/.speedy/tmp.*              a chunk file being preallocated, a snapshot being written
+
+Writes are staged (record appended with one pwritev past the committed end) and made
+visible by commit(): superblocks rewritten, one fsync per touched chunk when sync, then
+the fids go into the shared index. Chunk choice: first fit, the lowest chunk id with room.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+
+from . import faults, recovery, snapshot
+from .chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED,
+                        REF_OFFSET, SUPERBLOCK_SIZE, FormatError, Superblock, chunk_name,
+                        encode_record_header, fits, max_data_size, parse_chunk_name)
+from .index import FidIndex
+from .protocol import Err
+
+log = logging.getLogger("speedy.store")
+
+META_DIR = ".speedy"
+LOCK_FILE = "lock"
+SNAPSHOT_FILE = "index.snap"
+TMP_PREFIX = "tmp."
+IOV_MAX = 1024
+SNAPSHOT_INTERVAL = 300.0  # seconds between automatic snapshot saves while files change
+MAX_CHUNK_ID = 0xFFFFFFFF
+
+
+class StoreError(Exception):
+    """A store operation that failed; code is the protocol error to answer."""
+
+    code: int = Err.INTERNAL_ERROR
+
+
+class FileExists(StoreError):
+    """The fid is already stored (or staged)."""
+
+    code = Err.FILE_EXISTS
+
+
+class NoRoom(StoreError):
+    """No chunk has room for the write now."""
+
+    code = Err.CHUNK_UNAVAILABLE
+
+
+class WriteFailed(StoreError):
+    """An I/O error while writing; the store turned read_only."""
+
+    code = Err.WRITE_ERROR
+
+
+class StartError(Exception):
+    """A fatal start-up problem, with a one-line message for the operator."""
+
+
+@dataclass
+class Chunk:
+    """One open chunk file: committed superblock plus what is staged past it."""
+
+    chunk_id: int
+    name: str
+    path: str
+    fd: int
+    capacity: int
+    sb: Superblock
+    sb_raw: bytes
+    sb_valid: bool
+    tail: int = SUPERBLOCK_SIZE
+    staged: int = 0
+
+    def staged_superblock(self) -> Superblock:
+        """The superblock that covers the staged records too."""
+        return Superblock(self.chunk_id, self.sb.files_alloc + self.staged,
+                          self.sb.files_count + self.staged, self.tail, self.capacity - self.tail)
+
+
+class ChunkStore:
+    """The chunk files of one group in one data dir, and the fid index that covers them."""
+
+    def __init__(self, data_dir: str, group_id: int, chunks: int, chunk_size: int,
+                 sync: bool, index: FidIndex) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        self.meta_dir = os.path.join(self.data_dir, META_DIR)
+        self.snapshot_path = os.path.join(self.meta_dir, SNAPSHOT_FILE)
+        self.group_id = group_id
+        self.chunks_wanted = chunks
+        self.chunk_size = chunk_size
+        self.sync = bool(sync)
+        self.index = index
+        self.read_only = False
+        self.chunks: dict[int, Chunk] = {}
+        self.staged: dict[int, tuple[int, int]] = {}
+        self.shadows: dict[int, list[tuple[int, int]]] = {}
+        self.fsync_count = 0
+        self.open_mode = ""  # "snapshot", "incremental" or "scan" after open()
+        self.open_seconds = 0.0
+        self._lock_fd = -1
+        self._snapshot_on_disk = False
+        self._snapshot_time = 0.0
+        self._changed = False
+        self.snapshot_interval = SNAPSHOT_INTERVAL  # 0 turns the automatic saves off
+        faults.load_env()
+
+    # ------------------------------------------------------------------ start-up
+    def open(self) -> None:
+        """Create + preallocate (first start) or recover the chunk files; fill the index."""
+        t0 = time.monotonic()
+        self._lock_dir()
+        try:
+            found = self._find_chunks()
+            created = self._create_missing(found)
+            found.update(created)
+            for cid in sorted(found):
+                self._open_chunk(cid, found[cid])
+            mode = recovery.load_snapshot(self)
+            if mode is None:
+                mode = "scan"
+                recovery.scan_all(self)
+            self.open_mode = mode
+            if mode != "snapshot":
+                self.save_snapshot()
+        except recovery.RecoveryError as e:
+            self._close_files()
+            raise StartError(str(e)) from None
+        except BaseException:
+            self._close_files()
+            raise
+        self.open_seconds = time.monotonic() - t0
+        log.info("opened %d chunks in %s: %d files, %.3fs (%s)", len(self.chunks),
+                 self.data_dir, len(self.index), self.open_seconds, self.open_mode)
+
+    def _lock_dir(self) -> None:
+        """Create the .speedy subdirectory, take its lock, remove leftovers of a crash."""
+        if not os.path.isdir(self.data_dir):
+            raise StartError(f"data dir {self.data_dir} is not a directory")
+        try:
+            os.makedirs(self.meta_dir, exist_ok=True)
+            fd = os.open(os.path.join(self.meta_dir, LOCK_FILE),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StartError(f"cannot use {self.meta_dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StartError(f"data dir {self.data_dir} is in use by another speedy chunkserver "
+                             f"(lock {self.meta_dir}/{LOCK_FILE} is held)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        for name in os.listdir(self.meta_dir):
+            if name.startswith(TMP_PREFIX) or name.endswith(".tmp"):
+                log.info("removing leftover %s", os.path.join(self.meta_dir, name))
+                try:
+                    os.unlink(os.path.join(self.meta_dir, name))
+                except OSError:
+                    pass
+
+    def _find_chunks(self) -> dict[int, str]:
+        """{chunk_id: path} of this group's chunk files; StartError on a foreign one."""
+        found: dict[int, str] = {}
+        for entry in sorted(os.scandir(self.data_dir), key=lambda e: e.name):
+            parsed = parse_chunk_name(entry.name)
+            if parsed is None:
+                continue
+            group, cid = parsed
+            if group != self.group_id:
+                raise StartError(f"{entry.path}: chunk file of group {group}, but this server "
+                                 f"is --group_id={self.group_id}; move it away or fix --group_id")
+            if entry.name != chunk_name(group, cid) or not 1 <= cid <= MAX_CHUNK_ID:
+                raise StartError(f"{entry.path}: bad chunk file name (chunk ids are "
+                                 f"1..{MAX_CHUNK_ID}, without leading zeros)")
+            if entry.is_symlink() or not entry.is_file():
+                raise StartError(f"{entry.path}: not a regular file")
+            found[cid] = entry.path
+        return found
+
+    def _create_missing(self, found: dict[int, str]) -> dict[int, str]:
+        """Create chunks 1..chunks that do not exist; on failure remove those made now."""
+        created: dict[int, str] = {}
+        try:
+            for cid in range(1, self.chunks_wanted + 1):
+                if cid not in found:
+                    created[cid] = self._create_chunk(cid)
+        except StartError:
+            for path in created.values():
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise
+        if created:
+            snapshot.sync_dir(self.data_dir)
+        return created
+
+    def _create_chunk(self, cid: int) -> str:
+        """Preallocate one chunk under a temporary name, then rename it into place."""
+        name = chunk_name(self.group_id, cid)
+        final = os.path.join(self.data_dir, name)
+        tmp = os.path.join(self.meta_dir, TMP_PREFIX + name)
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            if faults.ACTIVE:
+                faults.check("fallocate", name)
+            os.posix_fallocate(fd, 0, self.chunk_size)
+            _pwrite_exact(fd, Superblock.empty(cid, self.chunk_size).encode(), 0)
+            os.fsync(fd)
+            os.rename(tmp, final)
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+                fd = -1
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            free = shutil.disk_usage(self.data_dir).free
+            raise StartError(f"cannot preallocate {final} to {self.chunk_size} bytes: "
+                             f"{e.strerror} ({free} bytes free on that file system; lower "
+                             f"--chunk_size or --chunks, or free some space)") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        log.info("created %s, %d bytes preallocated", final, self.chunk_size)
+        return final
+
+    def _open_chunk(self, cid: int, path: str) -> None:
+        """Open one chunk file read-write and read its superblock."""
+        name = os.path.basename(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise StartError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            raw = os.pread(fd, SUPERBLOCK_SIZE, 0)
+        except OSError as e:
+            os.close(fd)
+            raise StartError(f"cannot read {path}: {e.strerror}") from None
+        sb: Superblock | None = None
+        why = ""
+        try:
+            sb = Superblock.decode(raw)
+            capacity = sb.current_offset + sb.avail_space
+            if sb.chunk_id != cid:
+                why = f"it names chunk {sb.chunk_id}"
+            elif not SUPERBLOCK_SIZE <= sb.current_offset <= capacity <= MAX_CHUNK_SIZE:
+                why = (f"current_offset {sb.current_offset} + avail_space {sb.avail_space} "
+                       "out of bounds")
+        except FormatError as e:
+            why = str(e) if raw.strip(b"\0") else "superblock is all zeros"
+        if why:
+            log.warning("%s: superblock unusable (%s); rebuilding it from the records", name, why)
+            sb = None
+            capacity = min(max(self.chunk_size, st.st_size), MAX_CHUNK_SIZE)
+        elif capacity != self.chunk_size:
+            log.info("%s: chunk size %d from its superblock (--chunk_size is %d)",
+                     name, capacity, self.chunk_size)
+        ch = Chunk(cid, name, path, fd, capacity,
+                   sb or Superblock.empty(cid, capacity), raw, sb is not None)
+        ch.tail = ch.sb.current_offset
+        self.chunks[cid] = ch
+
+    def save_snapshot(self) -> bool:
+        """Persist the index with the chunk stamps it covers; False if not possible now."""
+        if self.staged or not self.chunks or self._lock_fd < 0:
+            return False
+        try:
+            stamps = [snapshot.ChunkStamp.of(ch.chunk_id, ch.capacity, ch.sb_raw, ch.fd,
+                                             ch.sb.current_offset) for ch in self.ordered_chunks()]
+            shadows = [(fid, cid, off) for fid, locs in self.shadows.items() for cid, off in locs]
+            t0 = time.monotonic()
+            size = snapshot.save(self.snapshot_path, self.group_id, stamps, shadows, self.index)
+        except OSError as e:
+            log.warning("cannot save the index snapshot %s: %s", self.snapshot_path, e)
+            return False
+        self._snapshot_on_disk = True
+        self._snapshot_time = time.monotonic()
+        self._changed = False
+        log.info("index snapshot saved: %d fids, %d bytes, %.3fs", len(self.index), size,
+                 time.monotonic() - t0)
+        return True
+
+    def maybe_save_snapshot(self) -> bool:
+        """Save the snapshot if files changed and snapshot_interval has passed since the last."""
+        if (not self._changed or self.snapshot_interval <= 0
+                or time.monotonic() - self._snapshot_time < self.snapshot_interval):
+            return False
+        return self.save_snapshot()
+
+    def _drop_snapshot(self) -> None:
+        """Remove the snapshot before a change it could not follow (a delete)."""
+        try:
+            os.unlink(self.snapshot_path)
+        except FileNotFoundError:
+            pass
+        if self.sync:
+            snapshot.sync_dir(self.meta_dir)
+        self._snapshot_on_disk = False
+
+    # ------------------------------------------------------------------ queries
+    def has(self, fid: int) -> bool:
+        """True for a live fid, committed or staged."""
+        return fid in self.staged or self.index.get(fid) is not None
+
+    def can_fit(self, size: int) -> bool:
+        """Some chunk has room for a body of size bytes now."""
+        return self._pick(size) is not None
+
+    def max_size(self) -> int:
+        """The largest body an empty chunk could hold."""
+        caps = [ch.capacity for ch in self.chunks.values()] or [self.chunk_size]
+        return max_data_size(max(caps))
+
+    def chunk_stats(self) -> list[tuple[int, int]]:
+        """(chunk_id, avail_space) per chunk."""
+        return [(ch.chunk_id, ch.capacity - ch.tail) for ch in self.ordered_chunks()]
+
+    def file_count(self) -> int:
+        """Live committed files."""
+        return len(self.index)
+
+    def chunk_ids(self) -> list[int]:
+        """Ids of the open chunks, ascending."""
+        return sorted(self.chunks)
+
+    def ordered_chunks(self) -> list[Chunk]:
+        """The open chunks by id."""
+        return [self.chunks[cid] for cid in sorted(self.chunks)]
+
+    def _pick(self, size: int) -> Chunk | None:
+        """First fit: the lowest chunk id with room for size."""
+        for ch in self.ordered_chunks():
+            if fits(ch.capacity - ch.tail, size):
+                return ch
+        return None
+
+    def chunk_file(self, cid: int) -> str:
+        """The file name of chunk cid."""
+        return chunk_name(self.group_id, cid)
+
+    def _live_header(self, fid: int, cid: int, off: int) -> bool:
+        """Whether the record header at (cid, off) is fid's and live (guards a stale index)."""
+        try:
+            raw = os.pread(self.chunks[cid].fd, RECORD_HEADER_SIZE, off)
+            hfid, ref = RECORD_HEADER.unpack(raw)[:2]
+        except (OSError, KeyError, struct.error):
+            return False
+        return hfid == fid and ref == 1
+
+    # ------------------------------------------------------------------ writes
+    def stage(self, fid: int, parts: list, size: int, csum: int) -> None:
+        """Append a record to a chunk with room; visible only after commit()."""
+        if fid in self.staged:
+            raise FileExists(f"fid {fid} is being written")
+        loc = self.index.get(fid)
+        if loc is not None:
+            if self._live_header(fid, *loc):
+                raise FileExists(f"fid {fid} exists")
+            log.warning("fid %d: index pointed at %s offset %d, which is not its live record; "
+                        "dropped", fid, self.chunk_file(loc[0]), loc[1])
+            self.index.remove(fid)
+        views = [p if isinstance(p, memoryview) and p.format == "B" and p.ndim == 1
+                 else memoryview(p).cast("B") for p in parts]
+        if sum(v.nbytes for v in views) != size:
+            raise ValueError(f"parts hold {sum(v.nbytes for v in views)} bytes, size says {size}")
+        ch = self._pick(size)
+        if ch is None:
+            raise NoRoom(f"no chunk has room for {size} bytes")
+        off = ch.tail
+        header = encode_record_header(fid, size, csum, int(time.time()))
+        try:
+            if faults.ACTIVE:
+                faults.check("write", ch.name)
+            _pwritev_all(ch.fd, [header, *views], off)
+        except OSError as e:
+            self.read_only = True
+            log.error("%s: writing fid %d (%d bytes) at offset %d failed: %s; read-only now",
+                      ch.name, fid, size, off, e.strerror)
+            raise WriteFailed(f"write to {ch.name} failed: {e.strerror}") from None
+        ch.tail = off + RECORD_HEADER_SIZE + size
+        ch.staged += 1
+        self.staged[fid] = (ch.chunk_id, off)
+
+    def commit(self) -> list[int]:
+        """Superblocks, one fsync per touched chunk (sync), then index the staged fids."""
+        if not self.staged:
+            return []
+        touched = [ch for ch in self.ordered_chunks() if ch.staged]
+        new = {ch.chunk_id: ch.staged_superblock() for ch in touched}
+        written: list[Chunk] = []
+        try:
+            self.index.reserve(len(self.index) + len(self.staged))  # no growth after the fsync
+            for ch in touched:
+                if faults.ACTIVE:
+                    faults.check("superblock", ch.name)
+                written.append(ch)
+                _pwrite_exact(ch.fd, new[ch.chunk_id].encode(), 0)
+            if self.sync:
+                for ch in touched:
+                    self._fsync(ch)
+        except OSError as e:
+            self._rollback(touched, written)
+            log.error("commit of %d staged writes failed: %s; read-only now", len(self.staged), e)
+            self.staged.clear()
+            self.read_only = True
+            raise WriteFailed(f"commit failed: {e.strerror}") from None
+        for ch in touched:
+            ch.sb = new[ch.chunk_id]
+            ch.sb_raw = ch.sb.encode()
+            ch.staged = 0
+        fids = list(self.staged)
+        insert = self.index.insert
+        for fid, (cid, off) in self.staged.items():
+            insert(fid, cid, off)
+        self.staged.clear()
+        self._changed = True
+        self.maybe_save_snapshot()
+        return fids
+
+    def _rollback(self, touched: list[Chunk], written: list[Chunk]) -> None:
+        """Forget the staged records; put back the old superblock where it may be overwritten."""
+        for ch in touched:
+            ch.tail = ch.sb.current_offset
+            ch.staged = 0
+        for ch in written:
+            try:
+                _pwrite_exact(ch.fd, ch.sb_raw, 0)
+                if self.sync:
+                    os.fsync(ch.fd)
+            except OSError as e:
+                log.error("%s: cannot restore the superblock after a failed commit: %s",
+                          ch.name, e.strerror)
+
+    def _fsync(self, ch: Chunk) -> None:
+        if faults.ACTIVE:
+            faults.check("fsync", ch.name)
+        os.fsync(ch.fd)
+        self.fsync_count += 1
+
+    def delete(self, fid: int) -> bool:
+        """Mark fid's record deleted on disk and drop it from the index; False if absent."""
+        loc = self.index.get(fid)
+        if loc is None:
+            return False
+        if not self._live_header(fid, *loc):
+            log.warning("fid %d: index pointed at %s offset %d, which is not its live record; "
+                        "dropped", fid, self.chunk_file(loc[0]), loc[1])
+            self.index.remove(fid)
+            return False
+        locs = [loc] + [l for l in self.shadows.pop(fid, []) if self._live_header(fid, *l)]
+        touched: dict[int, Chunk] = {}
+        try:
+            if self._snapshot_on_disk:
+                self._drop_snapshot()
+            for i, (cid, off) in enumerate(locs):
+                ch = self.chunks[cid]
+                if faults.ACTIVE:
+                    faults.check("ref", ch.name)
+                _pwrite_exact(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
+                if i == 0:
+                    self.index.remove(fid)
+                ch.sb.files_count -= 1
+                touched[cid] = ch
+            for ch in touched.values():
+                if faults.ACTIVE:
+                    faults.check("superblock", ch.name)
+                ch.sb_raw = ch.sb.encode()
+                _pwrite_exact(ch.fd, ch.sb_raw, 0)
+            if self.sync:
+                for ch in touched.values():
+                    self._fsync(ch)
+        except OSError as e:
+            self.read_only = True
+            log.error("deleting fid %d failed: %s; read-only now", fid, e)
+            raise WriteFailed(f"delete failed: {e.strerror}") from None
+        self._changed = True
+        self.maybe_save_snapshot()
+        return True
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self) -> None:
+        """Flush superblocks, fsync, save the index snapshot, release the data dir."""
+        if self._lock_fd < 0:
+            return
+        if self.staged:
+            log.warning("closing with %d uncommitted writes; dropped", len(self.staged))
+            self._rollback([ch for ch in self.chunks.values() if ch.staged], [])
+            self.staged.clear()
+        clean = True
+        for ch in self.ordered_chunks():  # superblocks were written by commit() and delete()
+            try:
+                os.fsync(ch.fd)
+            except OSError as e:
+                clean = False
+                log.error("%s: flushing at close failed: %s", ch.name, e.strerror)
+        if clean and not self.read_only:
+            self.save_snapshot()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for ch in self.chunks.values():
+            try:
+                os.close(ch.fd)
+            except OSError:
+                pass
+        self.chunks.clear()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _pwrite_exact(fd: int, data: bytes, offset: int) -> None:
+    """pwrite all of data at offset (a short write is retried, 0 bytes is an error)."""
+    _pwritev_all(fd, [data], offset)
+
+
+def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
+    """pwritev every buffer at offset, in batches of IOV_MAX, resuming short writes."""
+    bufs = [memoryview(b) for b in bufs if len(b)]
+    while bufs:
+        batch = bufs[:IOV_MAX]
+        n = os.pwritev(fd, batch, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += n
+        while n and bufs:
+            if n >= bufs[0].nbytes:
+                n -= bufs[0].nbytes
+                bufs.pop(0)
+            else:
+                bufs[0] = bufs[0][n:]
+                n = 0
