@@ -1,0 +1,8 @@
+#!/usr/bin/env python3
+"""spy_master: the speedy chunkmaster (group registry, heartbeats and fids in SQLite)."""
+import sys
+
+from speedy.masterd import main
+
+if __name__ == "__main__":
+    sys.exit(main())
