@@ -143,9 +143,9 @@ def absolutize(ns: argparse.Namespace, names: Sequence[str]) -> None:
             setattr(ns, name, os.path.abspath(value))
 
 
-def print_config(p: configargparse.ArgParser, ns: argparse.Namespace,
-                 out=sys.stdout) -> None:
+def print_config(p: configargparse.ArgParser, ns: argparse.Namespace, out=None) -> None:
     """Every option's effective value and where it came from."""
+    out = out or sys.stdout
     sources: dict[str, str] = {}
     for source, settings in p._source_to_settings.items():  # configargparse's record
         label = source.split("|")[0].rstrip(":") or source

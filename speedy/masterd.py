@@ -163,8 +163,10 @@ def serve(cfg, listener: socket.socket) -> int:
         stop.set()
 
     def on_hup() -> None:
+        notify.reloading()
         reopen_logs()
         log.info("SIGHUP: log file reopened")
+        notify.ready()
 
     gevent.signal_handler(signal.SIGTERM, on_stop, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, on_stop, signal.SIGINT)
