@@ -451,6 +451,9 @@ class Client:
 
     def servers(self) -> list[ServerInfo]:
         """Every registered chunkserver (ERR ones too), sorted by group and address."""
+        listed = self.master.all_servers()
+        if listed is not None:
+            return sorted(listed, key=lambda s: (s.group_id, s.ip, s.port))
         groups = self.route(force=True).groups
         out: list[ServerInfo] = []
         for g in sorted(groups):

@@ -279,6 +279,18 @@ class Master:
             raise ClusterError(f"master {self.name}: groupinfo is not a JSON array")
         return [ServerInfo.from_json(s) for s in obj]
 
+    def all_servers(self) -> list[ServerInfo] | None:
+        """GET /v1/chunkmaster/servers (speedy extension); None from a master without it."""
+        try:
+            obj = self.get_json("/v1/chunkmaster/servers")
+        except MasterError as e:
+            if e.status == 404:
+                return None
+            raise
+        if not isinstance(obj, list):
+            raise ClusterError(f"master {self.name}: servers is not a JSON array")
+        return [ServerInfo.from_json(s) for s in obj]
+
     def init_server(self, group_id: int, ip: str, port: int) -> None:
         """POST /v1/chunkserver/initserver."""
         self.request("POST", "/v1/chunkserver/initserver",

@@ -372,6 +372,8 @@ def test_cli_status(cluster):
     assert sorted((s["group"], s["server"]) for s in rows) == \
         sorted((d.group, d.name_addr) for d in cluster.servers)
     assert all(s["free"] > 0 for s in rows)
+    assert all(0 <= s["heartbeat_age"] < 30 for s in rows)
+    assert all(line.endswith("s ago") for line in lines[1:])
 
 
 def test_cli_bad_keys_and_usage(cluster):

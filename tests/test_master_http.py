@@ -312,3 +312,20 @@ def test_readme_queries_with_the_sqlite3_shell(masters, tmp_path):
     assert per_group[0][:5] == ("1", "2", "1", "400", "1500")
     assert [r[:3] for r in silent] == [("2", "10.0.0.3", "8000")]
     assert fids[0][0] == "10001"
+
+
+def test_servers_extension_lists_err_servers_with_heartbeat_age(masters, tmp_path):
+    m = masters(tmp_path, heartbeat_timeout=30)
+    m.register(1, "10.0.0.1", 8000)
+    m.register(2, "10.0.0.2", 8000)
+    assert m.report(1, "10.0.0.1", 8000, TotalFreeSpace=5).status == 200
+    assert m.post("/v1/chunkserver/setstatus",
+                  {"Ip": "10.0.0.2", "Port": 8000, "Status": ERR}).status == 200
+    time.sleep(0.3)
+    rows = m.get("/v1/chunkmaster/servers").json()
+    assert [(r["GroupId"], r["Ip"], r["Status"]) for r in rows] == \
+        [(1, "10.0.0.1", RW), (2, "10.0.0.2", ERR)]
+    assert CS_FIELDS <= set(rows[0]) and rows[0]["TotalFreeSpace"] == 5
+    assert 0.2 <= rows[0]["HeartbeatAge"] < 10 and rows[1]["HeartbeatAge"] is None
+    assert rows[0]["UpdateTime"] > rows[0]["CreateTime"] > 0
+    assert "2" not in m.get("/v1/chunkmaster/route").json()  # ERR stays out of the route
