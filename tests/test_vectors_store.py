@@ -7,9 +7,10 @@ import json
 import lzma
 import os
 
+from conftest import ROOT
 from storehelp import Harness, payload
 
-VECTORS = "/work/shared/vectors/original_c"
+VECTORS = os.path.join(ROOT, "tests", "vectors", "original_c")  # copy of shared/vectors
 CHUNK_SIZE = 2147483648
 
 
