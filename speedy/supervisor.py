@@ -197,10 +197,12 @@ class Supervisor:
 
     def handle_hup(self) -> None:
         """Reopen the log file here and in every child."""
+        notify.reloading()
         reopen_logs()
         log.info("log file reopened")
         for pid in [self.writer_pid, *self.workers]:
             self.kill(pid, signal.SIGHUP)
+        notify.ready()
 
     def handle_term(self) -> None:
         """Graceful stop."""
