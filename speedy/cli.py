@@ -17,6 +17,7 @@ import configargparse
 
 from . import __version__
 from .chunkconn import format_addr, parse_addr
+from .config import positive_float as positive
 from .client import (DEFAULT_MASTER, DEFAULT_PART_SIZE, Client, NotFoundError, ServerInfo,
                      SpeedyError)
 from .manifest import KeyFormatError, parse_key
@@ -83,17 +84,6 @@ def size_arg(text: str) -> int:
     if not num.isdigit() or int(num) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4M, 256K)")
     return int(num) * SIZE_UNITS[unit]
-
-
-def positive(text: str) -> float:
-    """An argparse type: a number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return v
 
 
 def count(text: str) -> int:
