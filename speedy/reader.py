@@ -6,6 +6,7 @@ import os
 import random
 import stat
 import zlib
+from dataclasses import dataclass
 
 from . import faults
 from .chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE, REF_DELETED, REF_LIVE,
@@ -15,6 +16,20 @@ from .protocol import Err
 log = logging.getLogger("speedy.reader")
 
 CHECK_BLOCK = 4096
+FIRST_READ_MIN = 4096 - 30  # the first pread of a record: header + at least this much, or
+# the smaller size of the last two records read (one pread when sizes repeat; a mix of big
+# and small records costs a second pread for a big one, never a big read for a small one)
+
+
+@dataclass
+class Record:
+    """A verified record: where it is, its size and checksum, and header + data if read."""
+
+    chunk_id: int
+    offset: int
+    size: int
+    csum: int
+    buf: bytearray | None
 
 
 class NotFound(Exception):
@@ -39,6 +54,7 @@ class ChunkReader:
         self.group_id = group_id
         self.index = index
         self._fds: dict[int, int] = {}
+        self._hints = (0, 0)  # sizes of the last two records read: the smaller is the guess
 
     def _fd(self, chunk_id: int) -> int:
         """The read-only descriptor of a chunk, opened on first use."""
@@ -59,7 +75,14 @@ class ChunkReader:
             raise NotFound(f"fid {fid} not found")
         chunk_id, offset = loc
         raw = self.read_at(chunk_id, offset, RECORD_HEADER_SIZE)
-        hfid, ref, size, csum, _ts = RECORD_HEADER.unpack(raw)
+        return self._verify_header(fid, chunk_id, offset, raw)
+
+    @staticmethod
+    def _verify_header(fid: int, chunk_id: int, offset: int,
+                       raw: bytes | bytearray) -> tuple[int, int, int, int]:
+        """(chunk_id, offset, size, checksum) from a record header, which must be fid's, live
+        and within bounds (NotFound for a deleted record, else ReadFailed)."""
+        hfid, ref, size, csum, _ts = RECORD_HEADER.unpack_from(raw)
         if hfid != fid:
             raise ReadFailed(f"fid {fid}: the record at chunk {chunk_id} offset {offset} "
                              f"holds fid {hfid}")
@@ -73,11 +96,58 @@ class ChunkReader:
 
     def read(self, fid: int) -> bytes:
         """fid's data: stored fid, ref 1, size bounds and adler32 verified."""
-        chunk_id, offset, size, csum = self._header(fid)
-        data = self.read_at(chunk_id, offset + RECORD_HEADER_SIZE, size)
-        if zlib.adler32(data, 0) != csum:
+        rec = self.fetch(fid, MAX_CHUNK_SIZE)
+        return bytes(memoryview(rec.buf)[RECORD_HEADER_SIZE:])  # type: ignore[arg-type]
+
+    def fetch(self, fid: int, limit: int) -> Record:
+        """fid's record, verified; its data in memory when its size is at most limit.
+
+        One pread of header and data when the size is what the last reads suggest (the
+        index holds no sizes), a second one for the rest otherwise. Record.buf is exactly
+        the header (30 bytes, free for the caller to overwrite) followed by the data.
+        """
+        loc = self.index.get(fid)
+        if loc is None:
+            raise NotFound(f"fid {fid} not found")
+        chunk_id, offset = loc
+        first = min(max(min(self._hints), FIRST_READ_MIN), limit)
+        buf = bytearray(RECORD_HEADER_SIZE + first)
+        got = self._read_into(chunk_id, offset, memoryview(buf))
+        _, _, size, csum = self._verify_header(fid, chunk_id, offset, buf)
+        self._hints = (self._hints[1], size)
+        if size > limit:
+            return Record(chunk_id, offset, size, csum, None)
+        end = RECORD_HEADER_SIZE + size
+        if end <= len(buf):
+            del buf[end:]
+        else:  # a bigger record than the guess: read the rest into a buffer of its size
+            at = len(buf)
+            whole = bytearray(end)
+            whole[:at] = buf
+            buf = whole
+            if got == at:  # else the file ended before the data, which reads as zeros
+                self._read_into(chunk_id, offset + at, memoryview(buf)[at:])
+        if zlib.adler32(memoryview(buf)[RECORD_HEADER_SIZE:], 0) != csum:
             raise ReadFailed(f"fid {fid}: checksum mismatch in chunk {chunk_id} at {offset}")
-        return data
+        return Record(chunk_id, offset, size, csum, buf)
+
+    def _read_into(self, chunk_id: int, offset: int, view: memoryview) -> int:
+        """Fill view from a chunk at offset; returns the bytes read (fewer at end of file,
+        the rest of view is left as it was)."""
+        fd = self._fd(chunk_id)
+        total = len(view)
+        got = 0
+        try:
+            if faults.ACTIVE:
+                faults.check("read", chunk_name(self.group_id, chunk_id))
+            while got < total:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if not n:
+                    break
+                got += n
+        except OSError as e:
+            raise ReadFailed(f"reading chunk {chunk_id} at {offset}: {e.strerror}") from None
+        return got
 
     def locate(self, fid: int) -> tuple[int, int, int]:
         """(chunk_id, data_offset, size) of fid, header verified, for streaming a big read."""

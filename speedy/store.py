@@ -7,8 +7,9 @@ Only the writer process uses it. Layout of a data dir::
     <data_dir>/.speedy/index.snap         fid index snapshot (speedy/snapshot.py)
     <data_dir>/.speedy/tmp.*              a chunk file being preallocated, a snapshot being written
 
-Writes are staged (record appended with one pwritev past the committed end) and made
-visible by commit(): superblocks rewritten, one fsync per touched chunk when sync, then
+Writes are staged (the record's buffers queued past the committed end) and made durable
+and visible by commit(): one pwritev per touched chunk for all its staged records,
+superblocks rewritten, one fsync per touched chunk when sync, then
 the fids go into the shared index. Chunk choice: first fit, the lowest chunk id with room.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import shutil
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import faults, recovery, snapshot
 from .chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED,
@@ -38,6 +39,7 @@ TMP_PREFIX = "tmp."
 IOV_MAX = 1024
 SNAPSHOT_INTERVAL = 300.0  # seconds between automatic snapshot saves while files change
 MAX_CHUNK_ID = 0xFFFFFFFF
+FLUSH_BYTES = 256 << 10  # staged bytes of one chunk written at once, before the commit
 
 
 class StoreError(Exception):
@@ -82,6 +84,9 @@ class Chunk:
     sb_valid: bool
     tail: int = SUPERBLOCK_SIZE
     staged: int = 0
+    pending: list = field(default_factory=list)  # staged records' buffers not written yet,
+    pending_at: int = 0  # from this offset on,
+    pending_bytes: int = 0  # this many bytes
 
     def staged_superblock(self) -> Superblock:
         """The superblock that covers the staged records too."""
@@ -107,6 +112,8 @@ class ChunkStore:
         self.staged: dict[int, tuple[int, int]] = {}
         self.shadows: dict[int, list[tuple[int, int]]] = {}
         self.fsync_count = 0
+        self._write_failed = False  # a staged write failed: the batch's commit must fail
+        self._ordered: list[Chunk] | None = None  # chunks by id (cached: _pick runs per write)
         self.open_mode = ""  # "snapshot", "incremental" or "scan" after open()
         self.open_seconds = 0.0
         self._lock_fd = -1
@@ -134,6 +141,9 @@ class ChunkStore:
             self.open_mode = mode
             if mode != "snapshot":
                 self.save_snapshot()
+            else:  # the loaded snapshot is on disk: a delete must drop it (see delete())
+                self._snapshot_on_disk = True
+                self._snapshot_time = time.monotonic()
         except recovery.RecoveryError as e:
             self._close_files()
             raise StartError(str(e)) from None
@@ -276,6 +286,7 @@ class ChunkStore:
                    sb or Superblock.empty(cid, capacity), raw, sb is not None)
         ch.tail = ch.sb.current_offset
         self.chunks[cid] = ch
+        self._ordered = None
 
     def save_snapshot(self) -> bool:
         """Persist the index with the chunk stamps it covers; False if not possible now."""
@@ -342,7 +353,9 @@ class ChunkStore:
 
     def ordered_chunks(self) -> list[Chunk]:
         """The open chunks by id."""
-        return [self.chunks[cid] for cid in sorted(self.chunks)]
+        if self._ordered is None:
+            self._ordered = [self.chunks[cid] for cid in sorted(self.chunks)]
+        return self._ordered
 
     def _pick(self, size: int) -> Chunk | None:
         """First fit: the lowest chunk id with room for size."""
@@ -385,15 +398,28 @@ class ChunkStore:
             raise NoRoom(f"no chunk has room for {size} bytes")
         off = ch.tail
         header = encode_record_header(fid, size, csum, int(time.time()))
-        try:
-            if faults.ACTIVE:
+        if faults.ACTIVE:
+            try:
                 faults.check("write", ch.name)
-            _pwritev_all(ch.fd, [header, *views], off)
-        except OSError as e:
-            self.read_only = True
-            log.error("%s: writing fid %d (%d bytes) at offset %d failed: %s; read-only now",
-                      ch.name, fid, size, off, e.strerror)
-            raise WriteFailed(f"write to {ch.name} failed: {e.strerror}") from None
+            except OSError as e:
+                self.read_only = True
+                log.error("%s: writing fid %d (%d bytes) at offset %d failed: %s; read-only now",
+                          ch.name, fid, size, off, e.strerror)
+                raise WriteFailed(f"write to {ch.name} failed: {e.strerror}") from None
+        if not ch.pending:
+            ch.pending_at = off
+        ch.pending.append(header)  # written by commit(): one pwritev per chunk per batch,
+        ch.pending.extend(views)
+        ch.pending_bytes += RECORD_HEADER_SIZE + size
+        if ch.pending_bytes >= FLUSH_BYTES:  # or now, once there is enough of it
+            try:
+                self._write_pending(ch)
+            except OSError as e:
+                self.read_only = True
+                self._write_failed = True  # commit() fails the whole batch
+                log.error("%s: writing staged records at offset %d failed: %s; read-only now",
+                          ch.name, ch.pending_at, e.strerror)
+                raise WriteFailed(f"write to {ch.name} failed: {e.strerror}") from None
         ch.tail = off + RECORD_HEADER_SIZE + size
         ch.staged += 1
         self.staged[fid] = (ch.chunk_id, off)
@@ -401,12 +427,17 @@ class ChunkStore:
     def commit(self) -> list[int]:
         """Superblocks, one fsync per touched chunk (sync), then index the staged fids."""
         if not self.staged:
+            self._write_failed = False
             return []
         touched = [ch for ch in self.ordered_chunks() if ch.staged]
         new = {ch.chunk_id: ch.staged_superblock() for ch in touched}
         written: list[Chunk] = []
         try:
             self.index.reserve(len(self.index) + len(self.staged))  # no growth after the fsync
+            if self._write_failed:
+                raise OSError(errno.EIO, "a write of this batch failed")
+            for ch in touched:  # the records first, then the superblocks that cover them
+                self._write_pending(ch)
             for ch in touched:
                 if faults.ACTIVE:
                     faults.check("superblock", ch.name)
@@ -439,6 +470,9 @@ class ChunkStore:
         for ch in touched:
             ch.tail = ch.sb.current_offset
             ch.staged = 0
+            ch.pending = []
+            ch.pending_bytes = 0
+        self._write_failed = False
         for ch in written:
             try:
                 _pwrite_exact(ch.fd, ch.sb_raw, 0)
@@ -447,6 +481,13 @@ class ChunkStore:
             except OSError as e:
                 log.error("%s: cannot restore the superblock after a failed commit: %s",
                           ch.name, e.strerror)
+
+    @staticmethod
+    def _write_pending(ch: Chunk) -> None:
+        """Write a chunk's staged records that are not written yet (one pwritev)."""
+        if ch.pending:
+            pending, ch.pending, ch.pending_bytes = ch.pending, [], 0
+            _pwritev_all(ch.fd, pending, ch.pending_at)
 
     def _fsync(self, ch: Chunk) -> None:
         if faults.ACTIVE:
@@ -521,6 +562,7 @@ class ChunkStore:
             except OSError:
                 pass
         self.chunks.clear()
+        self._ordered = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -534,16 +576,16 @@ def _pwrite_exact(fd: int, data: bytes, offset: int) -> None:
 def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
     """pwritev every buffer at offset, in batches of IOV_MAX, resuming short writes."""
     bufs = [memoryview(b) for b in bufs if len(b)]
-    while bufs:
-        batch = bufs[:IOV_MAX]
-        n = os.pwritev(fd, batch, offset)
+    i = 0
+    while i < len(bufs):
+        n = os.pwritev(fd, bufs[i:i + IOV_MAX], offset)
         if n <= 0:
             raise OSError(errno.EIO, "pwritev wrote nothing")
         offset += n
-        while n and bufs:
-            if n >= bufs[0].nbytes:
-                n -= bufs[0].nbytes
-                bufs.pop(0)
+        while n and i < len(bufs):
+            if n >= bufs[i].nbytes:
+                n -= bufs[i].nbytes
+                i += 1
             else:
-                bufs[0] = bufs[0][n:]
+                bufs[i] = bufs[i][n:]
                 n = 0

@@ -20,7 +20,7 @@ import time
 import zlib
 from argparse import Namespace
 
-from .chunkfile import max_data_size
+from .chunkfile import RECORD_HEADER_SIZE, max_data_size
 from .index import IndexReader
 from .logs import reopen_logs
 from .pool import BlockPool, blocks_for
@@ -29,17 +29,26 @@ from .protocol import (ADMIN_OPCODES, FILE_KEY, FILE_KEY_SIZE, MAX_CHUNK_NAME, R
                        encode_io_status)
 from .reader import ChunkReader, NotFound, ReadFailed
 from .stats import StatsView, WorkerStats
-from .writer import FID_MSG, HEAD, KIND_DELETE, KIND_KILL, KIND_WRITE, REPLY, WRITE_MSG
+from .writer import (FID_MSG, FRAME, HEAD, KIND_DELETE, KIND_KILL, KIND_WRITE, PACKET_MAX,
+                     REPLY, WRITE_MSG)
 
 log = logging.getLogger("speedy.worker")
 
 IDLE_ENV = "SPEEDY_IDLE_TIMEOUT"
 DEFAULT_IDLE = 30.0
+# Pace rule (slow-loris): between requests a connection may wait without limit. From the
+# first byte of a request to its last, every wait for more bytes ends within IDLE seconds
+# (SPEEDY_IDLE_TIMEOUT) and, once IDLE seconds have passed since the request began, its
+# bytes must have come at an average of at least MIN_RATE bytes/s (SPEEDY_MIN_RATE) since
+# then: at time t, received >= MIN_RATE x (t - start - IDLE). A client that trickles is
+# dropped (and its pool blocks freed) about IDLE seconds after its request began.
+MIN_RATE_ENV = "SPEEDY_MIN_RATE"
+DEFAULT_MIN_RATE = 16384.0
 RECV_BUF = 16384
+REPLY_PACKET_MAX = 65536  # the writer packs up to 4096 replies (20 KiB) per packet
 SMALL_BODY_MAX = 65536  # a non-WRITE body longer than this is garbage: answer, then close
 WHOLE_READ_MAX = 2 << 20  # READs up to this size are read at once, larger ones in pieces
 PIECE = 1 << 20
-INLINE_SEND_MAX = 256 << 10
 STOP_GRACE = 25.0
 BOOT_ERROR = 4  # exit code of a worker that could not start (the supervisor gives up)
 KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 60),
@@ -56,6 +65,10 @@ class Closed(Exception):
     """The connection ends here (peer gone, or nothing on it can be trusted any more)."""
 
 
+class TooSlow(Exception):
+    """A request whose bytes come slower than the pace rule allows (see MIN_RATE_ENV)."""
+
+
 def idle_timeout() -> float:
     """Seconds a request may make no progress before it is dropped (SPEEDY_IDLE_TIMEOUT)."""
     try:
@@ -63,6 +76,15 @@ def idle_timeout() -> float:
     except ValueError:
         return DEFAULT_IDLE
     return value if value > 0 else DEFAULT_IDLE
+
+
+def min_rate() -> float:
+    """Bytes/s a request must average after its first IDLE seconds (SPEEDY_MIN_RATE)."""
+    try:
+        value = float(os.environ.get(MIN_RATE_ENV, DEFAULT_MIN_RATE))
+    except ValueError:
+        return DEFAULT_MIN_RATE
+    return value if value > 0 else DEFAULT_MIN_RATE
 
 
 class AdminPolicy:
@@ -93,13 +115,25 @@ class AdminPolicy:
 class Conn:
     """A client socket with a small receive buffer (headers, small bodies)."""
 
-    __slots__ = ("sock", "buf", "mv", "r", "w")
+    __slots__ = ("sock", "buf", "mv", "r", "w", "start", "got", "grace", "rate")
 
-    def __init__(self, sock) -> None:
+    def __init__(self, sock, grace: float = DEFAULT_IDLE, rate: float = DEFAULT_MIN_RATE) -> None:
         self.sock = sock
         self.buf = bytearray(RECV_BUF)
         self.mv = memoryview(self.buf)
         self.r = self.w = 0
+        self.start = 0.0  # when the current request began; 0 between requests
+        self.got = 0
+        self.grace = grace
+        self.rate = rate
+
+    def pace(self, n: int) -> None:
+        """Count n bytes received for the current request; TooSlow if behind the pace rule."""
+        if self.start:
+            self.got += n
+            late = time.monotonic() - self.start - self.grace
+            if late > 0 and self.got < late * self.rate:
+                raise TooSlow(f"{self.got} bytes in {late + self.grace:.1f}s")
 
     def buffered(self) -> int:
         """Bytes received and not consumed yet."""
@@ -117,6 +151,7 @@ class Conn:
         if not n:
             raise Closed("peer closed")
         self.w += n
+        self.pace(n)
 
     def read_exact(self, n: int) -> bytes:
         """n bytes (n <= RECV_BUF)."""
@@ -139,6 +174,7 @@ class Conn:
             if not n:
                 raise Closed("peer closed in the middle of a body")
             k += n
+            self.pace(n)
 
     def skip(self, n: int) -> None:
         """Discard n bytes of the stream, in bounded reads."""
@@ -151,47 +187,84 @@ class Conn:
             if not got:
                 raise Closed("peer closed in the middle of a body")
             n -= got
+            self.pace(got)
 
 
 class WriterLink:
     """The worker's end of its socketpair to the writer: calls with request ids."""
 
     def __init__(self, sock, gevent_mod) -> None:
-        from gevent.event import AsyncResult
+        from gevent.event import AsyncResult, Event
         self._result = AsyncResult
         self.sock = sock
         self.waiting: dict[int, object] = {}
         self.next_id = 1
         self.broken = False
+        self.out: list[bytes] = []  # framed messages not sent yet
+        self.out_bytes = 0
+        self.wake = Event()
         self.reader = gevent_mod.spawn(self._read_replies)
+        self.sender = gevent_mod.spawn(self._send_queued)
 
     def send(self, head: struct.Struct, *fields, tail: bytes = b"") -> object:
-        """Send head.pack(req_id, *fields) + tail; the AsyncResult of the answer (an Err)."""
+        """Queue head.pack(req_id, *fields) + tail; the AsyncResult of the answer (an Err).
+
+        The messages queued by every greenlet that ran since the sender's last turn go
+        to the writer in one packet (one send here, one recv there).
+        """
         if self.broken:
             raise OSError("the writer is gone")
         req_id = self.next_id
         self.next_id = (req_id + 1) & 0xFFFFFFFF or 1
         result = self._result()
         self.waiting[req_id] = result
-        try:
-            self.sock.send(head.pack(req_id, *fields) + tail)
-        except BaseException:
-            self.waiting.pop(req_id, None)
-            raise
+        msg = head.pack(req_id, *fields) + tail
+        self.out.append(FRAME.pack(len(msg)) + msg)
+        self.out_bytes += FRAME.size + len(msg)
+        self.wake.set()
         return result
+
+    def _send_queued(self) -> None:
+        """Send the queued messages, packed into packets of up to PACKET_MAX bytes."""
+        while not self.broken:
+            self.wake.wait()
+            self.wake.clear()
+            while self.out:
+                if self.out_bytes <= PACKET_MAX:
+                    batch, self.out, self.out_bytes = self.out, [], 0
+                else:
+                    size = 0
+                    for k, m in enumerate(self.out):
+                        size += len(m)
+                        if size > PACKET_MAX:
+                            break
+                    batch, self.out = self.out[:max(1, k)], self.out[max(1, k):]
+                    self.out_bytes -= sum(len(m) for m in batch)
+                packet = b"".join(batch)
+                try:
+                    while not self.sock.send(packet):  # a packet goes whole or not at all:
+                        pass  # 0 means it waited and the socket was still full; again
+                except OSError as e:
+                    log.error("cannot send to the writer: %s", e)
+                    self.sock.close()  # the reader sees the end and answers what waits
+                    return
 
     def _read_replies(self) -> None:
         while True:
             try:
-                data = self.sock.recv(64)
+                data = self.sock.recv(REPLY_PACKET_MAX)
             except OSError:
                 data = b""
             if not data:
                 break
-            req_id, err = REPLY.unpack(data)
-            result = self.waiting.pop(req_id, None)
-            if result is not None:
-                result.set(err)
+            if len(data) % REPLY.size:
+                log.error("malformed reply packet of %d bytes from the writer", len(data))
+                data = data[:len(data) - len(data) % REPLY.size]
+            waiting = self.waiting
+            for req_id, err in REPLY.iter_unpack(data):  # one packet: the replies of a batch
+                result = waiting.pop(req_id, None)
+                if result is not None:
+                    result.set(err)
         self.broken = True
         if self.waiting:
             log.error("the writer is gone: %d requests answered INTERNAL_ERROR",
@@ -219,6 +292,7 @@ class Worker:
         self.group_id = cfg.group_id
         self.max_body = max_data_size(cfg.chunk_size)
         self.idle = idle_timeout()
+        self.min_rate = min_rate()
         self.admin = AdminPolicy(cfg.admin_allow)
         self.parent = os.getppid()
         self.stopping = False
@@ -309,12 +383,13 @@ class Worker:
                     sock.setsockopt(socket.IPPROTO_TCP, opt, value)
         except OSError:
             pass
-        conn = Conn(sock)
+        conn = Conn(sock, self.idle, self.min_rate)
         current = self.gevent.getcurrent()
         handlers = self.handlers
         try:
             while not self.stopping:
                 if conn.r == conn.w:  # between requests: wait without a time limit
+                    conn.start = 0.0
                     sock.settimeout(None)
                     self.idle_greenlets.add(current)
                     try:
@@ -322,6 +397,7 @@ class Worker:
                     finally:
                         self.idle_greenlets.discard(current)
                     sock.settimeout(self.idle)
+                conn.start, conn.got = time.monotonic(), 0
                 op, blen = REQUEST_HEADER.unpack(conn.read_exact(5))
                 handler = handlers.get(op)
                 if handler is None:
@@ -341,6 +417,10 @@ class Worker:
         except (socket.timeout, TimeoutError):
             ws.add("dropped_idle")
             log.info("connection from %s dropped: no progress for %gs", peer, self.idle)
+        except TooSlow as e:
+            ws.add("dropped_idle")
+            log.info("connection from %s dropped: request too slow (%s, under %g bytes/s "
+                     "after %gs)", peer, e, self.min_rate, self.idle)
         except OSError as e:
             log.debug("connection from %s: %s", peer, e)
         finally:
@@ -352,7 +432,7 @@ class Worker:
 
     def answer(self, conn: Conn, op: int, err: int, body: bytes = b"") -> int:
         """Send one response; returns err."""
-        conn.sock.sendall(RESPONSE_HEADER.pack(op, err, len(body)) + body)
+        send_all(conn.sock, RESPONSE_HEADER.pack(op, err, len(body)) + body)
         return err
 
     def refuse_body(self, conn: Conn, op: int, blen: int, err: int) -> int:
@@ -438,43 +518,52 @@ class Worker:
         """Answer a READ of fid: verified data, or the error."""
         op, reader = Op.READ, self.reader
         try:
-            chunk_id, offset, size = reader.locate(fid)
-            if size <= WHOLE_READ_MAX:
-                data = reader.read(fid)
-            else:
-                csum = reader.checksum_of(fid)
+            rec = reader.fetch(fid, WHOLE_READ_MAX)  # header + data, one pread mostly
+            size = rec.size
+            if rec.buf is None:  # too big to hold: verify it all, then send it in pieces
+                chunk_id, offset, csum = rec.chunk_id, rec.offset + RECORD_HEADER_SIZE, rec.csum
                 got = 0
                 for at in range(0, size, PIECE):
                     got = zlib.adler32(reader.read_at(chunk_id, offset + at,
                                                       min(PIECE, size - at)), got)
                 if got != csum:
                     raise ReadFailed(f"fid {fid}: checksum mismatch")
-                data = None
         except NotFound:
             return self.answer(conn, op, Err.FILE_NOT_FOUND)
         except ReadFailed as e:
             log.error("READ of fid %d: %s", fid, e)
             return self.answer(conn, op, e.code)
         sock = conn.sock
-        head = RESPONSE_HEADER.pack(op, Err.SUCCESS, size)
-        if data is not None:
-            if size <= INLINE_SEND_MAX:
-                sock.sendall(head + data)
-            else:
-                sock.sendall(head)
-                sock.sendall(data)
+        if rec.buf is not None:  # the response header goes over the end of the record's
+            at = RECORD_HEADER_SIZE - RESPONSE_HEADER.size  # header: one send, no copy
+            RESPONSE_HEADER.pack_into(rec.buf, at, op, Err.SUCCESS, size)
+            send_all(sock, memoryview(rec.buf)[at:])
         else:
-            sock.sendall(head)
-            for at in range(0, size, PIECE):
-                try:
-                    piece = reader.read_at(chunk_id, offset + at, min(PIECE, size - at))
-                except ReadFailed as e:
-                    log.error("READ of fid %d failed half-way: %s; connection closed", fid, e)
-                    raise Closed("read failed half-way") from None
-                sock.sendall(piece)
+            self.stream_verified(sock, fid, chunk_id, offset, size, csum)
         self.ws.add("read_count")
         self.ws.add("read_bytes", size)
         return Err.SUCCESS
+
+    def stream_verified(self, sock, fid: int, chunk_id: int, offset: int, size: int,
+                        csum: int) -> None:
+        """Send a big record's data in pieces, checksummed again on the way: the last piece
+        is held back until the sum matches, so bytes that changed on disk since the first
+        check end in a closed connection (a short response), never in a wrong SUCCESS."""
+        sock.sendall(RESPONSE_HEADER.pack(Op.READ, Err.SUCCESS, size))
+        got = 0
+        for at in range(0, size, PIECE):
+            try:
+                piece = self.reader.read_at(chunk_id, offset + at, min(PIECE, size - at))
+            except ReadFailed as e:
+                log.error("READ of fid %d failed half-way: %s; connection closed", fid, e)
+                raise Closed("read failed half-way") from None
+            got = zlib.adler32(piece, got)
+            if at + PIECE >= size and got != csum:
+                log.error("READ of fid %d: the data changed on disk while it was sent "
+                          "(checksum mismatch); connection closed", fid)
+                self.ws.add("read_error")
+                raise Closed("checksum mismatch half-way")
+            sock.sendall(piece)
 
     def handle_delete(self, conn: Conn, blen: int, peer: str) -> int:
         """DELETE: through the writer."""
@@ -593,6 +682,13 @@ class Worker:
             if n == 0:  # the file shrank under us: the stream is broken
                 raise Closed("chunk file shorter than announced")
             offset += n
+
+
+def send_all(sock, data: bytes) -> None:
+    """sendall, with one plain send first (a small response nearly always goes at once)."""
+    n = sock.send(data)
+    if n < len(data):
+        sock.sendall(memoryview(data)[n:])
 
 
 def connection_limit() -> int:

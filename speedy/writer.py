@@ -2,13 +2,15 @@
 
 Workers talk to it over one AF_UNIX SOCK_SEQPACKET socketpair each (the supervisor
 creates the pair when it spawns a worker and hands the writer its end with SCM_RIGHTS
-over the control socket). Messages, native byte order::
+over the control socket). A worker packet holds one or more messages, each framed as
+``length u16 | message`` (what its greenlets queued since its last send); a writer
+packet holds the replies of one batch to that worker. Messages, native byte order::
 
     worker -> writer   req_id u32 | kind u8 | ...
         WRITE   ... | fid u64 | size u32 | adler32 u32 | n u16 | n x block u16
         DELETE  ... | fid u64
         KILL    (KILL_PD_WR)
-    writer -> worker   req_id u32 | error u8
+    writer -> worker   one or more replies per packet: (req_id u32 | error u8) x k
 
 A WRITE carries the pool block numbers of a body the worker already received and
 checksummed, never the body. The writer first claims the blocks (owner worker ->
@@ -46,13 +48,16 @@ WRITE_MSG = struct.Struct("=IBQIIH")
 FID_MSG = struct.Struct("=IBQ")
 REPLY = struct.Struct("=IB")
 OWNER = struct.Struct("=H")
+FRAME = struct.Struct("=H")  # length of the message that follows, in a worker's packet
 KIND_WRITE, KIND_DELETE, KIND_KILL = 1, 2, 3
 MAX_MSG = 65536
+PACKET_MAX = MAX_MSG  # bytes of framed messages a worker sends in one packet
 PENDING_MAX = 20
 PENDING_WAIT = 5.0
 SEND_TIMEOUT = 5.0
 STOP_GRACE = 30.0
 MAX_ROUND = 4096  # messages taken from one link per loop round
+REPLIES_PER_PACKET = 4096  # a packet of replies holds up to this many (20 KiB)
 
 
 @dataclass
@@ -246,10 +251,17 @@ class Writer:
             if not data:
                 self.close_link(link)
                 return
-            if len(data) < HEAD.size:
-                log.error("short message from worker (owner %d) ignored", link.owner)
-                continue
-            batch.append((link, data))
+            at, end = 0, len(data)
+            while at + FRAME.size <= end:  # a packet: one or more framed messages
+                (n,) = FRAME.unpack_from(data, at)
+                msg = data[at + FRAME.size:at + FRAME.size + n]
+                at += FRAME.size + n
+                if len(msg) < HEAD.size or len(msg) != n:
+                    log.error("short message from worker (owner %d) ignored", link.owner)
+                    continue
+                batch.append((link, msg))
+            if at != end:
+                log.error("%d stray bytes from worker (owner %d) ignored", end - at, link.owner)
 
     def close_link(self, link: Link) -> None:
         """Forget a link (its worker exited)."""
@@ -264,10 +276,13 @@ class Writer:
         link.sock.close()
 
     def reply(self, link: Link, req_id: int, err: int) -> None:
-        """Answer one message; a worker that is gone or stuck loses its link."""
+        """Answer one message."""
+        self.send_packet(link, REPLY.pack(req_id, err))
+
+    def send_packet(self, link: Link, data: bytes) -> None:
+        """Send one packet of replies; a worker that is gone or stuck loses its link."""
         if not link.open:
             return
-        data = REPLY.pack(req_id, err)
         deadline = time.monotonic() + SEND_TIMEOUT
         while True:
             try:
@@ -286,6 +301,20 @@ class Writer:
             except OSError:
                 self.close_link(link)
                 return
+
+    def reply_many(self, calls: list[tuple[Link, int]], err: int) -> None:
+        """Answer many messages with one error: one packet of replies per link."""
+        per_link: dict[int, tuple[Link, bytearray]] = {}
+        pack = REPLY.pack
+        for link, req_id in calls:
+            entry = per_link.get(id(link))
+            if entry is None:
+                entry = per_link[id(link)] = (link, bytearray())
+            entry[1].extend(pack(req_id, err))
+        step = REPLY.size * REPLIES_PER_PACKET
+        for link, data in per_link.values():
+            for at in range(0, len(data), step):
+                self.send_packet(link, bytes(data[at:at + step]))
 
     # ------------------------------------------------------------------ requests
     def process(self, messages: list[tuple[Link, bytes]]) -> None:
@@ -416,15 +445,15 @@ class Writer:
         if not batch.staged:
             return
         jobs, batch.staged = batch.staged, []
-        self.pool.free([b for job in jobs for b in job.blocks])  # the data is in the files
-        for job in jobs:
-            job.blocks = []
         try:
-            self.store.commit()  # type: ignore[union-attr]
+            self.store.commit()  # type: ignore[union-attr]  # writes the records from the blocks
             err = Err.SUCCESS
         except WriteFailed:
             err = Err.WRITE_ERROR
             self.note_failure()
+        self.pool.free([b for job in jobs for b in job.blocks])  # the data is in the files
+        for job in jobs:
+            job.blocks = []
         st = self.stats
         st.add("batches")
         if err == Err.SUCCESS:
@@ -433,8 +462,7 @@ class Writer:
             if len(jobs) > st.get("max_batch"):
                 st.set("max_batch", len(jobs))
         self.publish()
-        for job in jobs:
-            self.reply(job.link, job.req_id, err)
+        self.reply_many([(job.link, job.req_id) for job in jobs], err)
 
     def handle_delete(self, link: Link, req_id: int, fid: int) -> None:
         """DELETE: mark the record deleted, drop it from the index."""
