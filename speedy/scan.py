@@ -46,7 +46,12 @@ def scan_records(fd: int, start: int, end: int, out: ScanEnd,
     a torn header, whose zero checksum would match zero data), whose size
     runs past end, or whose data fails its checksum; out.offset is where the valid records
     end and out.reason says why the scan stopped early ('' when it reached end).
+
+    An empty record (size 0, checksum 0) is also what a record whose size and checksum
+    fields were zeroed looks like; so one right before the place where a scan stops on
+    damage is dropped with it (kept when only zeros follow it: the end of the records).
     """
+    held = None  # an empty record, yielded once what follows it proves sound
     pos = start
     win = b""
     view = memoryview(win)
@@ -87,7 +92,26 @@ def scan_records(fd: int, start: int, end: int, out: ScanEnd,
         if got != csum:
             reason = f"checksum mismatch in the record of fid {fid} (size {size})"
             break
-        yield pos, fid, ref, size, ts
+        if held is not None:
+            yield held
+            held = None
+        if size:
+            yield pos, fid, ref, size, ts
+        else:
+            held = (pos, fid, ref, size, ts)
         pos += total
+    if held is not None:
+        if not reason or zeros_from(fd, pos, end):
+            yield held
+        else:
+            reason = (f"{reason}; the empty record of fid {held[1]} before it is dropped too "
+                      "(its size and checksum may have been zeroed)")
+            pos = held[0]
     out.offset = pos
     out.reason = reason
+
+
+def zeros_from(fd: int, offset: int, end: int) -> bool:
+    """Whether the bytes from offset up to end (at most WINDOW of them) are all zeros."""
+    n = min(WINDOW, end - offset)
+    return n <= 0 or not read_padded(fd, offset, n).strip(b"\0")
