@@ -13,7 +13,9 @@
     table   capacity x 16 bytes, the FidIndex slots in native byte order
 
 Written to a temporary name, fsynced and renamed, so a crash leaves the old one or
-the new one. Any mismatch (magic, version, byte order, crc) makes it unusable.
+the new one. Any mismatch (magic, version, byte order, crc) makes it unusable. The
+stamps are checked against the chunks at start by recovery.py; DELETEs made since are
+in the delete journal (journal.py), which the store empties after each save.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import struct
 import sys
 import zlib
 from dataclasses import dataclass, field
+from typing import Iterable
 
-from .chunkfile import SUPERBLOCK_SIZE
+from .chunkfile import REF, REF_LIVE, REF_OFFSET, SUPERBLOCK_SIZE
 from .index import SLOT_BYTES, FidIndex
 
 MAGIC = b"SPYSNAP1"
@@ -63,10 +66,19 @@ class ChunkStamp:
                    st.st_mtime_ns, tail_crc(fd, current_offset))
 
 
-def tail_crc(fd: int, current_offset: int) -> int:
-    """crc32 of the (up to) 4 KiB of records just before current_offset."""
+def tail_crc(fd: int, current_offset: int, live_refs: Iterable[int] = ()) -> int:
+    """crc32 of the (up to) 4 KiB of records just before current_offset, with the ref
+    field of the records at the live_refs offsets (deleted since, per the journal) read
+    as 1, as it was when the stamp was taken."""
     start = max(SUPERBLOCK_SIZE, current_offset - TAIL)
-    return zlib.crc32(os.pread(fd, current_offset - start, start))
+    buf = bytearray(os.pread(fd, current_offset - start, start))
+    live = REF.pack(REF_LIVE)
+    for off in live_refs:
+        for i, byte in enumerate(live):
+            at = off + REF_OFFSET + i - start
+            if 0 <= at < len(buf):
+                buf[at] = byte
+    return zlib.crc32(buf)
 
 
 @dataclass

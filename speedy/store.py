@@ -5,12 +5,15 @@ Only the writer process uses it. Layout of a data dir::
     <data_dir>/chunk_<group>_<id>.chunk   the chunk files (CHUNKFILE.md), ids from 1
     <data_dir>/.speedy/lock               flock'ed while a server uses the dir
     <data_dir>/.speedy/index.snap         fid index snapshot (speedy/snapshot.py)
+    <data_dir>/.speedy/deletes.log        the DELETEs since that snapshot (speedy/journal.py)
     <data_dir>/.speedy/tmp.*              a chunk file being preallocated, a snapshot being written
 
 Writes are staged (the record's buffers queued past the committed end) and made durable
 and visible by commit(): one pwritev per touched chunk for all its staged records,
 superblocks rewritten, one fsync per touched chunk when sync, then
 the fids go into the shared index. Chunk choice: first fit, the lowest chunk id with room.
+A delete appends its records' places to the delete journal (fsynced with sync) before it
+sets their ref bytes to 0, so the snapshot stays usable; a snapshot save empties it.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from . import faults, recovery, snapshot
+from . import faults, journal, recovery, snapshot
 from .chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED,
                         REF_OFFSET, SUPERBLOCK_SIZE, FormatError, Superblock, chunk_name,
                         encode_record_header, fits, max_data_size, parse_chunk_name)
@@ -35,9 +38,11 @@ log = logging.getLogger("speedy.store")
 META_DIR = ".speedy"
 LOCK_FILE = "lock"
 SNAPSHOT_FILE = "index.snap"
+JOURNAL_FILE = "deletes.log"
 TMP_PREFIX = "tmp."
 IOV_MAX = 1024
 SNAPSHOT_INTERVAL = 300.0  # seconds between automatic snapshot saves while files change
+JOURNAL_LIMIT = 65536  # journaled deletes that make the next change save the snapshot
 MAX_CHUNK_ID = 0xFFFFFFFF
 FLUSH_BYTES = 256 << 10  # staged bytes of one chunk written at once, before the commit
 
@@ -102,6 +107,9 @@ class ChunkStore:
         self.data_dir = os.path.abspath(data_dir)
         self.meta_dir = os.path.join(self.data_dir, META_DIR)
         self.snapshot_path = os.path.join(self.meta_dir, SNAPSHOT_FILE)
+        self.journal_path = os.path.join(self.meta_dir, JOURNAL_FILE)
+        self.journal: journal.DeleteJournal | None = None
+        self.journal_length = 0  # of the valid entries found at start (set by recovery)
         self.group_id = group_id
         self.chunks_wanted = chunks
         self.chunk_size = chunk_size
@@ -121,6 +129,7 @@ class ChunkStore:
         self._snapshot_time = 0.0
         self._changed = False
         self.snapshot_interval = SNAPSHOT_INTERVAL  # 0 turns the automatic saves off
+        self.journal_limit = JOURNAL_LIMIT
         faults.load_env()
 
     # ------------------------------------------------------------------ start-up
@@ -139,9 +148,11 @@ class ChunkStore:
                 mode = "scan"
                 recovery.scan_all(self)
             self.open_mode = mode
+            self.journal = journal.open_journal(self.journal_path,
+                                                0 if mode == "scan" else self.journal_length)
             if mode != "snapshot":
                 self.save_snapshot()
-            else:  # the loaded snapshot is on disk: a delete must drop it (see delete())
+            else:  # the loaded snapshot is on disk: deletes go to its journal (see delete())
                 self._snapshot_on_disk = True
                 self._snapshot_time = time.monotonic()
         except recovery.RecoveryError as e:
@@ -304,19 +315,23 @@ class ChunkStore:
         self._snapshot_on_disk = True
         self._snapshot_time = time.monotonic()
         self._changed = False
+        if self.journal is not None:  # the snapshot covers its entries now
+            self.journal.try_reset()
         log.info("index snapshot saved: %d fids, %d bytes, %.3fs", len(self.index), size,
                  time.monotonic() - t0)
         return True
 
     def maybe_save_snapshot(self) -> bool:
-        """Save the snapshot if files changed and snapshot_interval has passed since the last."""
+        """Save the snapshot if files changed and snapshot_interval has passed since the last
+        save, or the delete journal holds journal_limit entries (a long replay slows a start)."""
         if (not self._changed or self.snapshot_interval <= 0
-                or time.monotonic() - self._snapshot_time < self.snapshot_interval):
+                or (time.monotonic() - self._snapshot_time < self.snapshot_interval
+                    and (self.journal is None or self.journal.entries() < self.journal_limit))):
             return False
         return self.save_snapshot()
 
     def _drop_snapshot(self) -> None:
-        """Remove the snapshot before a change it could not follow (a delete)."""
+        """Remove the snapshot before a delete it could not follow (no journal)."""
         try:
             os.unlink(self.snapshot_path)
         except FileNotFoundError:
@@ -497,28 +512,43 @@ class ChunkStore:
 
     def delete(self, fid: int) -> bool:
         """Mark fid's record deleted on disk and drop it from the index; False if absent."""
-        loc = self.index.get(fid)
-        if loc is None:
-            return False
-        if not self._live_header(fid, *loc):
-            log.warning("fid %d: index pointed at %s offset %d, which is not its live record; "
-                        "dropped", fid, self.chunk_file(loc[0]), loc[1])
-            self.index.remove(fid)
-            return False
-        locs = [loc] + [l for l in self.shadows.pop(fid, []) if self._live_header(fid, *l)]
+        return self.delete_many([fid])[0]
+
+    def delete_many(self, fids: list[int]) -> list[bool]:
+        """Delete fids in order, as a group: one journal append, then the ref bytes, the
+        superblocks and (sync) one fsync per touched file; per fid whether it was there."""
+        found: list[bool] = []
+        groups: list[tuple[int, list[tuple[int, int]]]] = []
+        doomed: set[int] = set()
+        for fid in fids:
+            loc = None if fid in doomed else self.index.get(fid)
+            if loc is not None and not self._live_header(fid, *loc):
+                log.warning("fid %d: index pointed at %s offset %d, which is not its live "
+                            "record; dropped", fid, self.chunk_file(loc[0]), loc[1])
+                self.index.remove(fid)
+                loc = None
+            found.append(loc is not None)
+            if loc is not None:
+                doomed.add(fid)
+                groups.append((fid, [loc] + [l for l in self.shadows.pop(fid, [])
+                                             if self._live_header(fid, *l)]))
+        if not groups:
+            return found
         touched: dict[int, Chunk] = {}
         try:
-            if self._snapshot_on_disk:
-                self._drop_snapshot()
-            for i, (cid, off) in enumerate(locs):
-                ch = self.chunks[cid]
-                if faults.ACTIVE:
-                    faults.check("ref", ch.name)
-                _pwrite_exact(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
-                if i == 0:
-                    self.index.remove(fid)
-                ch.sb.files_count -= 1
-                touched[cid] = ch
+            if self._snapshot_on_disk and not (self.journal is not None and
+                                               self.journal.try_append(groups, self.sync)):
+                self._drop_snapshot()  # no journal: the snapshot could not follow
+            for fid, locs in groups:
+                for i, (cid, off) in enumerate(locs):
+                    ch = self.chunks[cid]
+                    if faults.ACTIVE:
+                        faults.check("ref", ch.name)
+                    _pwrite_exact(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
+                    if i == 0:
+                        self.index.remove(fid)
+                    ch.sb.files_count -= 1
+                    touched[cid] = ch
             for ch in touched.values():
                 if faults.ACTIVE:
                     faults.check("superblock", ch.name)
@@ -529,11 +559,12 @@ class ChunkStore:
                     self._fsync(ch)
         except OSError as e:
             self.read_only = True
-            log.error("deleting fid %d failed: %s; read-only now", fid, e)
+            log.error("deleting fid %s failed: %s; read-only now",
+                      ", ".join(str(fid) for fid, _ in groups), e)
             raise WriteFailed(f"delete failed: {e.strerror}") from None
         self._changed = True
         self.maybe_save_snapshot()
-        return True
+        return found
 
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
@@ -556,6 +587,8 @@ class ChunkStore:
         self._close_files()
 
     def _close_files(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
         for ch in self.chunks.values():
             try:
                 os.close(ch.fd)

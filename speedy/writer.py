@@ -17,7 +17,9 @@ checksummed, never the body. The writer first claims the blocks (owner worker ->
 WRITER_OWNER; a message of a worker that died meanwhile finds them gone and is dropped),
 stages the record straight from the blocks, frees them, and after one commit for the
 whole batch (superblocks, one fsync per touched chunk with --sync=1, index inserts)
-answers every write of the batch. Nothing is acknowledged before the fsync covering it.
+answers every write of the batch. The DELETEs of a round that no WRITE separates are one
+group too (one delete-journal append, one fsync per touched file). Nothing is
+acknowledged before the fsync covering it.
 
     supervisor -> writer  (control socket)   "L" owner u16 + one fd: a new worker link
     writer -> supervisor                     "R" index name | "E" one-line start error
@@ -318,24 +320,29 @@ class Writer:
 
     # ------------------------------------------------------------------ requests
     def process(self, messages: list[tuple[Link, bytes]]) -> None:
-        """Handle one round's messages in order, with one commit for the writes."""
+        """Handle one round's messages in order, with one commit for the writes and one
+        for each run of DELETEs between them."""
         batch = Batch()
         self.retry_pending(batch)
         jobs = iter(self.claim_writes(messages))
+        deletes: list[tuple[Link, int, int]] = []
         for link, data in messages:
             req_id, kind = HEAD.unpack_from(data)
+            if kind != KIND_DELETE:
+                self.handle_deletes(deletes)  # the DELETEs before it happen first
             if kind == KIND_WRITE:
                 job = next(jobs)
                 if job is not None:
                     self.admit(job, batch)
             elif kind == KIND_DELETE and len(data) == FID_MSG.size:
                 self.commit(batch)
-                self.handle_delete(link, req_id, FID_MSG.unpack_from(data)[2])
+                deletes.append((link, req_id, FID_MSG.unpack_from(data)[2]))
             elif kind == KIND_KILL:
                 self.handle_kill(link, req_id)
             else:
                 log.error("unknown message kind %d from worker (owner %d)", kind, link.owner)
                 self.reply(link, req_id, Err.INTERNAL_ERROR)
+        self.handle_deletes(deletes)
         self.commit(batch)
         self.stats.set("pending_writes", len(self.pending))
 
@@ -464,20 +471,26 @@ class Writer:
         self.publish()
         self.reply_many([(job.link, job.req_id) for job in jobs], err)
 
-    def handle_delete(self, link: Link, req_id: int, fid: int) -> None:
-        """DELETE: mark the record deleted, drop it from the index."""
+    def handle_deletes(self, calls: list[tuple[Link, int, int]]) -> None:
+        """DELETEs (link, req_id, fid), emptied: mark the records deleted, drop them from the
+        index, as one group (one journal append, one fsync per touched file); then answer."""
+        if not calls:
+            return
+        todo = calls[:]
+        calls.clear()
         store = self.store
         if store.read_only or self.stats.status():  # type: ignore[union-attr]
-            self.reply(link, req_id, Err.SERVER_READ_ONLY)
+            self.reply_many([(link, req_id) for link, req_id, _ in todo], Err.SERVER_READ_ONLY)
             return
         try:
-            found = store.delete(fid)  # type: ignore[union-attr]
-            err = Err.SUCCESS if found else Err.FILE_NOT_FOUND
+            found = store.delete_many([fid for _, _, fid in todo])  # type: ignore[union-attr]
+            errs = [Err.SUCCESS if f else Err.FILE_NOT_FOUND for f in found]
         except WriteFailed:
-            err = Err.WRITE_ERROR
+            errs = [Err.WRITE_ERROR] * len(todo)
             self.note_failure()
         self.publish()
-        self.reply(link, req_id, err)
+        for (link, req_id, _), err in zip(todo, errs):
+            self.reply(link, req_id, err)
 
     def handle_kill(self, link: Link, req_id: int) -> None:
         """KILL_PD_WR: answer every pending write KILLED."""

@@ -176,6 +176,16 @@ class ServerProc:
         while time.monotonic() < deadline and session_pids(self.proc.pid):
             time.sleep(0.05)
 
+    def discard(self) -> None:
+        """kill -9, then remove the shared memory a killed server leaves (end of a test)."""
+        self.kill9()
+        if self.proc is not None:
+            for name in self.shm_segments():
+                try:
+                    os.unlink(os.path.join("/dev/shm", name))
+                except FileNotFoundError:
+                    pass
+
     def shm_segments(self) -> list[str]:
         """This server's shared memory segments still in /dev/shm."""
         prefix = f"speedy{self.pid}_"
@@ -231,7 +241,7 @@ def running_server(base_dir, name: str = "srv", **flags):
     try:
         yield srv.start()
     finally:
-        srv.kill9()
+        srv.discard()
 
 
 @pytest.fixture
@@ -246,7 +256,7 @@ def servers(tmp_path):
 
     yield start
     for srv in made:
-        srv.kill9()
+        srv.discard()
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):

@@ -472,23 +472,29 @@ def test_snapshot_fresh_stale_corrupt(h, caplog):
     h.open()
     assert h.store.open_mode == "incremental"
     assert h.reader.read(59) == payload(59, 100) and h.store.file_count() == 60
-    # deletes after the snapshot: the snapshot cannot follow, a full scan
+    # deletes after the snapshot: journaled, the snapshot stays (tests/test_delete_journal.py)
     saved = open(snap, "rb").read()
     assert h.store.delete(5)
-    assert not os.path.exists(snap)  # dropped before the delete touched the disk
+    assert open(snap, "rb").read() == saved
     h.crash()
-    open(snap, "wb").write(saved)
+    h.open()
+    assert h.store.open_mode == "snapshot" and not h.store.has(5)
+    # a delete the journal does not know (the journal was lost): the snapshot cannot
+    # follow, a full scan
+    assert h.store.delete(6)
+    h.crash()
+    os.unlink(os.path.join(h.data_dir, ".speedy", "deletes.log"))
     with caplog.at_level(logging.WARNING, "speedy.store"):
         h.open()
-    assert h.store.open_mode == "scan" and not h.store.has(5)
-    assert "snapshot" in caplog.text
+    assert h.store.open_mode == "scan" and not h.store.has(5) and not h.store.has(6)
+    assert "snapshot" in caplog.text and "files_count" in caplog.text
     # a corrupt snapshot: ignored
     h.shut()
     data = bytearray(open(snap, "rb").read())
     data[-100] ^= 0xFF
     open(snap, "wb").write(bytes(data))
     h.open()
-    assert h.store.open_mode == "scan" and h.store.file_count() == 59
+    assert h.store.open_mode == "scan" and h.store.file_count() == 58
     h.shut()
     open(snap, "wb").write(b"SPYSNAP1 short")
     h.open()
@@ -533,14 +539,17 @@ def test_start_time_with_many_files(tmp_path):
 def test_automatic_snapshot_after_interval(h):
     h.open()
     snap = os.path.join(h.data_dir, ".speedy", "index.snap")
-    h.store.snapshot_interval = 0.05
+    h.store.snapshot_interval = 1e9
     h.put(1, b"one")
+    saved = open(snap, "rb").read()
     assert h.store.delete(1)
-    assert not os.path.exists(snap)  # a delete drops it
+    assert open(snap, "rb").read() == saved  # a delete keeps it (journaled)
+    h.store.snapshot_interval = 0.05
     import time
     time.sleep(0.1)
     h.put(2, b"two")  # the next change after the interval saves it again
-    assert os.path.exists(snap)
+    assert open(snap, "rb").read() != saved
+    assert os.path.getsize(os.path.join(h.data_dir, ".speedy", "deletes.log")) == 8  # emptied
     h.crash()  # no close(): the automatic snapshot is what the next start finds
     h.open()
     assert h.store.open_mode == "snapshot"
