@@ -18,32 +18,26 @@ sets their ref bytes to 0, so the snapshot stays usable; a snapshot save empties
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
-import shutil
 import struct
 import time
-from dataclasses import dataclass, field
 
-from . import faults, journal, recovery, snapshot
-from .chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED,
-                        REF_OFFSET, SUPERBLOCK_SIZE, FormatError, Superblock, chunk_name,
-                        encode_record_header, fits, max_data_size, parse_chunk_name)
+from . import datadir, faults, journal, recovery, snapshot
+from .chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED, REF_OFFSET,
+                        chunk_name, encode_record_header, fits, max_data_size)
+from .datadir import Chunk, StartError  # noqa: F401 (re-exported)
 from .index import FidIndex
 from .protocol import Err
 
 log = logging.getLogger("speedy.store")
 
 META_DIR = ".speedy"
-LOCK_FILE = "lock"
 SNAPSHOT_FILE = "index.snap"
 JOURNAL_FILE = "deletes.log"
-TMP_PREFIX = "tmp."
-IOV_MAX = 1024
 SNAPSHOT_INTERVAL = 300.0  # seconds between automatic snapshot saves while files change
+IOV_MAX = 1024
 JOURNAL_LIMIT = 65536  # journaled deletes that make the next change save the snapshot
-MAX_CHUNK_ID = 0xFFFFFFFF
 FLUSH_BYTES = 256 << 10  # staged bytes of one chunk written at once, before the commit
 
 
@@ -69,34 +63,6 @@ class WriteFailed(StoreError):
     """An I/O error while writing; the store turned read_only."""
 
     code = Err.WRITE_ERROR
-
-
-class StartError(Exception):
-    """A fatal start-up problem, with a one-line message for the operator."""
-
-
-@dataclass
-class Chunk:
-    """One open chunk file: committed superblock plus what is staged past it."""
-
-    chunk_id: int
-    name: str
-    path: str
-    fd: int
-    capacity: int
-    sb: Superblock
-    sb_raw: bytes
-    sb_valid: bool
-    tail: int = SUPERBLOCK_SIZE
-    staged: int = 0
-    pending: list = field(default_factory=list)  # staged records' buffers not written yet,
-    pending_at: int = 0  # from this offset on,
-    pending_bytes: int = 0  # this many bytes
-
-    def staged_superblock(self) -> Superblock:
-        """The superblock that covers the staged records too."""
-        return Superblock(self.chunk_id, self.sb.files_alloc + self.staged,
-                          self.sb.files_count + self.staged, self.tail, self.capacity - self.tail)
 
 
 class ChunkStore:
@@ -136,13 +102,14 @@ class ChunkStore:
     def open(self) -> None:
         """Create + preallocate (first start) or recover the chunk files; fill the index."""
         t0 = time.monotonic()
-        self._lock_dir()
+        self._lock_fd = datadir.lock_dir(self.data_dir, self.meta_dir)
         try:
-            found = self._find_chunks()
-            created = self._create_missing(found)
-            found.update(created)
+            found = datadir.find_chunks(self.data_dir, self.group_id)
+            found.update(datadir.create_missing(self.data_dir, self.meta_dir, self.group_id,
+                                                self.chunks_wanted, self.chunk_size, found))
             for cid in sorted(found):
-                self._open_chunk(cid, found[cid])
+                self.chunks[cid] = datadir.open_chunk(cid, found[cid], self.chunk_size)
+            self._ordered = None
             mode = recovery.load_snapshot(self)
             if mode is None:
                 mode = "scan"
@@ -164,140 +131,6 @@ class ChunkStore:
         self.open_seconds = time.monotonic() - t0
         log.info("opened %d chunks in %s: %d files, %.3fs (%s)", len(self.chunks),
                  self.data_dir, len(self.index), self.open_seconds, self.open_mode)
-
-    def _lock_dir(self) -> None:
-        """Create the .speedy subdirectory, take its lock, remove leftovers of a crash."""
-        if not os.path.isdir(self.data_dir):
-            raise StartError(f"data dir {self.data_dir} is not a directory")
-        try:
-            os.makedirs(self.meta_dir, exist_ok=True)
-            fd = os.open(os.path.join(self.meta_dir, LOCK_FILE),
-                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise StartError(f"cannot use {self.meta_dir}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StartError(f"data dir {self.data_dir} is in use by another speedy chunkserver "
-                             f"(lock {self.meta_dir}/{LOCK_FILE} is held)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-        for name in os.listdir(self.meta_dir):
-            if name.startswith(TMP_PREFIX) or name.endswith(".tmp"):
-                log.info("removing leftover %s", os.path.join(self.meta_dir, name))
-                try:
-                    os.unlink(os.path.join(self.meta_dir, name))
-                except OSError:
-                    pass
-
-    def _find_chunks(self) -> dict[int, str]:
-        """{chunk_id: path} of this group's chunk files; StartError on a foreign one."""
-        found: dict[int, str] = {}
-        for entry in sorted(os.scandir(self.data_dir), key=lambda e: e.name):
-            parsed = parse_chunk_name(entry.name)
-            if parsed is None:
-                continue
-            group, cid = parsed
-            if group != self.group_id:
-                raise StartError(f"{entry.path}: chunk file of group {group}, but this server "
-                                 f"is --group_id={self.group_id}; move it away or fix --group_id")
-            if entry.name != chunk_name(group, cid) or not 1 <= cid <= MAX_CHUNK_ID:
-                raise StartError(f"{entry.path}: bad chunk file name (chunk ids are "
-                                 f"1..{MAX_CHUNK_ID}, without leading zeros)")
-            if entry.is_symlink() or not entry.is_file():
-                raise StartError(f"{entry.path}: not a regular file")
-            found[cid] = entry.path
-        return found
-
-    def _create_missing(self, found: dict[int, str]) -> dict[int, str]:
-        """Create chunks 1..chunks that do not exist; on failure remove those made now."""
-        created: dict[int, str] = {}
-        try:
-            for cid in range(1, self.chunks_wanted + 1):
-                if cid not in found:
-                    created[cid] = self._create_chunk(cid)
-        except StartError:
-            for path in created.values():
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            raise
-        if created:
-            snapshot.sync_dir(self.data_dir)
-        return created
-
-    def _create_chunk(self, cid: int) -> str:
-        """Preallocate one chunk under a temporary name, then rename it into place."""
-        name = chunk_name(self.group_id, cid)
-        final = os.path.join(self.data_dir, name)
-        tmp = os.path.join(self.meta_dir, TMP_PREFIX + name)
-        fd = -1
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            if faults.ACTIVE:
-                faults.check("fallocate", name)
-            os.posix_fallocate(fd, 0, self.chunk_size)
-            _pwrite_exact(fd, Superblock.empty(cid, self.chunk_size).encode(), 0)
-            os.fsync(fd)
-            os.rename(tmp, final)
-        except OSError as e:
-            if fd >= 0:
-                os.close(fd)
-                fd = -1
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            free = shutil.disk_usage(self.data_dir).free
-            raise StartError(f"cannot preallocate {final} to {self.chunk_size} bytes: "
-                             f"{e.strerror} ({free} bytes free on that file system; lower "
-                             f"--chunk_size or --chunks, or free some space)") from None
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        log.info("created %s, %d bytes preallocated", final, self.chunk_size)
-        return final
-
-    def _open_chunk(self, cid: int, path: str) -> None:
-        """Open one chunk file read-write and read its superblock."""
-        name = os.path.basename(path)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise StartError(f"cannot open {path}: {e.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            raw = os.pread(fd, SUPERBLOCK_SIZE, 0)
-        except OSError as e:
-            os.close(fd)
-            raise StartError(f"cannot read {path}: {e.strerror}") from None
-        sb: Superblock | None = None
-        why = ""
-        try:
-            sb = Superblock.decode(raw)
-            capacity = sb.current_offset + sb.avail_space
-            if sb.chunk_id != cid:
-                why = f"it names chunk {sb.chunk_id}"
-            elif not SUPERBLOCK_SIZE <= sb.current_offset <= capacity <= MAX_CHUNK_SIZE:
-                why = (f"current_offset {sb.current_offset} + avail_space {sb.avail_space} "
-                       "out of bounds")
-        except FormatError as e:
-            why = str(e) if raw.strip(b"\0") else "superblock is all zeros"
-        if why:
-            log.warning("%s: superblock unusable (%s); rebuilding it from the records", name, why)
-            sb = None
-            capacity = min(max(self.chunk_size, st.st_size), MAX_CHUNK_SIZE)
-        elif capacity != self.chunk_size:
-            log.info("%s: chunk size %d from its superblock (--chunk_size is %d)",
-                     name, capacity, self.chunk_size)
-        ch = Chunk(cid, name, path, fd, capacity,
-                   sb or Superblock.empty(cid, capacity), raw, sb is not None)
-        ch.tail = ch.sb.current_offset
-        self.chunks[cid] = ch
-        self._ordered = None
 
     def save_snapshot(self) -> bool:
         """Persist the index with the chunk stamps it covers; False if not possible now."""

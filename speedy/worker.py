@@ -10,7 +10,6 @@ peers in --admin_allow; others get INTERNAL_ERROR.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ import zlib
 from argparse import Namespace
 
 from .chunkfile import RECORD_HEADER_SIZE, max_data_size
+from .conn import AdminPolicy, Closed, Conn, TooSlow, idle_timeout, min_rate
 from .index import IndexReader
 from .logs import reopen_logs
 from .pool import BlockPool, blocks_for
@@ -34,17 +34,6 @@ from .writer import (FID_MSG, FRAME, HEAD, KIND_DELETE, KIND_KILL, KIND_WRITE, P
 
 log = logging.getLogger("speedy.worker")
 
-IDLE_ENV = "SPEEDY_IDLE_TIMEOUT"
-DEFAULT_IDLE = 30.0
-# Pace rule (slow-loris): between requests a connection may wait without limit. From the
-# first byte of a request to its last, every wait for more bytes ends within IDLE seconds
-# (SPEEDY_IDLE_TIMEOUT) and, once IDLE seconds have passed since the request began, its
-# bytes must have come at an average of at least MIN_RATE bytes/s (SPEEDY_MIN_RATE) since
-# then: at time t, received >= MIN_RATE x (t - start - IDLE). A client that trickles is
-# dropped (and its pool blocks freed) about IDLE seconds after its request began.
-MIN_RATE_ENV = "SPEEDY_MIN_RATE"
-DEFAULT_MIN_RATE = 16384.0
-RECV_BUF = 16384
 REPLY_PACKET_MAX = 65536  # the writer packs up to 4096 replies (20 KiB) per packet
 SMALL_BODY_MAX = 65536  # a non-WRITE body longer than this is garbage: answer, then close
 WHOLE_READ_MAX = 2 << 20  # READs up to this size are read at once, larger ones in pieces
@@ -59,135 +48,6 @@ EMPTY_BODY = frozenset({Op.PING, Op.CHECK_DISK, Op.GET_STATUS, Op.KILL_PD_WR,
 SERVER_ERRORS = frozenset({Err.WRITE_ERROR, Err.READ_ERROR, Err.INTERNAL_ERROR,
                            Err.CHUNK_UNAVAILABLE, Err.REACH_MEMORY_LIMIT, Err.KILLED,
                            Err.SERVER_READ_ONLY, Err.IO_JOB_UNAVAILABLE})
-
-
-class Closed(Exception):
-    """The connection ends here (peer gone, or nothing on it can be trusted any more)."""
-
-
-class TooSlow(Exception):
-    """A request whose bytes come slower than the pace rule allows (see MIN_RATE_ENV)."""
-
-
-def idle_timeout() -> float:
-    """Seconds a request may make no progress before it is dropped (SPEEDY_IDLE_TIMEOUT)."""
-    try:
-        value = float(os.environ.get(IDLE_ENV, DEFAULT_IDLE))
-    except ValueError:
-        return DEFAULT_IDLE
-    return value if value > 0 else DEFAULT_IDLE
-
-
-def min_rate() -> float:
-    """Bytes/s a request must average after its first IDLE seconds (SPEEDY_MIN_RATE)."""
-    try:
-        value = float(os.environ.get(MIN_RATE_ENV, DEFAULT_MIN_RATE))
-    except ValueError:
-        return DEFAULT_MIN_RATE
-    return value if value > 0 else DEFAULT_MIN_RATE
-
-
-class AdminPolicy:
-    """Who may send admin opcodes: exact addresses, networks (CIDR) or host names."""
-
-    def __init__(self, allow: list[str]) -> None:
-        self.networks = []
-        self.names = set()
-        for entry in allow:
-            try:
-                self.networks.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                self.names.add(entry)
-
-    def allows(self, peer: str) -> bool:
-        """Whether peer (an address string) may send admin opcodes."""
-        if peer in self.names:
-            return True
-        try:
-            ip = ipaddress.ip_address(peer.split("%", 1)[0])
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.networks)
-
-
-class Conn:
-    """A client socket with a small receive buffer (headers, small bodies)."""
-
-    __slots__ = ("sock", "buf", "mv", "r", "w", "start", "got", "grace", "rate")
-
-    def __init__(self, sock, grace: float = DEFAULT_IDLE, rate: float = DEFAULT_MIN_RATE) -> None:
-        self.sock = sock
-        self.buf = bytearray(RECV_BUF)
-        self.mv = memoryview(self.buf)
-        self.r = self.w = 0
-        self.start = 0.0  # when the current request began; 0 between requests
-        self.got = 0
-        self.grace = grace
-        self.rate = rate
-
-    def pace(self, n: int) -> None:
-        """Count n bytes received for the current request; TooSlow if behind the pace rule."""
-        if self.start:
-            self.got += n
-            late = time.monotonic() - self.start - self.grace
-            if late > 0 and self.got < late * self.rate:
-                raise TooSlow(f"{self.got} bytes in {late + self.grace:.1f}s")
-
-    def buffered(self) -> int:
-        """Bytes received and not consumed yet."""
-        return self.w - self.r
-
-    def fill(self) -> None:
-        """Receive more into the buffer (Closed on EOF)."""
-        if self.r == self.w:
-            self.r = self.w = 0
-        elif self.w == RECV_BUF:
-            n = self.w - self.r
-            self.buf[:n] = self.buf[self.r:self.w]
-            self.r, self.w = 0, n
-        n = self.sock.recv_into(self.mv[self.w:])
-        if not n:
-            raise Closed("peer closed")
-        self.w += n
-        self.pace(n)
-
-    def read_exact(self, n: int) -> bytes:
-        """n bytes (n <= RECV_BUF)."""
-        while self.w - self.r < n:
-            self.fill()
-        out = bytes(self.mv[self.r:self.r + n])
-        self.r += n
-        return out
-
-    def read_into(self, dest: memoryview) -> None:
-        """Fill dest: buffered bytes first, then straight from the socket."""
-        k = min(self.w - self.r, len(dest))
-        if k:
-            dest[:k] = self.mv[self.r:self.r + k]
-            self.r += k
-        recv_into = self.sock.recv_into
-        total = len(dest)
-        while k < total:
-            n = recv_into(dest[k:])
-            if not n:
-                raise Closed("peer closed in the middle of a body")
-            k += n
-            self.pace(n)
-
-    def skip(self, n: int) -> None:
-        """Discard n bytes of the stream, in bounded reads."""
-        k = min(self.w - self.r, n)
-        self.r += k
-        n -= k
-        while n > 0:
-            self.r = self.w = 0
-            got = self.sock.recv_into(self.mv[:min(n, RECV_BUF)])
-            if not got:
-                raise Closed("peer closed in the middle of a body")
-            n -= got
-            self.pace(got)
 
 
 class WriterLink:
