@@ -29,22 +29,23 @@ class TooSlow(Exception):
     """A request whose bytes come slower than the pace rule allows (see MIN_RATE_ENV)."""
 
 
+def positive_env(name: str, default: float) -> float:
+    """A number > 0 from the environment; default when unset or invalid."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
 def idle_timeout() -> float:
     """Seconds a request may make no progress before it is dropped (SPEEDY_IDLE_TIMEOUT)."""
-    try:
-        value = float(os.environ.get(IDLE_ENV, DEFAULT_IDLE))
-    except ValueError:
-        return DEFAULT_IDLE
-    return value if value > 0 else DEFAULT_IDLE
+    return positive_env(IDLE_ENV, DEFAULT_IDLE)
 
 
 def min_rate() -> float:
     """Bytes/s a request must average after its first IDLE seconds (SPEEDY_MIN_RATE)."""
-    try:
-        value = float(os.environ.get(MIN_RATE_ENV, DEFAULT_MIN_RATE))
-    except ValueError:
-        return DEFAULT_MIN_RATE
-    return value if value > 0 else DEFAULT_MIN_RATE
+    return positive_env(MIN_RATE_ENV, DEFAULT_MIN_RATE)
 
 
 class AdminPolicy:

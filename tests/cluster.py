@@ -15,6 +15,7 @@ group for sure: SIGTERM, then SIGKILL.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import signal
 import subprocess
@@ -236,3 +237,13 @@ def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
     full_env.setdefault("PYTHONPATH", ROOT)
     return subprocess.run([sys.executable, "-m", "speedy", *args], input=input,
                           capture_output=True, cwd=cwd, env=full_env, timeout=timeout)
+
+
+def blob(n: int, seed: int = 0) -> bytes:
+    """n deterministic pseudo-random bytes."""
+    out = bytearray()
+    counter = 0
+    while len(out) < n:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:n])

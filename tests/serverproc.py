@@ -13,6 +13,7 @@ import pytest
 
 from conftest import PYTHON, ROOT, free_port
 
+from speedy.pool import BlockPool
 from speedy.protocol import REQUEST_HEADER, RESPONSE_HEADER, Err, Op, encode_file_key
 
 SPY_SERVER = os.path.join(ROOT, "spy_server.py")
@@ -232,6 +233,21 @@ def make_server(base_dir, name: str = "srv", **flags) -> ServerProc:
     base = os.path.join(str(base_dir), name)
     os.makedirs(base, exist_ok=True)
     return ServerProc(os.path.join(base, "data"), os.path.join(base, "server.log"), flags, env)
+
+
+
+def worker_pids(srv: ServerProc) -> set[int]:
+    """The pids of the server's worker processes."""
+    return {pid for pid, comm in srv.children().items() if comm.startswith("spy_worker")}
+
+
+def pool_in_use(srv: ServerProc) -> int:
+    """Pool blocks in use now."""
+    pool = BlockPool.attach(f"speedy{srv.pid}_pool")
+    try:
+        return pool.in_use()
+    finally:
+        pool.close()
 
 
 @contextlib.contextmanager

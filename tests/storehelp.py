@@ -4,9 +4,10 @@ from __future__ import annotations
 import itertools
 import os
 import zlib
+from dataclasses import dataclass
 
 from speedy import chunkfile
-from speedy.chunkfile import SUPERBLOCK_SIZE, Superblock
+from speedy.chunkfile import RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, RecordHeader, Superblock
 from speedy.index import FidIndex, IndexReader
 from speedy.reader import ChunkReader
 from speedy.store import ChunkStore
@@ -127,3 +128,37 @@ def patch(path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
+
+
+@dataclass
+class Rec:
+    """Where one record lies."""
+
+    fid: int
+    path: str
+    chunk_id: int
+    offset: int  # of the header
+    size: int
+
+    @property
+    def data_offset(self) -> int:
+        return self.offset + RECORD_HEADER_SIZE
+
+
+def records(data_dir: str) -> dict[int, Rec]:
+    """fid -> Rec of every live record up to current_offset, found by parsing the files."""
+    out: dict[int, Rec] = {}
+    for name in sorted(os.listdir(data_dir)):
+        if not name.endswith(".chunk"):
+            continue
+        path = os.path.join(data_dir, name)
+        with open(path, "rb") as f:
+            sb = Superblock.decode(f.read(SUPERBLOCK_SIZE))
+            pos = SUPERBLOCK_SIZE
+            while pos + RECORD_HEADER_SIZE <= sb.current_offset:
+                f.seek(pos)
+                h = RecordHeader.decode(f.read(RECORD_HEADER_SIZE))
+                if h.live:
+                    out[h.fid] = Rec(h.fid, path, sb.chunk_id, pos, h.size)
+                pos += RECORD_HEADER_SIZE + h.size
+    return out

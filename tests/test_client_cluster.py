@@ -6,7 +6,6 @@ Tests that break something (a server set read-only, a killed server) put it back
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,10 +16,9 @@ import threading
 
 import pytest
 
-from cluster import PYTHON, ROOT, Cluster, cluster_fixture
+from cluster import PYTHON, ROOT, Cluster, blob, cluster_fixture
+from storehelp import records
 from speedy import manifest as mf
-from speedy.chunkfile import (RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, RecordHeader,
-                              Superblock)
 from speedy.client import RO, Client, IntegrityError, MasterError, NotFoundError, UploadError
 from speedy.protocol import Err
 
@@ -39,14 +37,6 @@ def client(cluster):
         yield c
 
 
-def blob(n: int, seed: int = 0) -> bytes:
-    """n deterministic pseudo-random bytes."""
-    out = bytearray()
-    counter = 0
-    while len(out) < n:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:n])
 
 
 def on_every_replica(cluster: Cluster, key: str) -> list[bytes]:
@@ -419,20 +409,9 @@ def test_progress_only_on_a_terminal(cluster, tmp_path):
 
 def find_record(data_dir: str, fid: int) -> tuple[str, int]:
     """(chunk file, offset of the record's data) of a live fid in a data dir."""
-    for name in sorted(os.listdir(data_dir)):
-        if not name.endswith(".chunk"):
-            continue
-        path = os.path.join(data_dir, name)
-        with open(path, "rb") as f:
-            sb = Superblock.decode(f.read(SUPERBLOCK_SIZE))
-            pos = SUPERBLOCK_SIZE
-            while pos + RECORD_HEADER_SIZE <= sb.current_offset:
-                f.seek(pos)
-                h = RecordHeader.decode(f.read(RECORD_HEADER_SIZE))
-                if h.fid == fid and h.live:
-                    return path, pos + RECORD_HEADER_SIZE
-                pos += RECORD_HEADER_SIZE + h.size
-    raise AssertionError(f"fid {fid} not found in {data_dir}")
+    rec = records(data_dir).get(fid)
+    assert rec is not None, f"fid {fid} not found in {data_dir}"
+    return rec.path, rec.data_offset
 
 
 def test_repair_brings_a_wiped_replica_back(cluster, client):

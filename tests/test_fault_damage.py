@@ -16,54 +16,19 @@ import socket
 import subprocess
 import time
 import zlib
-from dataclasses import dataclass
 
 import pytest
 
 from conftest import PYTHON, free_port
 from serverproc import SPY_SERVER, Client, make_server, payload
-from speedy.chunkfile import (RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, RecordHeader, Superblock,
-                              encode_record_header)
+from storehelp import records
+from speedy.chunkfile import RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, Superblock, encode_record_header
 from speedy.protocol import Err, Op, encode_file_key
 
 MiB = 1 << 20
 FILE = 200_000  # 5 files fill a 1 MiB chunk (first fit), the 6th goes to the next chunk
 NOT_FOUND = (Err.FILE_NOT_FOUND, b"")
 STRANGER = 999_999  # a fid never written
-
-
-@dataclass
-class Rec:
-    """Where one record lies."""
-
-    fid: int
-    path: str
-    chunk_id: int
-    offset: int  # of the header
-    size: int
-
-    @property
-    def data_offset(self) -> int:
-        return self.offset + RECORD_HEADER_SIZE
-
-
-def records(data_dir: str) -> dict[int, Rec]:
-    """fid -> Rec of every live record up to current_offset, found by parsing the files."""
-    out: dict[int, Rec] = {}
-    for name in sorted(os.listdir(data_dir)):
-        if not name.endswith(".chunk"):
-            continue
-        path = os.path.join(data_dir, name)
-        with open(path, "rb") as f:
-            sb = Superblock.decode(f.read(SUPERBLOCK_SIZE))
-            pos = SUPERBLOCK_SIZE
-            while pos + RECORD_HEADER_SIZE <= sb.current_offset:
-                f.seek(pos)
-                h = RecordHeader.decode(f.read(RECORD_HEADER_SIZE))
-                if h.live:
-                    out[h.fid] = Rec(h.fid, path, sb.chunk_id, pos, h.size)
-                pos += RECORD_HEADER_SIZE + h.size
-    return out
 
 
 def superblock(path: str) -> Superblock:

@@ -22,9 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serverproc import ServerProc, payload, running_server, wait_for
+from serverproc import pool_in_use, worker_pids, ServerProc, payload, running_server, wait_for
 from speedy import protocol as p
-from speedy.pool import BlockPool
 from speedy.protocol import OPCODES, Err, Op, ProtocolError, encode_file_key, encode_request
 
 MiB = 1 << 20
@@ -204,16 +203,6 @@ streams = st.one_of(
               st.binary(min_size=1, max_size=100)).map(b"".join))
 
 
-def worker_pids(srv: ServerProc) -> set[int]:
-    return {pid for pid, comm in srv.children().items() if comm.startswith("spy_worker")}
-
-
-def pool_in_use(srv: ServerProc) -> int:
-    pool = BlockPool.attach(f"speedy{srv.pid}_pool")
-    try:
-        return pool.in_use()
-    finally:
-        pool.close()
 
 
 @pytest.fixture(scope="module")

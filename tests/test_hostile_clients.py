@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from serverproc import Client, ServerProc, payload, running_server, wait_for
-from speedy.pool import BlockPool
+from serverproc import pool_in_use, worker_pids, Client, ServerProc, payload, running_server, wait_for
 from speedy.protocol import (OPCODES, Err, Op, decode_detail_info,
                              encode_file_key, encode_request)
 
@@ -35,16 +34,6 @@ HEADER = struct.Struct(">BI")
 U32_MAX = 0xFFFFFFFF
 
 
-def worker_pids(srv: ServerProc) -> set[int]:
-    return {pid for pid, comm in srv.children().items() if comm.startswith("spy_worker")}
-
-
-def pool_in_use(srv: ServerProc) -> int:
-    pool = BlockPool.attach(f"speedy{srv.pid}_pool")
-    try:
-        return pool.in_use()
-    finally:
-        pool.close()
 
 
 def conn_count(srv: ServerProc) -> int:

@@ -7,7 +7,6 @@ ever read back wrong.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -18,7 +17,7 @@ import time
 
 import pytest
 
-from cluster import Cluster, cluster_fixture
+from cluster import Cluster, blob, cluster_fixture
 from speedy import manifest as mf
 from speedy.chunkconn import ChunkConn
 from speedy.chunkfile import SUPERBLOCK_SIZE, Superblock, chunk_name
@@ -34,14 +33,6 @@ cluster = cluster_fixture(groups=1, per_group=3, heartbeat_timeout=2.0, monitor_
                           report_interval=0.3, chunks=2, chunk_size=32 * MiB, mem_blocks=32)
 
 
-def blob(n: int, seed: int) -> bytes:
-    """n deterministic pseudo-random bytes."""
-    out = bytearray()
-    counter = 0
-    while len(out) < n:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:n])
 
 
 def blobs_of(cluster: Cluster, key: str, data: bytes) -> dict[int, bytes]:
