@@ -237,6 +237,15 @@ class FidIndex:
 
     def insert(self, fid: int, chunk_id: int, offset: int) -> None:
         """Map fid to (chunk_id, offset); overwrites an existing fid."""
+        self._put(fid, chunk_id, offset, True)
+
+    def setdefault(self, fid: int, chunk_id: int, offset: int) -> tuple[int, int] | None:
+        """Insert fid unless it is there; return the location it already had, else None."""
+        old = self._put(fid, chunk_id, offset, False)
+        return _split(old) if old else None
+
+    def _put(self, fid: int, chunk_id: int, offset: int, overwrite: bool) -> int:
+        """Store fid's location (one probe walk); the location it had before, or 0."""
         if not 0 <= fid <= M64:
             raise ValueError(f"fid out of range: {fid}")
         if not (1 <= chunk_id <= 0xFFFFFFFF and 0 <= offset <= 0xFFFFFFFF):
@@ -244,7 +253,7 @@ class FidIndex:
         loc = chunk_id << 32 | offset
         t = self._table
         slots, mask = t.slots, t.mask
-        i = t.home(fid)
+        i = ((fid * GOLDEN) & M64) >> t.shift
         free = -1
         for _ in range(t.capacity):
             cur = slots[2 * i + 1]
@@ -254,18 +263,18 @@ class FidIndex:
                 if free < 0:
                     free = i
             elif slots[2 * i] == fid:
-                self._lock()
-                slots[2 * i + 1] = loc
-                self._unlock()
-                return
+                if overwrite:
+                    self._lock()
+                    slots[2 * i + 1] = loc
+                    self._unlock()
+                return cur
             i = (i + 1) & mask
         else:
             i = -1
         if free < 0:
             if i < 0 or self._count + self._tombstones + 1 > t.capacity * MAX_LOAD:
                 self._rebuild(self._count + 1)
-                self.insert(fid, chunk_id, offset)
-                return
+                return self._put(fid, chunk_id, offset, overwrite)
             self._lock()
             slots[2 * i] = fid
             slots[2 * i + 1] = loc
@@ -277,14 +286,7 @@ class FidIndex:
             self._unlock()
             self._tombstones -= 1
         self._count += 1
-
-    def setdefault(self, fid: int, chunk_id: int, offset: int) -> tuple[int, int] | None:
-        """Insert fid unless it is there; return the location it already had, else None."""
-        loc = self._table.lookup(fid)
-        if loc:
-            return _split(loc)
-        self.insert(fid, chunk_id, offset)
-        return None
+        return 0
 
     def remove(self, fid: int) -> bool:
         """Forget fid; False if it was not there."""
@@ -304,6 +306,25 @@ class FidIndex:
                 return True
             i = (i + 1) & mask
         return False
+
+    def load(self, entries: dict[int, int]) -> None:
+        """Replace every entry with entries ({fid: chunk_id << 32 | offset}): one new table,
+        filled without per-entry locking, then published (the start-up scan)."""
+        cap = _capacity_for(len(entries))
+
+        def fill(slots: memoryview) -> None:
+            shift = 64 - (cap.bit_length() - 1)
+            mask = cap - 1
+            for fid, loc in entries.items():
+                if not (0 <= fid <= M64 and loc >> 32 and loc <= M64):
+                    raise ValueError(f"bad index entry: fid {fid} location {loc:#x}")
+                i = ((fid * GOLDEN) & M64) >> shift
+                while slots[2 * i + 1] != EMPTY:
+                    i = (i + 1) & mask
+                slots[2 * i] = fid
+                slots[2 * i + 1] = loc
+
+        self._publish(cap, fill, len(entries), 0)
 
     def clear(self) -> None:
         """Drop every entry (a fresh, minimum-size table)."""

@@ -41,35 +41,29 @@ class RecoveryError(Exception):
 
 
 def scan_all(store: "ChunkStore") -> None:
-    """Index every chunk from its first record (the slow path)."""
-    store.index.clear()
+    """Index every chunk from its first record (the slow path); one new table at the end."""
     store.shadows.clear()
-    store.index.reserve(sum(min(ch.sb.files_count, records_room(ch))
-                            for ch in store.chunks.values() if ch.sb_valid))
+    found: dict[int, int] = {}  # fid -> chunk_id << 32 | offset
     for ch in store.ordered_chunks():
-        scan_chunk(store, ch)
+        scan_chunk(store, ch, found)
+    store.index.load(found)
 
 
-def records_room(ch: "Chunk") -> int:
-    """Most records the chunk can hold before current_offset, by the file's real size (a
-    superblock with a good checksum may still claim more than the file has)."""
-    try:
-        size = os.fstat(ch.fd).st_size
-    except OSError:
-        return 0
-    return max(0, min(ch.sb.current_offset, size) - SUPERBLOCK_SIZE) // RECORD_HEADER_SIZE
-
-
-def scan_chunk(store: "ChunkStore", ch: "Chunk") -> None:
-    """Index one chunk's live records, cut it at the first bad one, fix its superblock."""
+def scan_chunk(store: "ChunkStore", ch: "Chunk", found: dict[int, int]) -> None:
+    """Collect one chunk's live records in found, cut it at the first bad one, fix its
+    superblock."""
     end = ch.sb.current_offset if ch.sb_valid else ch.capacity
     out = ScanEnd()
     records = live = 0
+    setdefault, base = found.setdefault, ch.chunk_id << 32
     for off, fid, ref, _size, ts in scan_records(ch.fd, SUPERBLOCK_SIZE, end, out):
         records += 1
         if ref:
             live += 1
-            index_record(store, ch, fid, off, ts)
+            old = setdefault(fid, base | off)
+            if old != base | off and settle_duplicate(store, ch, fid, off, ts,
+                                                      (old >> 32, old & 0xFFFFFFFF)):
+                found[fid] = base | off
     new = Superblock(ch.chunk_id, records, live, out.offset, ch.capacity - out.offset)
     if not ch.sb_valid:
         log.warning("%s: superblock rebuilt from the records: current_offset %d, %d records, "
@@ -96,11 +90,17 @@ def scan_chunk(store: "ChunkStore", ch: "Chunk") -> None:
 def index_record(store: "ChunkStore", ch: "Chunk", fid: int, off: int, ts: int) -> None:
     """Index a live record; of two live records with one fid the later one wins."""
     old = store.index.setdefault(fid, ch.chunk_id, off)
-    if old is None:
-        return
-    new = (ch.chunk_id, off)
-    if ts >= timestamp_at(store, *old):
+    if old is not None and settle_duplicate(store, ch, fid, off, ts, old):
         store.index.insert(fid, ch.chunk_id, off)
+
+
+def settle_duplicate(store: "ChunkStore", ch: "Chunk", fid: int, off: int, ts: int,
+                     old: tuple[int, int]) -> bool:
+    """A second live record of fid: the later one (timestamp, then position) wins, the other
+    is remembered as a shadow; True when the new one wins (the caller indexes it)."""
+    new = (ch.chunk_id, off)
+    won = ts >= timestamp_at(store, *old)
+    if won:
         win, lose = new, old
     else:
         win, lose = old, new
@@ -108,6 +108,7 @@ def index_record(store: "ChunkStore", ch: "Chunk", fid: int, off: int, ts: int) 
     log.warning("fid %d: two live records, %s offset %d and %s offset %d; the later one "
                 "(%s offset %d) wins, the other stays on disk", fid, store.chunk_file(lose[0]),
                 lose[1], store.chunk_file(win[0]), win[1], store.chunk_file(win[0]), win[1])
+    return won
 
 
 def timestamp_at(store: "ChunkStore", cid: int, off: int) -> int:

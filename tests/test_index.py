@@ -249,3 +249,32 @@ def test_reader_survives_a_writer_that_died_inside_an_update(index, monkeypatch)
         assert reader.get(4) == (2, 99)
     finally:
         reader.close()
+
+
+def test_load_replaces_everything_in_one_new_table(index):
+    reader = IndexReader(index.name)
+    try:
+        index.insert(7, 1, 55)  # gone after the load
+        entries = {fid: loc_of(fid)[0] << 32 | loc_of(fid)[1] for fid in range(1000, 31000, 3)}
+        entries[0] = 1 << 32 | 55  # fid 0 is a fid like any other
+        index.load(entries)
+        assert len(index) == len(entries) and index.get(7) is None
+        assert reader.get(7) is None  # the reader follows the published table
+        for fid in (0, 1000, 1003, 30997):
+            want = loc_of(fid) if fid else (1, 55)
+            assert index.get(fid) == want and reader.get(fid) == want
+        assert index.capacity * MAX_LOAD >= len(entries) and len(shm_names(index.prefix)) == 2
+        index.insert(2, 3, 99)  # an ordinary insert afterwards
+        index.remove(1000)
+        assert index.get(2) == (3, 99) and index.get(1000) is None
+        assert len(index) == len(entries)
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("loc", [0, 1, 55, 1 << 64])
+def test_load_refuses_a_location_without_a_chunk(index, loc):
+    index.insert(9, 1, 55)
+    with pytest.raises(ValueError):
+        index.load({5: loc})
+    assert index.get(9) == (1, 55) and len(index) == 1  # the old table stays
