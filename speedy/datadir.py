@@ -1,4 +1,5 @@
-"""The data dir of a chunkserver: its lock, and finding, creating and opening chunk files.
+"""The data dir of a chunkserver: its lock, finding, creating and opening chunk files, and
+the whole-buffer writes every file of it gets (tests hook pwritev_all to record them).
 
 Chunk files are preallocated under ``.speedy/tmp.<name>`` and renamed into place, so a
 start that fails half-way leaves no partial chunk file behind.
@@ -21,6 +22,7 @@ log = logging.getLogger("speedy.store")
 LOCK_FILE = "lock"
 TMP_PREFIX = "tmp."
 MAX_CHUNK_ID = 0xFFFFFFFF
+IOV_MAX = 1024
 
 
 class StartError(Exception):
@@ -42,8 +44,7 @@ class Chunk:
     tail: int = SUPERBLOCK_SIZE
     staged: int = 0
     pending: list = field(default_factory=list)  # staged records' buffers not written yet,
-    pending_at: int = 0  # from this offset on,
-    pending_bytes: int = 0  # this many bytes
+    pending_at: int = 0  # from this offset up to tail
 
     def staged_superblock(self) -> Superblock:
         """The superblock that covers the staged records too."""
@@ -130,9 +131,7 @@ def create_chunk(data_dir: str, meta_dir: str, group_id: int, cid: int, chunk_si
         if faults.ACTIVE:
             faults.check("fallocate", name)
         os.posix_fallocate(fd, 0, chunk_size)
-        raw = Superblock.empty(cid, chunk_size).encode()
-        if os.pwrite(fd, raw, 0) != len(raw):
-            raise OSError(errno.EIO, "short superblock write")
+        pwrite_all(fd, Superblock.empty(cid, chunk_size).encode(), 0)
         os.fsync(fd)
         os.rename(tmp, final)
     except OSError as e:
@@ -190,3 +189,26 @@ def open_chunk(cid: int, path: str, chunk_size: int) -> Chunk:
                sb or Superblock.empty(cid, capacity), raw, sb is not None)
     ch.tail = ch.sb.current_offset
     return ch
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite all of data at offset (a short write is resumed, 0 bytes is an error)."""
+    pwritev_all(fd, [data], offset)
+
+
+def pwritev_all(fd: int, bufs: list, offset: int) -> None:
+    """pwritev every buffer at offset, in batches of IOV_MAX, resuming short writes."""
+    bufs = [memoryview(b) for b in bufs if len(b)]
+    i = 0
+    while i < len(bufs):
+        n = os.pwritev(fd, bufs[i:i + IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += n
+        while n and i < len(bufs):
+            if n >= bufs[i].nbytes:
+                n -= bufs[i].nbytes
+                i += 1
+            else:
+                bufs[i] = bufs[i][n:]
+                n = 0

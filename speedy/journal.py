@@ -18,12 +18,13 @@ rules of the replay are in recovery.py.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import struct
 import zlib
 from dataclasses import dataclass
+
+from . import datadir
 
 MAGIC = b"SPYDELJ1"
 BODY = struct.Struct(">QIIB3x")
@@ -134,7 +135,7 @@ class DeleteJournal:
         """Write the entries of some DELETEs at the end, in one write (fsynced when sync);
         OSError on failure."""
         data = encode_group(groups)
-        _pwrite_all(self.fd, data, self.length)
+        datadir.pwrite_all(self.fd, data, self.length)
         self.length += len(data)
         if sync:
             os.fsync(self.fd)
@@ -163,7 +164,7 @@ class DeleteJournal:
 
     def reset(self, sync: bool = True) -> None:
         """Back to the head alone (the saved snapshot covers every entry)."""
-        _pwrite_all(self.fd, MAGIC, 0)
+        datadir.pwrite_all(self.fd, MAGIC, 0)
         os.ftruncate(self.fd, len(MAGIC))
         self.length = len(MAGIC)
         if sync:
@@ -174,14 +175,3 @@ class DeleteJournal:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """pwrite all of data at offset (short writes resumed)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        view = view[n:]
-        offset += n

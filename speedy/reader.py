@@ -158,22 +158,11 @@ class ChunkReader:
         """The stored adler32 of fid's data (to verify a streamed read at its end)."""
         return self._header(fid)[3]
 
-    def read_at(self, chunk_id: int, offset: int, size: int) -> bytes:
+    def read_at(self, chunk_id: int, offset: int, size: int) -> bytearray:
         """size bytes of a chunk at offset; past the end of a short file they are zeros."""
-        fd = self._fd(chunk_id)
-        try:
-            if faults.ACTIVE:
-                faults.check("read", chunk_name(self.group_id, chunk_id))
-            data = os.pread(fd, size, offset)
-            while len(data) < size:
-                more = os.pread(fd, size - len(data), offset + len(data))
-                if not more:
-                    data += bytes(size - len(data))
-                    break
-                data += more
-        except OSError as e:
-            raise ReadFailed(f"reading chunk {chunk_id} at {offset}: {e.strerror}") from None
-        return data
+        buf = bytearray(size)
+        self._read_into(chunk_id, offset, memoryview(buf))
+        return buf
 
     def _own_chunks(self) -> list[int]:
         """Ids of this group's chunk files in the data dir."""

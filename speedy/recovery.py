@@ -25,7 +25,7 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
-from . import journal, snapshot
+from . import datadir, journal, snapshot
 from .chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED, REF_LIVE,
                         REF_OFFSET, SUPERBLOCK_SIZE, FormatError, Superblock)
 from .scan import ScanEnd, scan_records
@@ -60,10 +60,11 @@ def scan_chunk(store: "ChunkStore", ch: "Chunk", found: dict[int, int]) -> None:
         records += 1
         if ref:
             live += 1
-            old = setdefault(fid, base | off)
-            if old != base | off and settle_duplicate(store, ch, fid, off, ts,
-                                                      (old >> 32, old & 0xFFFFFFFF)):
-                found[fid] = base | off
+            loc = base | off
+            old = setdefault(fid, loc)
+            if old != loc and settle_duplicate(store, ch, fid, off, ts,
+                                               (old >> 32, old & 0xFFFFFFFF)):
+                found[fid] = loc
     new = Superblock(ch.chunk_id, records, live, out.offset, ch.capacity - out.offset)
     if not ch.sb_valid:
         log.warning("%s: superblock rebuilt from the records: current_offset %d, %d records, "
@@ -78,7 +79,7 @@ def scan_chunk(store: "ChunkStore", ch: "Chunk", found: dict[int, int]) -> None:
     if new != ch.sb or not ch.sb_valid:
         raw = new.encode()
         try:
-            os.pwrite(ch.fd, raw, 0)
+            datadir.pwrite_all(ch.fd, raw, 0)
             os.fsync(ch.fd)
         except OSError as e:
             raise RecoveryError(f"cannot rewrite the superblock of {ch.path}: "
@@ -263,8 +264,7 @@ def redo_deletes(store: "ChunkStore", entries: list[journal.DeleteEntry],
             deleted[ch.chunk_id] = deleted.get(ch.chunk_id, 0) + 1
         seen.add((ch.chunk_id, e.offset))
     for ch, off in fixes:
-        if os.pwrite(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET) != REF.size:
-            raise OSError(f"short write marking {ch.name} offset {off} deleted")
+        datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
     for ch in {id(ch): ch for ch, _ in fixes}.values():
         os.fsync(ch.fd)
     if fixes:
@@ -336,7 +336,7 @@ def check_counts(store: "ChunkStore", knowns: dict[int, Superblock], deleted: di
         new = Superblock(ch.chunk_id, ch.sb.files_alloc, want, ch.sb.current_offset,
                          ch.sb.avail_space)
         raw = new.encode()
-        os.pwrite(ch.fd, raw, 0)
+        datadir.pwrite_all(ch.fd, raw, 0)
         os.fsync(ch.fd)
         log.warning("%s: files_count %d -> %d (finishing a delete a crash interrupted)",
                     ch.name, ch.sb.files_count, want)

@@ -36,7 +36,6 @@ META_DIR = ".speedy"
 SNAPSHOT_FILE = "index.snap"
 JOURNAL_FILE = "deletes.log"
 SNAPSHOT_INTERVAL = 300.0  # seconds between automatic snapshot saves while files change
-IOV_MAX = 1024
 JOURNAL_LIMIT = 65536  # journaled deletes that make the next change save the snapshot
 FLUSH_BYTES = 256 << 10  # staged bytes of one chunk written at once, before the commit
 
@@ -257,9 +256,8 @@ class ChunkStore:
         if not ch.pending:
             ch.pending_at = off
         ch.pending.append(header)  # written by commit(): one pwritev per chunk per batch,
-        ch.pending.extend(views)
-        ch.pending_bytes += RECORD_HEADER_SIZE + size
-        if ch.pending_bytes >= FLUSH_BYTES:  # or now, once there is enough of it
+        ch.pending.extend(views)  # or now, once FLUSH_BYTES of them wait
+        if off + RECORD_HEADER_SIZE + size - ch.pending_at >= FLUSH_BYTES:
             try:
                 self._write_pending(ch)
             except OSError as e:
@@ -290,7 +288,7 @@ class ChunkStore:
                 if faults.ACTIVE:
                     faults.check("superblock", ch.name)
                 written.append(ch)
-                _pwrite_exact(ch.fd, new[ch.chunk_id].encode(), 0)
+                datadir.pwrite_all(ch.fd, new[ch.chunk_id].encode(), 0)
             if self.sync:
                 for ch in touched:
                     self._fsync(ch)
@@ -319,11 +317,10 @@ class ChunkStore:
             ch.tail = ch.sb.current_offset
             ch.staged = 0
             ch.pending = []
-            ch.pending_bytes = 0
         self._write_failed = False
         for ch in written:
             try:
-                _pwrite_exact(ch.fd, ch.sb_raw, 0)
+                datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
                 if self.sync:
                     os.fsync(ch.fd)
             except OSError as e:
@@ -334,8 +331,8 @@ class ChunkStore:
     def _write_pending(ch: Chunk) -> None:
         """Write a chunk's staged records that are not written yet (one pwritev)."""
         if ch.pending:
-            pending, ch.pending, ch.pending_bytes = ch.pending, [], 0
-            _pwritev_all(ch.fd, pending, ch.pending_at)
+            pending, ch.pending = ch.pending, []
+            datadir.pwritev_all(ch.fd, pending, ch.pending_at)
 
     def _fsync(self, ch: Chunk) -> None:
         if faults.ACTIVE:
@@ -377,7 +374,7 @@ class ChunkStore:
                     ch = self.chunks[cid]
                     if faults.ACTIVE:
                         faults.check("ref", ch.name)
-                    _pwrite_exact(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
+                    datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
                     if i == 0:
                         self.index.remove(fid)
                     ch.sb.files_count -= 1
@@ -386,7 +383,7 @@ class ChunkStore:
                 if faults.ACTIVE:
                     faults.check("superblock", ch.name)
                 ch.sb_raw = ch.sb.encode()
-                _pwrite_exact(ch.fd, ch.sb_raw, 0)
+                datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
             if self.sync:
                 for ch in touched.values():
                     self._fsync(ch)
@@ -432,26 +429,3 @@ class ChunkStore:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def _pwrite_exact(fd: int, data: bytes, offset: int) -> None:
-    """pwrite all of data at offset (a short write is retried, 0 bytes is an error)."""
-    _pwritev_all(fd, [data], offset)
-
-
-def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
-    """pwritev every buffer at offset, in batches of IOV_MAX, resuming short writes."""
-    bufs = [memoryview(b) for b in bufs if len(b)]
-    i = 0
-    while i < len(bufs):
-        n = os.pwritev(fd, bufs[i:i + IOV_MAX], offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        offset += n
-        while n and i < len(bufs):
-            if n >= bufs[i].nbytes:
-                n -= bufs[i].nbytes
-                i += 1
-            else:
-                bufs[i] = bufs[i][n:]
-                n = 0

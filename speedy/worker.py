@@ -61,7 +61,6 @@ class WriterLink:
         self.next_id = 1
         self.broken = False
         self.out: list[bytes] = []  # framed messages not sent yet
-        self.out_bytes = 0
         self.wake = Event()
         self.reader = gevent_mod.spawn(self._read_replies)
         self.sender = gevent_mod.spawn(self._send_queued)
@@ -80,7 +79,6 @@ class WriterLink:
         self.waiting[req_id] = result
         msg = head.pack(req_id, *fields) + tail
         self.out.append(FRAME.pack(len(msg)) + msg)
-        self.out_bytes += FRAME.size + len(msg)
         self.wake.set()
         return result
 
@@ -90,17 +88,14 @@ class WriterLink:
             self.wake.wait()
             self.wake.clear()
             while self.out:
-                if self.out_bytes <= PACKET_MAX:
-                    batch, self.out, self.out_bytes = self.out, [], 0
-                else:
-                    size = 0
-                    for k, m in enumerate(self.out):
-                        size += len(m)
-                        if size > PACKET_MAX:
-                            break
-                    batch, self.out = self.out[:max(1, k)], self.out[max(1, k):]
-                    self.out_bytes -= sum(len(m) for m in batch)
-                packet = b"".join(batch)
+                k = size = 0
+                for m in self.out:  # as many messages as fit (at least one)
+                    if k and size + len(m) > PACKET_MAX:
+                        break
+                    size += len(m)
+                    k += 1
+                packet = b"".join(self.out[:k])
+                del self.out[:k]
                 try:
                     while not self.sock.send(packet):  # a packet goes whole or not at all:
                         pass  # 0 means it waited and the socket was still full; again

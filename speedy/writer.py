@@ -304,11 +304,11 @@ class Writer:
                 self.close_link(link)
                 return
 
-    def reply_many(self, calls: list[tuple[Link, int]], err: int) -> None:
-        """Answer many messages with one error: one packet of replies per link."""
+    def reply_many(self, answers: list[tuple[Link, int, int]]) -> None:
+        """Answer many messages (link, req_id, error): one packet of replies per link."""
         per_link: dict[int, tuple[Link, bytearray]] = {}
         pack = REPLY.pack
-        for link, req_id in calls:
+        for link, req_id, err in answers:
             entry = per_link.get(id(link))
             if entry is None:
                 entry = per_link[id(link)] = (link, bytearray())
@@ -469,7 +469,7 @@ class Writer:
             if len(jobs) > st.get("max_batch"):
                 st.set("max_batch", len(jobs))
         self.publish()
-        self.reply_many([(job.link, job.req_id) for job in jobs], err)
+        self.reply_many([(job.link, job.req_id, err) for job in jobs])
 
     def handle_deletes(self, calls: list[tuple[Link, int, int]]) -> None:
         """DELETEs (link, req_id, fid), emptied: mark the records deleted, drop them from the
@@ -480,7 +480,7 @@ class Writer:
         calls.clear()
         store = self.store
         if store.read_only or self.stats.status():  # type: ignore[union-attr]
-            self.reply_many([(link, req_id) for link, req_id, _ in todo], Err.SERVER_READ_ONLY)
+            self.reply_many([(link, req_id, Err.SERVER_READ_ONLY) for link, req_id, _ in todo])
             return
         try:
             found = store.delete_many([fid for _, _, fid in todo])  # type: ignore[union-attr]
@@ -489,8 +489,7 @@ class Writer:
             errs = [Err.WRITE_ERROR] * len(todo)
             self.note_failure()
         self.publish()
-        for (link, req_id, _), err in zip(todo, errs):
-            self.reply(link, req_id, err)
+        self.reply_many([(link, req_id, err) for (link, req_id, _), err in zip(todo, errs)])
 
     def handle_kill(self, link: Link, req_id: int) -> None:
         """KILL_PD_WR: answer every pending write KILLED."""

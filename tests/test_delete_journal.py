@@ -16,9 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from speedy import faults, journal, store as store_mod
+from speedy import datadir, faults, journal
 from speedy.chunkfile import RECORD_HEADER, RECORD_HEADER_SIZE, REF_OFFSET, chunk_name
-from speedy.pool import unlink_prefix
 from speedy.protocol import Err
 from speedy.reader import NotFound, ReadFailed
 from speedy.stats import StatsView
@@ -350,20 +349,14 @@ def record_workload(h: Harness, ops: list) -> tuple[list, list]:
     delete), logging every chunk and journal write and the acknowledgements."""
     log: list[tuple[str, int, bytes]] = []
     acks: list = []  # (log start, log end, "put"/"del", fid, size)
-    real_chunk, real_journal = store_mod._pwritev_all, journal._pwrite_all
+    real = datadir.pwritev_all
 
-    def rel(fd: int) -> str:
-        return os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), h.data_dir)
+    def recording(fd, bufs, offset):
+        rel = os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), h.data_dir)
+        log.append((rel, offset, b"".join(bytes(b) for b in bufs)))
+        real(fd, bufs, offset)
 
-    def chunk_write(fd, bufs, offset):
-        log.append((rel(fd), offset, b"".join(bytes(b) for b in bufs)))
-        real_chunk(fd, bufs, offset)
-
-    def journal_write(fd, data, offset):
-        log.append((rel(fd), offset, bytes(data)))
-        real_journal(fd, data, offset)
-
-    store_mod._pwritev_all, journal._pwrite_all = chunk_write, journal_write
+    datadir.pwritev_all = recording
     store = h.store
     staged: dict[int, int] = {}
     start = 0
@@ -384,7 +377,7 @@ def record_workload(h: Harness, ops: list) -> tuple[list, list]:
                 if store.delete(fid):
                     acks.append((at, len(log), "del", fid, None))
     finally:
-        store_mod._pwritev_all, journal._pwrite_all = real_chunk, real_journal
+        datadir.pwritev_all = real
     return log, acks
 
 
@@ -494,13 +487,6 @@ def test_random_workload_and_crash_point_agree_with_a_full_scan(tmp_path_factory
 
 # -- a real server ----------------------------------------------------------------------
 
-def kill9(srv) -> None:
-    """kill -9 of the server, then remove the shared memory it leaves behind."""
-    pid = srv.pid
-    srv.kill9()
-    unlink_prefix(f"speedy{pid}")
-
-
 def opened_modes(srv) -> list[str]:
     return [line.rsplit("(", 1)[-1].rstrip(")") for line in srv.log().splitlines()
             if " chunks in " in line and "files," in line]
@@ -523,13 +509,13 @@ def test_server_kill_9_after_deletes_starts_from_the_snapshot(tmp_path, sync):
             assert c.write(61, payload(61, 50)) == Err.SUCCESS
             assert c.delete(61) == Err.SUCCESS
             assert c.write(3, b"three") == Err.SUCCESS
-        kill9(srv)
+        srv.discard()
         srv.port = 0
         srv.start()
         assert opened_modes(srv)[-1] in ("snapshot", "incremental"), srv.log()[-2000:]
         with srv.client() as c:
             first = {fid: c.read(fid) for fid in range(1, 62)}
-        kill9(srv)
+        srv.discard()
         assert first[3] == (Err.SUCCESS, b"three")
         for fid in (30, 60, 61):
             assert first[fid] == (Err.FILE_NOT_FOUND, b"")
@@ -543,7 +529,7 @@ def test_server_kill_9_after_deletes_starts_from_the_snapshot(tmp_path, sync):
             assert {fid: c.read(fid) for fid in range(1, 62)} == first
     finally:
         if srv.proc is not None:
-            kill9(srv)
+            srv.discard()
 
 
 def test_server_concurrent_deletes_survive_kill_9(tmp_path):
@@ -575,7 +561,7 @@ def test_server_concurrent_deletes_survive_kill_9(tmp_path):
             t.join(60)
         fsyncs = stats.totals()["fsyncs"]
         stats.close()
-        kill9(srv)
+        srv.discard()
         assert set(results.values()) == {Err.SUCCESS} and len(results) == 240
         print(f"200 DELETEs + 40 WRITEs from 8 connections, --sync=1: {fsyncs} chunk fsyncs")
         srv.port = 0
@@ -587,4 +573,4 @@ def test_server_concurrent_deletes_survive_kill_9(tmp_path):
                        for f in range(5, 201, 5))
     finally:
         if srv.proc is not None:
-            kill9(srv)
+            srv.discard()

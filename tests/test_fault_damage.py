@@ -75,7 +75,7 @@ def filled_server(tmp_path, name: str, nfiles: int, chunks: int, size: int = FIL
                 assert c.write(fid, payload(fid, size)) == Err.SUCCESS
         assert srv.stop() == 0
     finally:
-        srv.kill9()
+        srv.discard()
     srv.port = 0
     return srv
 
@@ -117,7 +117,7 @@ def test_bit_flip_in_stored_data(tmp_path, start):
             assert f"chunk_1_1.chunk: cut at offset {victim.offset}: checksum mismatch" in log
             assert superblock(victim.path).current_offset == victim.offset
     finally:
-        srv.kill9()
+        srv.discard()
 
 
 def stale_record() -> bytes:
@@ -181,7 +181,7 @@ def test_garbage_after_current_offset(tmp_path, sb):
         check_never_wrong(got, sizes)
         assert all(got[f][0] == Err.SUCCESS for f in list(range(1, 21)) + list(range(100, 110)))
     finally:
-        srv.kill9()
+        srv.discard()
 
 
 def test_truncated_chunk_files(tmp_path):
@@ -212,7 +212,7 @@ def test_truncated_chunk_files(tmp_path):
         got = read_all(srv.port, sizes)
         assert all(got[f] == (Err.SUCCESS, payload(f, FILE)) for f in sizes)
     finally:
-        srv.kill9()
+        srv.discard()
 
 
 def test_chunk_of_another_group_refuses_start(tmp_path):
@@ -245,7 +245,7 @@ def test_chunk_of_another_group_refuses_start(tmp_path):
         got = read_all(srv.port, range(1, 7))
         assert all(got[f] == (Err.SUCCESS, payload(f, FILE)) for f in range(1, 7))
     finally:
-        srv.kill9()
+        srv.discard()
 
 
 # -- damage under a running server -----------------------------------------------------
@@ -294,7 +294,7 @@ def test_damage_under_a_live_server(tmp_path):
             assert c.write(30, b"still writable") == Err.SUCCESS
             assert c.read(30) == (Err.SUCCESS, b"still writable")
     finally:
-        srv.kill9()
+        srv.discard()
 
 
 def test_damage_between_verify_and_send_of_a_large_read(tmp_path):
@@ -321,4 +321,4 @@ def test_damage_between_verify_and_send_of_a_large_read(tmp_path):
                 return
         assert err != Err.SUCCESS or body == data, "SUCCESS with a wrong byte"
     finally:
-        srv.kill9()
+        srv.discard()

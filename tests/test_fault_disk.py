@@ -123,7 +123,7 @@ def test_failed_commit_is_never_acknowledged(tmp_path, masters, op):
         srv.start()
         assert read_all(srv.port, [1, 2])[2] == (Err.SUCCESS, payload(2, size))
     finally:
-        srv.kill9()
+        srv.discard()
 
 
 def test_data_write_error_inside_a_batch(tmp_path):
@@ -158,7 +158,7 @@ def test_data_write_error_inside_a_batch(tmp_path):
                 assert got[fid] in ((Err.FILE_NOT_FOUND, b""),
                                     (Err.SUCCESS, payload(fid, 5000))), fid
     finally:
-        srv.kill9()
+        srv.discard()
 
 
 def test_failed_delete_fsync(tmp_path):
@@ -184,7 +184,7 @@ def test_failed_delete_fsync(tmp_path):
         assert got[3] == (Err.FILE_NOT_FOUND, b"")
         print(f"fid 1 after a DELETE whose fsync failed, and a restart: {Err(got[1][0]).name}")
     finally:
-        srv.kill9()
+        srv.discard()
 
 
 # -- preallocation ---------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_preallocation_failure_is_clean(tmp_path, how):
         with srv.client() as c:
             assert c.write(1, b"after") == Err.SUCCESS
     finally:
-        srv.kill9()
+        srv.discard()
     assert chunk_files(data) == [f"chunk_1_{i}.chunk" for i in range(1, 5)]
 
 
@@ -262,7 +262,7 @@ def test_growing_chunks_failure_keeps_the_old_ones(tmp_path):
                 assert c.write(fid, payload(fid, 50_000)) == Err.SUCCESS
         assert srv.stop() == 0
     finally:
-        srv.kill9()
+        srv.discard()
     before = {n: os.path.getsize(os.path.join(srv.data_dir, n)) for n in chunk_files(srv.data_dir)}
     r = run_server(srv.data_dir, "--chunks=4", f"--chunk_size={4 * MiB}",
                    env={"SPEEDY_FAULTS": "fallocate:chunk_1_3.chunk"})
@@ -278,5 +278,5 @@ def test_growing_chunks_failure_keeps_the_old_ones(tmp_path):
         got = read_all(srv.port, list(range(1, 11)))
         assert all(got[f] == (Err.SUCCESS, payload(f, 50_000)) for f in range(1, 11))
     finally:
-        srv.kill9()
+        srv.discard()
     assert len(chunk_files(srv.data_dir)) == 4

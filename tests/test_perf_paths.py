@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-import speedy.store as store_mod
+from speedy import datadir
 from serverproc import payload as server_payload
 from serverproc import running_server
 from speedy.chunkfile import RECORD_HEADER_SIZE, SUPERBLOCK_SIZE
@@ -32,15 +32,15 @@ def h(tmp_path):
 
 @pytest.fixture
 def pwrites(monkeypatch):
-    """Every _pwritev_all call of the store: (fd, total bytes, offset)."""
+    """Every pwritev_all call (the store's writes): (fd, total bytes, offset)."""
     calls: list[tuple[int, int, int]] = []
-    real = store_mod._pwritev_all
+    real = datadir.pwritev_all
 
     def recording(fd, bufs, offset):
         calls.append((fd, sum(len(memoryview(b).cast("B")) for b in bufs), offset))
         real(fd, bufs, offset)
 
-    monkeypatch.setattr(store_mod, "_pwritev_all", recording)
+    monkeypatch.setattr(datadir, "pwritev_all", recording)
     return calls
 
 
@@ -76,16 +76,16 @@ def test_big_records_are_written_as_they_are_staged(h, pwrites):
 def test_failed_early_write_fails_the_whole_batch(h, monkeypatch):
     stage(h, 1, b"kept")
     h.store.commit()
-    real = store_mod._pwritev_all
+    real = datadir.pwritev_all
 
     def failing(fd, bufs, offset):
         raise OSError(5, "Input/output error")
 
     stage(h, 2, b"staged before")
-    monkeypatch.setattr(store_mod, "_pwritev_all", failing)
+    monkeypatch.setattr(datadir, "pwritev_all", failing)
     with pytest.raises(WriteFailed):
         stage(h, 3, payload(3, FLUSH_BYTES))
-    monkeypatch.setattr(store_mod, "_pwritev_all", real)
+    monkeypatch.setattr(datadir, "pwritev_all", real)
     with pytest.raises(WriteFailed):  # fid 2 was in the failed write: nothing is acknowledged
         h.store.commit()
     assert h.store.read_only
