@@ -13,7 +13,7 @@ import pytest
 
 from conftest import PYTHON, ROOT, free_port
 
-from speedy.pool import BlockPool, unlink_prefix
+from speedy.pool import BlockPool, server_prefix, unlink_prefix
 from speedy.protocol import REQUEST_HEADER, RESPONSE_HEADER, Err, Op, encode_file_key
 
 SPY_SERVER = os.path.join(ROOT, "spy_server.py")
@@ -181,7 +181,7 @@ class ServerProc:
         """kill -9, then remove the shared memory a killed server leaves (end of a test)."""
         self.kill9()
         if self.proc is not None:
-            unlink_prefix(f"speedy{self.pid}_")
+            unlink_prefix(server_prefix(self.pid))
 
     def shm_segments(self) -> list[str]:
         """This server's shared memory segments still in /dev/shm."""

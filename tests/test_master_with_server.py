@@ -43,7 +43,7 @@ def test_a_real_chunkserver_appears_in_the_route(masters, tmp_path, token):
                  what="RO after the chunkserver died")
     finally:
         if s is not None:
-            s.kill9()
+            s.discard()
 
 
 def _start_server_on(tmp_path, master, port: int, token: str) -> "ServerProc":
