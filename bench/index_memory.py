@@ -17,9 +17,9 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from speedy.chunkfile import SUPERBLOCK_SIZE, Superblock, encode_record_header  # noqa: E402
-from speedy.index import FidIndex, IndexReader  # noqa: E402
-from speedy.store import ChunkStore  # noqa: E402
+from speedy.format.chunkfile import SUPERBLOCK_SIZE, Superblock, encode_record_header  # noqa: E402
+from speedy.chunkserver.shm.index import FidIndex, IndexReader  # noqa: E402
+from speedy.chunkserver.store.chunkstore import ChunkStore  # noqa: E402
 
 CHUNK_SIZE = 64 << 20
 

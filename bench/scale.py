@@ -35,10 +35,10 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from speedy.bench_load import LoadGenerator, Target, processes_cpu  # noqa: E402
-from speedy.chunkfile import SUPERBLOCK_SIZE, Superblock, encode_record_header  # noqa: E402
-from speedy.pool import unlink_prefix  # noqa: E402
-from speedy.protocol import FILE_KEY, REQUEST_HEADER, RESPONSE_HEADER, Err, Op  # noqa: E402
+from speedy.bench.load import LoadGenerator, Target, processes_cpu  # noqa: E402
+from speedy.format.chunkfile import SUPERBLOCK_SIZE, Superblock, encode_record_header  # noqa: E402
+from speedy.chunkserver.shm.pool import unlink_prefix  # noqa: E402
+from speedy.wire.protocol import FILE_KEY, REQUEST_HEADER, RESPONSE_HEADER, Err, Op  # noqa: E402
 
 SERVER = os.path.join(ROOT, "spy_server.py")
 GROUP = 1

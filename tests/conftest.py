@@ -1,36 +1,16 @@
-"""Shared test helpers: free ports, the repository root, the interpreter."""
+"""Fixtures shared by every test package: real daemons on loopback under tmp_path."""
 from __future__ import annotations
-
-import os
-import socket
-import sys
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = sys.executable
-sys.path.insert(0, ROOT)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that the OS says is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
-    """Wait until something accepts on host:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+from tests.support import free_port
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running scenario (run with -m slow)")
+
+
+@pytest.fixture
+def port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    return free_port()

@@ -1,0 +1,1 @@
+"""`speedy bench`: the benchmark, its load generator and the no-storage sink."""

@@ -1,0 +1,4 @@
+"""`python -m speedy.chunkserver ...`: the chunkserver (as spy_server)."""
+from speedy.chunkserver.supervisor import main
+
+main()

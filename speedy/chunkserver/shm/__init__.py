@@ -1,0 +1,1 @@
+"""Shared memory of one chunkserver: segments, the block pool, the fid index, counters."""

@@ -1,0 +1,299 @@
+"""The upload memory-block pool: mem_blocks x 1 MiB in one shared memory segment.
+
+One ``multiprocessing.shared_memory`` segment, created by the supervisor before it forks::
+
+    offset 0              block 0 | block 1 | ... | block n-1      (n x 1 MiB)
+    offset n MiB          owner table: n x u16   (0 free, else the owner id)
+    offset n MiB + 2n     in_use u32             (blocks not free)
+
+An owner id is given to each worker process when it is spawned (1..65534, never reused
+while it could still be in the table) and WRITER_OWNER (65535) marks blocks the writer
+took over. Changes to the table happen under a POSIX record lock (``fcntl.lockf``) on
+the segment: the kernel drops it when its holder dies, so a killed worker never leaves
+the pool locked. A dead worker's blocks are returned with free_owner().
+
+Also here: segment helpers shared by the chunkserver's processes (create, unlink by
+prefix, clean up the segments of servers that died without unlinking theirs).
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import struct
+from multiprocessing import resource_tracker, shared_memory
+
+try:
+    import _posixshmem
+except ImportError:  # pragma: no cover - non-POSIX
+    _posixshmem = None
+
+log = logging.getLogger("speedy.chunkserver.shm.pool")
+
+BLOCK_SIZE = 1 << 20
+WRITER_OWNER = 0xFFFF
+MAX_OWNER = 0xFFFE
+SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "speedy"
+STALE_NAME = re.compile(rf"^{SEGMENT_PREFIX}(\d+)_")
+IN_USE = struct.Struct("=I")
+
+
+def disable_resource_tracker() -> None:
+    """Keep Python 3.11's resource_tracker out of the chunkserver's processes.
+
+    It would start one tracker process per process that attaches a segment and unlink
+    segments that other processes still use; here the supervisor owns every segment's
+    lifetime and unlinks them by prefix (Python 3.13 has ``track=False`` for this).
+    """
+    resource_tracker.register = lambda *args, **kwargs: None  # type: ignore[assignment]
+    resource_tracker.unregister = lambda *args, **kwargs: None  # type: ignore[assignment]
+
+
+def attach_segment(name: str) -> shared_memory.SharedMemory:
+    """Attach an existing segment without handing it to this process's resource_tracker
+    (which would unlink it, still in use by the server, when this process exits)."""
+    shm = shared_memory.SharedMemory(name=name, create=False)
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - no tracker running
+        pass
+    return shm
+
+
+def server_prefix(pid: int | None = None) -> str:
+    """The name prefix of every shared segment of the server whose supervisor is pid."""
+    return f"{SEGMENT_PREFIX}{os.getpid() if pid is None else pid}"
+
+
+def create_segment(name: str, size: int) -> shared_memory.SharedMemory:
+    """A new zero-filled segment; a stale one of the same name is replaced."""
+    try:
+        return shared_memory.SharedMemory(name=name, create=True, size=size)
+    except FileExistsError:
+        unlink_segment(name)
+        return shared_memory.SharedMemory(name=name, create=True, size=size)
+
+
+def unlink_segment(name: str) -> None:
+    """Remove one segment name; missing is fine."""
+    try:
+        if _posixshmem is not None:
+            _posixshmem.shm_unlink("/" + name)
+        else:  # pragma: no cover
+            shared_memory.SharedMemory(name=name).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def segments_with_prefix(prefix: str) -> list[str]:
+    """Names of the segments in /dev/shm that start with prefix + '_'."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix + "_"))
+    except OSError:
+        return []
+
+
+def unlink_prefix(prefix: str) -> int:
+    """Remove every segment of one server; returns how many."""
+    names = segments_with_prefix(prefix)
+    for name in names:
+        unlink_segment(name)
+    return len(names)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_segments() -> int:
+    """Unlink the segments of chunkservers whose supervisor no longer exists (kill -9)."""
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        m = STALE_NAME.match(name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            unlink_segment(name)
+            removed += 1
+    if removed:
+        log.info("removed %d shared memory segments left by dead servers", removed)
+    return removed
+
+
+class BlockPool:
+    """Fixed blocks of 1 MiB shared by every process of one chunkserver."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, nblocks: int) -> None:
+        self.shm = shm
+        self.name = shm.name
+        self.nblocks = nblocks
+        self._fd = shm._fd  # type: ignore[attr-defined]
+        table_at = nblocks * BLOCK_SIZE
+        self._buf = shm.buf
+        self._owners = shm.buf[table_at:table_at + 2 * nblocks].cast("H")
+        self._in_use_at = table_at + 2 * nblocks
+        self._hint = 0
+
+    @staticmethod
+    def segment_size(nblocks: int) -> int:
+        """Bytes of the segment for nblocks blocks."""
+        return nblocks * BLOCK_SIZE + 2 * nblocks + IN_USE.size
+
+    @classmethod
+    def create(cls, name: str, nblocks: int) -> "BlockPool":
+        """A new pool segment (the supervisor, before forking)."""
+        if nblocks < 1:
+            raise ValueError("a pool needs at least one block")
+        return cls(create_segment(name, cls.segment_size(nblocks)), nblocks)
+
+    @classmethod
+    def attach(cls, name: str) -> "BlockPool":
+        """Attach an existing pool by name (tools and tests; children inherit it by fork)."""
+        shm = attach_segment(name)
+        n = (shm.size - IN_USE.size) // (BLOCK_SIZE + 2)
+        return cls(shm, n)
+
+    # -- the lock
+    def _lock(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0, os.SEEK_SET)
+
+    def _unlock(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0, os.SEEK_SET)
+
+    def _add_in_use(self, delta: int) -> None:
+        (cur,) = IN_USE.unpack_from(self._buf, self._in_use_at)
+        IN_USE.pack_into(self._buf, self._in_use_at, max(0, cur + delta))
+
+    # -- the API
+    def in_use(self) -> int:
+        """Blocks currently allocated (any owner)."""
+        return IN_USE.unpack_from(self._buf, self._in_use_at)[0]
+
+    def allocate(self, n: int, owner: int) -> list[int] | None:
+        """n free blocks now owned by owner, or None when the pool cannot hold them."""
+        if n == 0:
+            return []
+        if not 1 <= owner <= WRITER_OWNER:
+            raise ValueError(f"bad owner id {owner}")
+        if n > self.nblocks:
+            return None
+        owners, total = self._owners, self.nblocks
+        self._lock()
+        try:
+            if total - self.in_use() < n:
+                return None
+            found: list[int] = []
+            i = self._hint
+            for _ in range(total):
+                if owners[i] == 0:
+                    found.append(i)
+                    if len(found) == n:
+                        break
+                i += 1
+                if i == total:
+                    i = 0
+            if len(found) < n:  # the counter was off: trust the table
+                return None
+            for b in found:
+                owners[b] = owner
+            self._add_in_use(n)
+            self._hint = (found[-1] + 1) % total
+            return found
+        finally:
+            self._unlock()
+
+    def free(self, blocks: list[int]) -> None:
+        """Return blocks to the pool."""
+        if not blocks:
+            return
+        owners = self._owners
+        self._lock()
+        try:
+            freed = 0
+            for b in blocks:
+                if owners[b]:
+                    owners[b] = 0
+                    freed += 1
+            self._add_in_use(-freed)
+        finally:
+            self._unlock()
+
+    def claim_many(self, requests: list[tuple[list[int], int]],
+                   new_owner: int = WRITER_OWNER) -> list[bool]:
+        """Move each (blocks, owner) to new_owner under one lock; False (nothing changed)
+        for one whose blocks are not all owner's."""
+        owners, n = self._owners, self.nblocks
+        out = []
+        self._lock()
+        try:
+            for blocks, owner in requests:
+                ok = all(b < n and owners[b] == owner for b in blocks)
+                if ok:
+                    for b in blocks:
+                        owners[b] = new_owner
+                out.append(ok)
+        finally:
+            self._unlock()
+        return out
+
+    def free_owner(self, owner: int) -> int:
+        """Return every block owner holds (a dead worker); returns how many."""
+        owners = self._owners
+        self._lock()
+        try:
+            freed = 0
+            for b in range(self.nblocks):
+                if owners[b] == owner:
+                    owners[b] = 0
+                    freed += 1
+            self._add_in_use(-freed)
+            return freed
+        finally:
+            self._unlock()
+
+    def owned_by(self, owner: int) -> int:
+        """How many blocks owner holds."""
+        return sum(1 for b in range(self.nblocks) if self._owners[b] == owner)
+
+    def view(self, block: int) -> memoryview:
+        """The 1 MiB of one block."""
+        start = block * BLOCK_SIZE
+        return self._buf[start:start + BLOCK_SIZE]
+
+    def parts(self, blocks: list[int], size: int) -> list[memoryview]:
+        """Views of the first size bytes spread over blocks, in order."""
+        out = []
+        for b in blocks:
+            n = min(size, BLOCK_SIZE)
+            start = b * BLOCK_SIZE
+            out.append(self._buf[start:start + n])
+            size -= n
+        return out
+
+    def close(self) -> None:
+        """Unmap (views handed out must be released first)."""
+        self._owners.release()
+        try:
+            self.shm.close()
+        except BufferError:  # a view still exported: the mapping goes with the process
+            pass
+
+    def unlink(self) -> None:
+        """Remove the segment name."""
+        unlink_segment(self.name)
+
+
+def blocks_for(size: int) -> int:
+    """Blocks an upload of size bytes needs."""
+    return (size + BLOCK_SIZE - 1) // BLOCK_SIZE

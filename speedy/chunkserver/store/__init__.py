@@ -1,0 +1,1 @@
+"""The writer's chunk store: chunk files, data dir, recovery, delete journal, snapshot."""

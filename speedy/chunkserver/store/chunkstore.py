@@ -1,0 +1,432 @@
+"""The chunk store: the writer process's chunk files, recovery, appends, deletes, group commit.
+
+Only the writer process uses it. Layout of a data dir::
+
+    <data_dir>/chunk_<group>_<id>.chunk   the chunk files (CHUNKFILE.md), ids from 1
+    <data_dir>/.speedy/lock               flock'ed while a server uses the dir
+    <data_dir>/.speedy/index.snap         fid index snapshot (speedy/snapshot.py)
+    <data_dir>/.speedy/deletes.log        the DELETEs since that snapshot (speedy/journal.py)
+    <data_dir>/.speedy/tmp.*              a chunk file being preallocated, a snapshot being written
+
+Writes are staged (the record's buffers queued past the committed end) and made durable
+and visible by commit(): one pwritev per touched chunk for all its staged records,
+superblocks rewritten, one fsync per touched chunk when sync, then
+the fids go into the shared index. Chunk choice: first fit, the lowest chunk id with room.
+A delete appends its records' places to the delete journal (fsynced with sync) before it
+sets their ref bytes to 0, so the snapshot stays usable; a snapshot save empties it.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import time
+
+from speedy.chunkserver.store import datadir, journal, recovery, snapshot
+from speedy.chunkserver import faults
+from speedy.format.chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED, REF_OFFSET,
+                        chunk_name, encode_record_header, fits, max_data_size)
+from speedy.chunkserver.store.datadir import Chunk, StartError  # noqa: F401 (re-exported)
+from speedy.chunkserver.shm.index import FidIndex
+from speedy.wire.protocol import Err
+
+log = logging.getLogger("speedy.chunkserver.store.chunkstore")
+
+META_DIR = ".speedy"
+SNAPSHOT_FILE = "index.snap"
+JOURNAL_FILE = "deletes.log"
+SNAPSHOT_INTERVAL = 300.0  # seconds between automatic snapshot saves while files change
+JOURNAL_LIMIT = 65536  # journaled deletes that make the next change save the snapshot
+FLUSH_BYTES = 256 << 10  # staged bytes of one chunk written at once, before the commit
+
+
+class StoreError(Exception):
+    """A store operation that failed; code is the protocol error to answer."""
+
+    code: int = Err.INTERNAL_ERROR
+
+
+class FileExists(StoreError):
+    """The fid is already stored (or staged)."""
+
+    code = Err.FILE_EXISTS
+
+
+class NoRoom(StoreError):
+    """No chunk has room for the write now."""
+
+    code = Err.CHUNK_UNAVAILABLE
+
+
+class WriteFailed(StoreError):
+    """An I/O error while writing; the store turned read_only."""
+
+    code = Err.WRITE_ERROR
+
+
+class ChunkStore:
+    """The chunk files of one group in one data dir, and the fid index that covers them."""
+
+    def __init__(self, data_dir: str, group_id: int, chunks: int, chunk_size: int,
+                 sync: bool, index: FidIndex) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        self.meta_dir = os.path.join(self.data_dir, META_DIR)
+        self.snapshot_path = os.path.join(self.meta_dir, SNAPSHOT_FILE)
+        self.journal_path = os.path.join(self.meta_dir, JOURNAL_FILE)
+        self.journal: journal.DeleteJournal | None = None
+        self.journal_length = 0  # of the valid entries found at start (set by recovery)
+        self.group_id = group_id
+        self.chunks_wanted = chunks
+        self.chunk_size = chunk_size
+        self.sync = bool(sync)
+        self.index = index
+        self.read_only = False
+        self.chunks: dict[int, Chunk] = {}
+        self.staged: dict[int, tuple[int, int]] = {}
+        self.shadows: dict[int, list[tuple[int, int]]] = {}
+        self.fsync_count = 0
+        self._write_failed = False  # a staged write failed: the batch's commit must fail
+        self._ordered: list[Chunk] | None = None  # chunks by id (cached: _pick runs per write)
+        self.open_mode = ""  # "snapshot", "incremental" or "scan" after open()
+        self.open_seconds = 0.0
+        self._lock_fd = -1
+        self._snapshot_on_disk = False
+        self._snapshot_time = 0.0
+        self._changed = False
+        self.snapshot_interval = SNAPSHOT_INTERVAL  # 0 turns the automatic saves off
+        self.journal_limit = JOURNAL_LIMIT
+        faults.load_env()
+
+    # ------------------------------------------------------------------ start-up
+    def open(self) -> None:
+        """Create + preallocate (first start) or recover the chunk files; fill the index."""
+        t0 = time.monotonic()
+        self._lock_fd = datadir.lock_dir(self.data_dir, self.meta_dir)
+        try:
+            found = datadir.find_chunks(self.data_dir, self.group_id)
+            found.update(datadir.create_missing(self.data_dir, self.meta_dir, self.group_id,
+                                                self.chunks_wanted, self.chunk_size, found))
+            for cid in sorted(found):
+                self.chunks[cid] = datadir.open_chunk(cid, found[cid], self.chunk_size)
+            self._ordered = None
+            mode = recovery.load_snapshot(self)
+            if mode is None:
+                mode = "scan"
+                recovery.scan_all(self)
+            self.open_mode = mode
+            self.journal = journal.open_journal(self.journal_path,
+                                                0 if mode == "scan" else self.journal_length)
+            if mode != "snapshot":
+                self.save_snapshot()
+            else:  # the loaded snapshot is on disk: deletes go to its journal (see delete())
+                self._snapshot_on_disk = True
+                self._snapshot_time = time.monotonic()
+        except recovery.RecoveryError as e:
+            self._close_files()
+            raise StartError(str(e)) from None
+        except BaseException:
+            self._close_files()
+            raise
+        self.open_seconds = time.monotonic() - t0
+        log.info("opened %d chunks in %s: %d files, %.3fs (%s)", len(self.chunks),
+                 self.data_dir, len(self.index), self.open_seconds, self.open_mode)
+
+    def save_snapshot(self) -> bool:
+        """Persist the index with the chunk stamps it covers; False if not possible now."""
+        if self.staged or not self.chunks or self._lock_fd < 0:
+            return False
+        try:
+            stamps = [snapshot.ChunkStamp.of(ch.chunk_id, ch.capacity, ch.sb_raw, ch.fd,
+                                             ch.sb.current_offset) for ch in self.ordered_chunks()]
+            shadows = [(fid, cid, off) for fid, locs in self.shadows.items() for cid, off in locs]
+            t0 = time.monotonic()
+            size = snapshot.save(self.snapshot_path, self.group_id, stamps, shadows, self.index)
+        except OSError as e:
+            log.warning("cannot save the index snapshot %s: %s", self.snapshot_path, e)
+            return False
+        self._snapshot_on_disk = True
+        self._snapshot_time = time.monotonic()
+        self._changed = False
+        if self.journal is not None:  # the snapshot covers its entries now
+            self.journal.try_reset()
+        log.info("index snapshot saved: %d fids, %d bytes, %.3fs", len(self.index), size,
+                 time.monotonic() - t0)
+        return True
+
+    def maybe_save_snapshot(self) -> bool:
+        """Save the snapshot if files changed and snapshot_interval has passed since the last
+        save, or the delete journal holds journal_limit entries (a long replay slows a start)."""
+        if (not self._changed or self.snapshot_interval <= 0
+                or (time.monotonic() - self._snapshot_time < self.snapshot_interval
+                    and (self.journal is None or self.journal.entries() < self.journal_limit))):
+            return False
+        return self.save_snapshot()
+
+    def _drop_snapshot(self) -> None:
+        """Remove the snapshot before a delete it could not follow (no journal)."""
+        try:
+            os.unlink(self.snapshot_path)
+        except FileNotFoundError:
+            pass
+        if self.sync:
+            snapshot.sync_dir(self.meta_dir)
+        self._snapshot_on_disk = False
+
+    # ------------------------------------------------------------------ queries
+    def has(self, fid: int) -> bool:
+        """True for a live fid, committed or staged."""
+        return fid in self.staged or self.index.get(fid) is not None
+
+    def can_fit(self, size: int) -> bool:
+        """Some chunk has room for a body of size bytes now."""
+        return self._pick(size) is not None
+
+    def max_size(self) -> int:
+        """The largest body an empty chunk could hold."""
+        caps = [ch.capacity for ch in self.chunks.values()] or [self.chunk_size]
+        return max_data_size(max(caps))
+
+    def chunk_stats(self) -> list[tuple[int, int]]:
+        """(chunk_id, avail_space) per chunk."""
+        return [(ch.chunk_id, ch.capacity - ch.tail) for ch in self.ordered_chunks()]
+
+    def file_count(self) -> int:
+        """Live committed files."""
+        return len(self.index)
+
+    def chunk_ids(self) -> list[int]:
+        """Ids of the open chunks, ascending."""
+        return sorted(self.chunks)
+
+    def ordered_chunks(self) -> list[Chunk]:
+        """The open chunks by id."""
+        if self._ordered is None:
+            self._ordered = [self.chunks[cid] for cid in sorted(self.chunks)]
+        return self._ordered
+
+    def _pick(self, size: int) -> Chunk | None:
+        """First fit: the lowest chunk id with room for size."""
+        for ch in self.ordered_chunks():
+            if fits(ch.capacity - ch.tail, size):
+                return ch
+        return None
+
+    def chunk_file(self, cid: int) -> str:
+        """The file name of chunk cid."""
+        return chunk_name(self.group_id, cid)
+
+    def _live_header(self, fid: int, cid: int, off: int) -> bool:
+        """Whether the record header at (cid, off) is fid's and live (guards a stale index)."""
+        try:
+            raw = os.pread(self.chunks[cid].fd, RECORD_HEADER_SIZE, off)
+            hfid, ref = RECORD_HEADER.unpack(raw)[:2]
+        except (OSError, KeyError, struct.error):
+            return False
+        return hfid == fid and ref == 1
+
+    # ------------------------------------------------------------------ writes
+    def stage(self, fid: int, parts: list, size: int, csum: int) -> None:
+        """Append a record to a chunk with room; visible only after commit()."""
+        if fid in self.staged:
+            raise FileExists(f"fid {fid} is being written")
+        loc = self.index.get(fid)
+        if loc is not None:
+            if self._live_header(fid, *loc):
+                raise FileExists(f"fid {fid} exists")
+            log.warning("fid %d: index pointed at %s offset %d, which is not its live record; "
+                        "dropped", fid, self.chunk_file(loc[0]), loc[1])
+            self.index.remove(fid)
+        views = [p if isinstance(p, memoryview) and p.format == "B" and p.ndim == 1
+                 else memoryview(p).cast("B") for p in parts]
+        if sum(v.nbytes for v in views) != size:
+            raise ValueError(f"parts hold {sum(v.nbytes for v in views)} bytes, size says {size}")
+        ch = self._pick(size)
+        if ch is None:
+            raise NoRoom(f"no chunk has room for {size} bytes")
+        off = ch.tail
+        header = encode_record_header(fid, size, csum, int(time.time()))
+        if faults.ACTIVE:
+            try:
+                faults.check("write", ch.name)
+            except OSError as e:
+                self.read_only = True
+                log.error("%s: writing fid %d (%d bytes) at offset %d failed: %s; read-only now",
+                          ch.name, fid, size, off, e.strerror)
+                raise WriteFailed(f"write to {ch.name} failed: {e.strerror}") from None
+        if not ch.pending:
+            ch.pending_at = off
+        ch.pending.append(header)  # written by commit(): one pwritev per chunk per batch,
+        ch.pending.extend(views)  # or now, once FLUSH_BYTES of them wait
+        if off + RECORD_HEADER_SIZE + size - ch.pending_at >= FLUSH_BYTES:
+            try:
+                self._write_pending(ch)
+            except OSError as e:
+                self.read_only = True
+                self._write_failed = True  # commit() fails the whole batch
+                log.error("%s: writing staged records at offset %d failed: %s; read-only now",
+                          ch.name, ch.pending_at, e.strerror)
+                raise WriteFailed(f"write to {ch.name} failed: {e.strerror}") from None
+        ch.tail = off + RECORD_HEADER_SIZE + size
+        ch.staged += 1
+        self.staged[fid] = (ch.chunk_id, off)
+
+    def commit(self) -> list[int]:
+        """Superblocks, one fsync per touched chunk (sync), then index the staged fids."""
+        if not self.staged:
+            self._write_failed = False
+            return []
+        touched = [ch for ch in self.ordered_chunks() if ch.staged]
+        new = {ch.chunk_id: ch.staged_superblock() for ch in touched}
+        written: list[Chunk] = []
+        try:
+            self.index.reserve(len(self.index) + len(self.staged))  # no growth after the fsync
+            if self._write_failed:
+                raise OSError(errno.EIO, "a write of this batch failed")
+            for ch in touched:  # the records first, then the superblocks that cover them
+                self._write_pending(ch)
+            for ch in touched:
+                if faults.ACTIVE:
+                    faults.check("superblock", ch.name)
+                written.append(ch)
+                datadir.pwrite_all(ch.fd, new[ch.chunk_id].encode(), 0)
+            if self.sync:
+                for ch in touched:
+                    self._fsync(ch)
+        except OSError as e:
+            self._rollback(touched, written)
+            log.error("commit of %d staged writes failed: %s; read-only now", len(self.staged), e)
+            self.staged.clear()
+            self.read_only = True
+            raise WriteFailed(f"commit failed: {e.strerror}") from None
+        for ch in touched:
+            ch.sb = new[ch.chunk_id]
+            ch.sb_raw = ch.sb.encode()
+            ch.staged = 0
+        fids = list(self.staged)
+        insert = self.index.insert
+        for fid, (cid, off) in self.staged.items():
+            insert(fid, cid, off)
+        self.staged.clear()
+        self._changed = True
+        self.maybe_save_snapshot()
+        return fids
+
+    def _rollback(self, touched: list[Chunk], written: list[Chunk]) -> None:
+        """Forget the staged records; put back the old superblock where it may be overwritten."""
+        for ch in touched:
+            ch.tail = ch.sb.current_offset
+            ch.staged = 0
+            ch.pending = []
+        self._write_failed = False
+        for ch in written:
+            try:
+                datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
+                if self.sync:
+                    os.fsync(ch.fd)
+            except OSError as e:
+                log.error("%s: cannot restore the superblock after a failed commit: %s",
+                          ch.name, e.strerror)
+
+    @staticmethod
+    def _write_pending(ch: Chunk) -> None:
+        """Write a chunk's staged records that are not written yet (one pwritev)."""
+        if ch.pending:
+            pending, ch.pending = ch.pending, []
+            datadir.pwritev_all(ch.fd, pending, ch.pending_at)
+
+    def _fsync(self, ch: Chunk) -> None:
+        if faults.ACTIVE:
+            faults.check("fsync", ch.name)
+        os.fsync(ch.fd)
+        self.fsync_count += 1
+
+    def delete(self, fid: int) -> bool:
+        """Mark fid's record deleted on disk and drop it from the index; False if absent."""
+        return self.delete_many([fid])[0]
+
+    def delete_many(self, fids: list[int]) -> list[bool]:
+        """Delete fids in order, as a group: one journal append, then the ref bytes, the
+        superblocks and (sync) one fsync per touched file; per fid whether it was there."""
+        found: list[bool] = []
+        groups: list[tuple[int, list[tuple[int, int]]]] = []
+        doomed: set[int] = set()
+        for fid in fids:
+            loc = None if fid in doomed else self.index.get(fid)
+            if loc is not None and not self._live_header(fid, *loc):
+                log.warning("fid %d: index pointed at %s offset %d, which is not its live "
+                            "record; dropped", fid, self.chunk_file(loc[0]), loc[1])
+                self.index.remove(fid)
+                loc = None
+            found.append(loc is not None)
+            if loc is not None:
+                doomed.add(fid)
+                groups.append((fid, [loc] + [l for l in self.shadows.pop(fid, [])
+                                             if self._live_header(fid, *l)]))
+        if not groups:
+            return found
+        touched: dict[int, Chunk] = {}
+        try:
+            if self._snapshot_on_disk and not (self.journal is not None and
+                                               self.journal.try_append(groups, self.sync)):
+                self._drop_snapshot()  # no journal: the snapshot could not follow
+            for fid, locs in groups:
+                for i, (cid, off) in enumerate(locs):
+                    ch = self.chunks[cid]
+                    if faults.ACTIVE:
+                        faults.check("ref", ch.name)
+                    datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
+                    if i == 0:
+                        self.index.remove(fid)
+                    ch.sb.files_count -= 1
+                    touched[cid] = ch
+            for ch in touched.values():
+                if faults.ACTIVE:
+                    faults.check("superblock", ch.name)
+                ch.sb_raw = ch.sb.encode()
+                datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
+            if self.sync:
+                for ch in touched.values():
+                    self._fsync(ch)
+        except OSError as e:
+            self.read_only = True
+            log.error("deleting fid %s failed: %s; read-only now",
+                      ", ".join(str(fid) for fid, _ in groups), e)
+            raise WriteFailed(f"delete failed: {e.strerror}") from None
+        self._changed = True
+        self.maybe_save_snapshot()
+        return found
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self) -> None:
+        """Flush superblocks, fsync, save the index snapshot, release the data dir."""
+        if self._lock_fd < 0:
+            return
+        if self.staged:
+            log.warning("closing with %d uncommitted writes; dropped", len(self.staged))
+            self._rollback([ch for ch in self.chunks.values() if ch.staged], [])
+            self.staged.clear()
+        clean = True
+        for ch in self.ordered_chunks():  # superblocks were written by commit() and delete()
+            try:
+                os.fsync(ch.fd)
+            except OSError as e:
+                clean = False
+                log.error("%s: flushing at close failed: %s", ch.name, e.strerror)
+        if clean and not self.read_only:
+            self.save_snapshot()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+        for ch in self.chunks.values():
+            try:
+                os.close(ch.fd)
+            except OSError:
+                pass
+        self.chunks.clear()
+        self._ordered = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1

@@ -1,0 +1,1 @@
+"""Shared by the daemons and tools: config, daemonize, logs, notify, metrics."""

@@ -1,0 +1,199 @@
+"""Configuration of both daemons: flags over environment over config file over defaults."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+import configargparse
+
+from speedy import __version__
+from speedy.format.chunkfile import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+SERVER_ENV_PREFIX = "SPEEDY_SERVER_"
+MASTER_ENV_PREFIX = "SPEEDY_MASTER_"
+MAX_MEM_BLOCKS = 5120
+MAX_CHUNKS = 200
+
+SERVER_USAGE = """spy_server
+===========================
+[--port=<port>]
+[--ip=<listen address>]
+[--data_dir=<data directory>]
+[--error_log=<error log file>]
+[--mem_blocks=<memory blocks for stream buffer>]
+[--chunks=<number of chunks>]
+[--sync=<sync when write, 1 or 0>]
+[--daemonize=<1 or 0>]
+--master_ip=<chunkmaster ip addr>
+--master_port=<chunkmaster port>
+--group_id=<unique group id>
+(see --help for every option)"""
+
+
+def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in lo..hi."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({bound})")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+def flag01(text: str) -> int:
+    """An argparse type: 0 or 1."""
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or 1")
+    return int(text)
+
+
+port = int_range(1, 65535)
+port_or_zero = int_range(0, 65535)
+
+
+def _common(p: configargparse.ArgParser) -> None:
+    """Options every daemon has."""
+    p.add_argument("--config", is_config_file=True, help="config file (key = value lines)")
+    p.add_argument("--error_log", default="", help="log file (default: stderr)")
+    p.add_argument("--daemonize", type=flag01, default=0, help="detach as a daemon, 0 or 1")
+    p.add_argument("--pidfile", default="", help="write the supervisor's pid here")
+    p.add_argument("--log_level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    p.add_argument("--print_config", "--print-config", action="store_true",
+                   help="print the effective value and source of every option, then exit")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def server_parser() -> configargparse.ArgParser:
+    """The chunkserver's option parser (the seed usage text plus the new flags)."""
+    p = configargparse.ArgParser(
+        prog="spy_server", usage=SERVER_USAGE, auto_env_var_prefix=SERVER_ENV_PREFIX,
+        description="speedy chunkserver: stores blobs in preallocated chunk files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--port", type=port, default=8000, help="listen port")
+    p.add_argument("--ip", default="127.0.0.1", help="listen address")
+    p.add_argument("--data_dir", default=".", help="folder of the chunk files")
+    p.add_argument("--mem_blocks", type=int_range(1, MAX_MEM_BLOCKS), default=1024,
+                   help="upload memory blocks of 1 MiB")
+    p.add_argument("--chunks", type=int_range(1, MAX_CHUNKS), default=20,
+                   help="number of chunk files")
+    p.add_argument("--sync", type=flag01, default=0, help="fsync after writes, 0 or 1")
+    p.add_argument("--master_ip", required=True, help="chunkmaster address")
+    p.add_argument("--master_port", type=port, required=True, help="chunkmaster port")
+    p.add_argument("--group_id", type=int_range(1, 65535), required=True,
+                   help="group id (1..65535)")
+    p.add_argument("--chunk_size", type=int_range(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
+                   default=DEFAULT_CHUNK_SIZE, help="bytes per chunk file")
+    p.add_argument("--workers", type=int_range(1, 256), default=os.cpu_count() or 1,
+                   help="gevent worker processes")
+    p.add_argument("--report_interval", type=positive_float, default=10.0,
+                   help="seconds between reports to the master")
+    p.add_argument("--metrics_port", type=port_or_zero, default=0,
+                   help="Prometheus metrics port (0: off)")
+    p.add_argument("--admin_allow", default="",
+                   help="addresses allowed to send admin opcodes, comma separated "
+                        "(default: loopback and the master's address)")
+    p.add_argument("--token", default="", help="shared token sent to the master")
+    _common(p)
+    return p
+
+
+def master_parser() -> configargparse.ArgParser:
+    """The chunkmaster's option parser."""
+    p = configargparse.ArgParser(
+        prog="spy_master", auto_env_var_prefix=MASTER_ENV_PREFIX,
+        description="speedy chunkmaster: group registry, heartbeats and fids in SQLite.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ip", default="127.0.0.1", help="listen address")
+    p.add_argument("--port", type=port_or_zero, default=8099, help="listen port")
+    p.add_argument("--db", default="./speedy_master.db", help="SQLite database file")
+    p.add_argument("--heartbeat_timeout", type=positive_float, default=30.0,
+                   help="seconds without a report before an RW server turns RO")
+    p.add_argument("--monitor_interval", type=positive_float, default=5.0,
+                   help="seconds between health checks")
+    p.add_argument("--token", default="",
+                   help="shared token required on write routes (empty: none)")
+    _common(p)
+    return p
+
+
+def absolutize(ns: argparse.Namespace, names: Sequence[str]) -> None:
+    """Resolve relative paths before any chdir (daemonizing changes directory)."""
+    for name in names:
+        value = getattr(ns, name, "")
+        if value:
+            setattr(ns, name, os.path.abspath(value))
+
+
+def print_config(p: configargparse.ArgParser, ns: argparse.Namespace, out=None) -> None:
+    """Every option's effective value and where it came from."""
+    out = out or sys.stdout
+    sources: dict[str, str] = {}
+    for source, settings in p._source_to_settings.items():  # configargparse's record
+        label = source.split("|")[0].rstrip(":") or source
+        for key, (action, _value) in settings.items():
+            if action is not None:
+                sources.setdefault(action.dest, label)
+            elif source.startswith("command_line"):
+                for token in _value if isinstance(_value, list) else []:
+                    if token.startswith("--"):
+                        dest = token[2:].split("=", 1)[0].replace("-", "_")
+                        sources.setdefault(dest, "command_line")
+    for action in p._actions:
+        if action.dest in ("help", "version", "print_config", "config") or \
+                action.dest is argparse.SUPPRESS:
+            continue
+        value = getattr(ns, action.dest, None)
+        origin = sources.get(action.dest, "default")
+        env = p._auto_env_var_prefix + action.dest.upper() if p._auto_env_var_prefix else ""
+        print(f"{action.dest} = {value!r}  # from {origin}; env {env}", file=out)
+
+
+def parse(p: configargparse.ArgParser, argv: Sequence[str] | None,
+          paths: Sequence[str]) -> argparse.Namespace:
+    """Parse argv, resolve paths, handle --print_config."""
+    ns = p.parse_args(argv)
+    absolutize(ns, paths)
+    if ns.print_config:
+        print_config(p, ns)
+        sys.exit(0)
+    return ns
+
+
+def load_server_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The chunkserver's configuration, checked; exits 2 with a message when invalid."""
+    p = server_parser()
+    ns = parse(p, argv, ("data_dir", "error_log", "pidfile"))
+    if not os.path.isdir(ns.data_dir):
+        p.error(f"argument --data_dir: {ns.data_dir} is not a directory")
+    ns.admin_allow = [a.strip() for a in ns.admin_allow.split(",") if a.strip()] or \
+        ["127.0.0.1", "::1", ns.master_ip]
+    return ns
+
+
+def load_master_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The chunkmaster's configuration, checked; exits 2 with a message when invalid."""
+    p = master_parser()
+    ns = parse(p, argv, ("db", "error_log", "pidfile"))
+    parent = os.path.dirname(ns.db) or "."
+    if not os.path.isdir(parent):
+        p.error(f"argument --db: directory {parent} does not exist")
+    return ns

@@ -1,0 +1,1 @@
+"""The chunkmaster (spy_master): daemon, WSGI app, SQLite database, health monitor."""

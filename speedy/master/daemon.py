@@ -1,0 +1,225 @@
+"""spy_master start-up: config, logging, database checks, listen, daemonize, serve, signals.
+
+Order: parse flags (exit 2 when invalid) -> logging -> lock and check the database (exit 1
+with a one-line reason when it is corrupt, locked, foreign or too new) -> bind the socket
+(exit 1 when it cannot) -> detach (--daemonize=1) -> pidfile -> gevent monkey-patching ->
+serve. SIGTERM/SIGINT stop gracefully, SIGHUP reopens the log file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Sequence
+
+from speedy import __version__
+from speedy.master import db as mdb
+from speedy.common.config import load_master_config
+from speedy.common.daemonize import (PidfileError, daemonize, read_pidfile, remove_pidfile,
+                        write_pidfile)
+from speedy.common.logs import reopen_logs, setup_logging
+
+log = logging.getLogger("speedy.master")
+
+LISTEN_BACKLOG = 1024
+CONNECTION_TIMEOUT = 60.0  # seconds a client connection may stay idle or trickle
+STOP_TIMEOUT = 2.0         # seconds in-flight requests get on a graceful stop
+MAX_CONNECTIONS = 10000    # connections served at once (more wait in the backlog)
+LINGER_SECONDS = 2.0       # after a 413: drain the client's unread body this long ...
+LINGER_BYTES = 16 << 20    # ... or this many bytes, then close
+
+
+class StartError(Exception):
+    """The master cannot start; the message is the one-line reason."""
+
+
+def bind(ip: str, port: int) -> socket.socket:
+    """A listening TCP socket on ip:port (plain socket: gevent is not set up yet)."""
+    try:
+        infos = socket.getaddrinfo(ip, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise StartError(f"cannot listen on {ip}:{port}: {e.strerror}") from None
+    family, kind, proto, _name, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise StartError(f"cannot listen on {ip}:{port}: {e.strerror}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def linger(sock: socket.socket, seconds: float = LINGER_SECONDS,
+           limit: int = LINGER_BYTES) -> None:
+    """Lingering close after an early answer (413): stop sending, read and drop what the
+    client still sends for a while, so that it reads our answer instead of a reset."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline, got = time.monotonic() + seconds, 0
+        while got < limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            data = sock.recv(65536)
+            if not data:
+                break
+            got += len(data)
+    except OSError:
+        pass
+
+
+def check_pidfile(path: str) -> None:
+    """StartError if path names a live process."""
+    pid = read_pidfile(path)
+    if pid is None or pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass
+    raise StartError(f"pidfile {path} names a running process ({pid}): is another "
+                     "instance running?")
+
+
+def check_database(path: str) -> int:
+    """Lock the database for this master and check/migrate it; the lock fd (kept open)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+    except OSError as e:
+        raise StartError(f"cannot open database {path}: {e.strerror}") from None
+    lock_fd = mdb.lock_single_master(path)
+    db = mdb.connect(path)
+    try:
+        n = len(mdb.list_servers(db))
+        log.info("database %s: schema %d, %d chunkservers, fid high-water %d", path,
+                 mdb.SCHEMA_VERSION, n, mdb.fid_high_water(db))
+    finally:
+        db.conn.close()
+    return lock_fd
+
+
+def serve(cfg, listener: socket.socket) -> int:
+    """Monkey-patch, run the WSGI server and the monitor until SIGTERM/SIGINT; exit code."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+    import gevent.event
+    import gevent.pool
+    import gevent.socket
+    from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
+
+    from speedy.common import notify
+    from speedy.master.app import MasterApp
+
+    class Handler(WSGIHandler):
+        """TCP_NODELAY; drops connections idle or trickling longer than CONNECTION_TIMEOUT."""
+
+        def handle(self) -> None:
+            self.socket.settimeout(CONNECTION_TIMEOUT)
+            if self.socket.family in (socket.AF_INET, socket.AF_INET6):
+                # keep-alive clients would otherwise wait for delayed ACKs (40 ms a request)
+                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                super().handle()
+            except OSError:  # timeouts and resets of one client
+                pass
+
+        def handle_one_response(self) -> None:
+            super().handle_one_response()
+            if getattr(self, "environ", None) and self.environ.get("speedy.linger"):
+                linger(self.socket)
+
+    class AccessLog(LoggingLogAdapter):
+        """gevent's access lines with control characters escaped."""
+
+        def write(self, msg: str) -> None:
+            super().write("".join(c if c.isprintable() or c == "\n" else
+                                  repr(c)[1:-1] for c in msg))
+
+    sock = gevent.socket.socket(listener.family, listener.type, fileno=listener.detach())
+    db = mdb.connect(cfg.db, check=False)
+    app = MasterApp(db, token=cfg.token, heartbeat_timeout=cfg.heartbeat_timeout,
+                    monitor_interval=cfg.monitor_interval)
+    server = WSGIServer(
+        sock, app, handler_class=Handler, spawn=gevent.pool.Pool(MAX_CONNECTIONS),
+        log=AccessLog(logging.getLogger("speedy.master.access"), logging.DEBUG),
+        error_log=LoggingLogAdapter(logging.getLogger("speedy.master.http"), logging.INFO))
+    stop = gevent.event.Event()
+
+    def on_stop(signum: int) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        notify.stopping()
+        stop.set()
+
+    def on_hup() -> None:
+        notify.reloading()
+        reopen_logs()
+        log.info("SIGHUP: log file reopened")
+        notify.ready()
+
+    gevent.signal_handler(signal.SIGTERM, on_stop, signal.SIGTERM)
+    gevent.signal_handler(signal.SIGINT, on_stop, signal.SIGINT)
+    gevent.signal_handler(signal.SIGHUP, on_hup)
+    server.start()
+    app.start_monitor()
+    host, port = sock.getsockname()[:2]
+    log.info("spy_master %s listening on %s:%d (db %s, heartbeat timeout %.1f s, monitor "
+             "every %.1f s, token %s)", __version__, host, port, cfg.db,
+             cfg.heartbeat_timeout, cfg.monitor_interval, "required" if cfg.token else "off")
+    notify.ready(f"listening on {host}:{port}")
+    stop.wait()
+    server.stop(timeout=STOP_TIMEOUT)
+    app.stop_monitor()
+    mdb.close(db)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The spy_master entry point; returns the exit code (2 for invalid flags)."""
+    cfg = load_master_config(argv)
+    try:
+        setup_logging(cfg.error_log, cfg.log_level)
+    except OSError as e:
+        print(f"spy_master: cannot open log file {cfg.error_log}: {e.strerror}",
+              file=sys.stderr)
+        return 1
+    pidfile_written = False
+    try:
+        lock_fd = check_database(cfg.db)
+        listener = bind(cfg.ip, cfg.port)
+        if cfg.daemonize:
+            if not cfg.error_log:
+                log.warning("--daemonize=1 without --error_log: log lines will be discarded")
+            if cfg.pidfile:
+                check_pidfile(cfg.pidfile)  # on the terminal, before detaching
+            daemonize(keep=[lock_fd, listener])
+        if cfg.pidfile:
+            write_pidfile(cfg.pidfile)
+            pidfile_written = True
+        return serve(cfg, listener)
+    except (StartError, PidfileError, mdb.MasterDBError) as e:
+        log.error("%s", e)
+        if cfg.error_log and not cfg.daemonize:
+            print(f"spy_master: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if pidfile_written:
+            remove_pidfile(cfg.pidfile)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Prometheus exposition: rendering checked by a strict parser, the HTTP thread, WSGI."""
+from __future__ import annotations
+
+import http.client
+import math
+import re
+import threading
+
+import pytest
+
+from speedy.common import metrics as m
+from speedy.wire.protocol import Err, Op
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """Parse name="value",... with the 0.0.4 escapes; raises on anything else."""
+    labels: dict[str, str] = {}
+    i = 0
+    while i < len(text):
+        mt = LABEL_NAME.match(text, i)
+        assert mt, f"bad label name at {text[i:]!r}"
+        name = mt.group(0)
+        i = mt.end()
+        assert text[i:i + 2] == '="', f"expected =\" after {name} in {text!r}"
+        i += 2
+        value = []
+        while True:
+            assert i < len(text), f"unterminated value in {text!r}"
+            c = text[i]
+            if c == "\\":
+                nxt = text[i + 1]
+                assert nxt in '\\"n', f"bad escape \\{nxt}"
+                value.append({"\\": "\\", '"': '"', "n": "\n"}[nxt])
+                i += 2
+            elif c == '"':
+                i += 1
+                break
+            else:
+                assert c != "\n"
+                value.append(c)
+                i += 1
+        assert name not in labels, f"label {name} twice"
+        labels[name] = "".join(value)
+        if i < len(text):
+            assert text[i] == ",", f"expected , at {text[i:]!r}"
+            i += 1
+    return labels
+
+
+def parse_value(text: str) -> float:
+    """A sample value; only the spellings Prometheus accepts."""
+    if text in ("+Inf", "-Inf", "NaN"):
+        return float(text.replace("+", ""))
+    assert re.match(r"^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$", text), text
+    return float(text)
+
+
+def parse_exposition(body: bytes) -> dict[str, dict]:
+    """Strictly parse text format 0.0.4 into {family: {type, help, samples: [...]}}."""
+    text = body.decode("utf-8")
+    assert text.endswith("\n")
+    families: dict[str, dict] = {}
+    current = None
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            name, _, help_text = line[7:].partition(" ")
+            assert NAME.match(name) and name not in families, line
+            assert "\\" not in help_text.replace("\\\\", "").replace("\\n", "")
+            current = families[name] = {"help": help_text, "type": None, "samples": []}
+            current["name"] = name
+        elif line.startswith("# TYPE "):
+            name, kind = line[7:].split(" ")
+            assert current and current["name"] == name and current["type"] is None, line
+            assert not current["samples"]
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped")
+            current["type"] = kind
+        else:
+            assert not line.startswith("#"), line
+            mt = SAMPLE.match(line)
+            assert mt, f"bad sample line {line!r}"
+            name, labels, value = mt.group(1), parse_labels(mt.group(2) or ""), \
+                parse_value(mt.group(3))
+            assert current and current["type"], line
+            fam = current["name"]
+            allowed = {fam} if current["type"] != "histogram" else \
+                {fam + "_bucket", fam + "_sum", fam + "_count"}
+            assert name in allowed, f"{name} inside family {fam}"
+            if current["type"] == "counter":
+                assert fam.endswith("_total") and value >= 0
+            current["samples"].append((name, labels, value))
+    for fam in families.values():
+        if fam["type"] == "histogram":
+            check_histogram(fam)
+    return families
+
+
+def check_histogram(fam: dict) -> None:
+    """Cumulative buckets, ending in +Inf equal to _count, per label set."""
+    series: dict[tuple, dict] = {}
+    for name, labels, value in fam["samples"]:
+        key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+        s = series.setdefault(key, {"buckets": [], "sum": None, "count": None})
+        if name.endswith("_bucket"):
+            s["buckets"].append((parse_value(labels["le"]), value))
+        elif name.endswith("_sum"):
+            s["sum"] = value
+        else:
+            s["count"] = value
+    for key, s in series.items():
+        bounds = [b for b, _ in s["buckets"]]
+        counts = [c for _, c in s["buckets"]]
+        assert bounds == sorted(bounds) and math.isinf(bounds[-1]), key
+        assert counts == sorted(counts), f"not cumulative: {key}"
+        assert counts[-1] == s["count"] and s["sum"] is not None, key
+
+
+def value_of(fams: dict, family: str, sample: str | None = None, **labels) -> float:
+    """The value of the one sample of family with exactly these labels."""
+    hits = [v for n, lab, v in fams[family]["samples"]
+            if n == (sample or family) and lab == {k: str(x) for k, x in labels.items()}]
+    assert len(hits) == 1, (family, labels, fams[family]["samples"])
+    return hits[0]
+
+
+def test_escaping_round_trips():
+    nasty = 'a"b\\c\nd é'
+    f = m.gauge("speedy_test_gauge", 'help with \\ and\nnewline').add(1.5, {"chunk": nasty})
+    body = m.render([f])
+    assert b'chunk="a\\"b\\\\c\\nd \xc3\xa9"' in body
+    assert b"# HELP speedy_test_gauge help with \\\\ and\\nnewline\n" in body
+    fams = parse_exposition(body)
+    assert fams["speedy_test_gauge"]["samples"] == [("speedy_test_gauge", {"chunk": nasty}, 1.5)]
+
+
+def test_values_and_kinds():
+    f = m.gauge("speedy_x", "x")
+    f.add(math.inf, {"k": "a"}).add(-math.inf, {"k": "b"}).add(math.nan, {"k": "c"})
+    f.add(2**63, {"k": "d"}).add(True, {"k": "e"}).add(0.1, {"k": "f"})
+    text = m.render([f]).decode()
+    for expected in ('{k="a"} +Inf', '{k="b"} -Inf', '{k="c"} NaN',
+                     '{k="d"} 9223372036854775808', '{k="e"} 1', '{k="f"} 0.1'):
+        assert expected + "\n" in text
+    parse_exposition(text.encode())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: m.counter("speedy_requests", "no _total"),
+    lambda: m.gauge("9starts_with_digit", "x"),
+    lambda: m.histogram("speedy_x_bucket", "reserved suffix"),
+    lambda: m.histogram("speedy_x", "unsorted", [1.0, 0.5]),
+    lambda: m.gauge("speedy_x", "x").add(1, {"bad-label": "v"}),
+    lambda: m.gauge("speedy_x", "x").add(1, {"__reserved": "v"}),
+    lambda: m.gauge("speedy_x", "x").add(1, {"a": "1"}).add(2, {"a": "1"}),
+    lambda: m.counter("speedy_x_total", "x").add(-1),
+    lambda: m.histogram("speedy_x", "x", [1.0]).add_histogram([1], 0.5),
+    lambda: m.histogram("speedy_x", "x", [1.0]).add_histogram([1, 1], 0.5, {"le": "1"}),
+    lambda: m.render([m.gauge("speedy_x", "x"), m.gauge("speedy_x", "y")]),
+])
+def test_invalid_metrics_are_refused(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_histogram_accumulator_and_buckets():
+    h = m.HistogramData()
+    for s in (0.0001, 0.0005, 0.0007, 0.3, 99.0):
+        h.observe(s)
+    # le is inclusive: 0.0005 counts in the 0.0005 bucket
+    assert h.counts[0] == 2 and h.counts[1] == 1 and h.counts[-1] == 1
+    f = m.histogram("speedy_test_seconds", "t").add_histogram(h.counts, h.total, {"op": "read"})
+    fams = parse_exposition(m.render([f]))
+    assert value_of(fams, "speedy_test_seconds", "speedy_test_seconds_bucket",
+                    op="read", le="0.0005") == 2
+    assert value_of(fams, "speedy_test_seconds", "speedy_test_seconds_bucket",
+                    op="read", le="0.5") == 4
+    assert value_of(fams, "speedy_test_seconds", "speedy_test_seconds_bucket",
+                    op="read", le="+Inf") == 5
+    assert value_of(fams, "speedy_test_seconds", "speedy_test_seconds_count", op="read") == 5
+    assert value_of(fams, "speedy_test_seconds", "speedy_test_seconds_sum",
+                    op="read") == pytest.approx(99.3013)
+
+
+def chunkserver_totals() -> dict:
+    """A totals dict as the supervisor would sum it from its processes."""
+    n = len(m.LATENCY_BUCKETS) + 1
+    lat_write = [0] * n
+    lat_write[3] = 4
+    lat_write[-1] = 1
+    return {
+        "requests": {Op.WRITE: 5, int(Op.READ): 7, "PING": 2, 99: 1, 200: 2},
+        "errors": {(Op.READ, Err.FILE_NOT_FOUND): 2, (0, 4): 1, (99, 7): 1, (98, 7): 2},
+        "read_bytes": 7000, "write_bytes": 2**40,
+        "latency": {Op.WRITE: {"counts": lat_write, "sum": 12.01},
+                    Op.READ: {"counts": [7] + [0] * (n - 1), "sum": 0.0021}},
+        "pool_blocks_in_use": 3, "pool_blocks_total": 16, "pending_writes": 1,
+        "reads_in_flight": 2, "writes_in_flight": 1,
+        "chunk_free_bytes": {"chunk_2_1": 1000, "chunk_1_1": 5},
+        "files": 12, "recovery_seconds": 0.25, "connections": 4, "workers": 2, "read_only": 0,
+    }
+
+
+def test_chunkserver_families():
+    fams = parse_exposition(m.render(m.chunkserver_families(chunkserver_totals())))
+    assert all(name.startswith("speedy_") for name in fams)
+    assert value_of(fams, "speedy_build_info", version=m.__version__) == 1
+    assert value_of(fams, "speedy_requests_total", op="write") == 5
+    assert value_of(fams, "speedy_requests_total", op="read") == 7
+    assert value_of(fams, "speedy_requests_total", op="ping") == 2
+    assert value_of(fams, "speedy_requests_total", op="unknown") == 3  # bounded labels
+    assert value_of(fams, "speedy_request_errors_total", op="read", code="file_not_found") == 2
+    assert value_of(fams, "speedy_request_errors_total", op="write", code="file_exists") == 1
+    assert value_of(fams, "speedy_request_errors_total", op="unknown", code="internal_error") == 3
+    assert value_of(fams, "speedy_read_bytes_total") == 7000
+    assert value_of(fams, "speedy_write_bytes_total") == 2**40
+    lat = "speedy_request_duration_seconds"
+    assert fams[lat]["type"] == "histogram"
+    assert value_of(fams, lat, lat + "_count", op="write") == 5
+    assert value_of(fams, lat, lat + "_bucket", op="write", le="0.005") == 4
+    assert value_of(fams, lat, lat + "_bucket", op="write", le="10.0") == 4
+    assert value_of(fams, lat, lat + "_sum", op="read") == pytest.approx(0.0021)
+    assert value_of(fams, "speedy_pool_blocks_in_use") == 3
+    assert value_of(fams, "speedy_pool_blocks") == 16
+    assert value_of(fams, "speedy_pending_writes") == 1
+    assert value_of(fams, "speedy_requests_in_flight", kind="read") == 2
+    assert value_of(fams, "speedy_chunk_free_bytes", chunk="chunk_1_1") == 5
+    assert value_of(fams, "speedy_files") == 12
+    assert value_of(fams, "speedy_recovery_seconds") == 0.25
+    assert value_of(fams, "speedy_connections") == 4
+    assert value_of(fams, "speedy_workers") == 2
+    assert value_of(fams, "speedy_read_only") == 0
+    for fam in fams.values():  # no per-fid labels anywhere
+        for _, labels, _ in fam["samples"]:
+            assert "fid" not in labels
+
+
+def test_chunkserver_families_missing_keys_and_bad_histogram():
+    fams = parse_exposition(m.render(m.chunkserver_families({"files": 0})))
+    assert set(fams) == {"speedy_build_info", "speedy_files"}
+    with pytest.raises(ValueError):
+        m.chunkserver_families({"latency": {0: {"counts": [1, 2], "sum": 1.0}}})
+
+
+def test_master_families():
+    totals = {"servers_by_status": {1: 2, "RO": 1, 0: 1}, "groups": 2, "fids_issued": 300,
+              "heartbeat_age_seconds": {(2, "10.0.0.6:8000"): 31.5, (1, "10.0.0.5:8000"): 0.5},
+              "requests": {("/v1/chunkmaster/fid", 200): 3, ("/v1/chunkserver/reportinfo", 400): 1},
+              "latency": {"/v1/chunkmaster/fid": {"counts": [3] + [0] * len(m.LATENCY_BUCKETS),
+                                                  "sum": 0.001}}}
+    fams = parse_exposition(m.render(m.master_families(totals)))
+    assert value_of(fams, "speedy_master_servers", status="rw") == 2
+    assert value_of(fams, "speedy_master_servers", status="ro") == 1
+    assert value_of(fams, "speedy_master_servers", status="err") == 0
+    assert value_of(fams, "speedy_master_heartbeat_age_seconds",
+                    group=2, server="10.0.0.6:8000") == 31.5
+    assert value_of(fams, "speedy_master_fids_issued_total") == 300
+    assert value_of(fams, "speedy_master_groups") == 2
+    assert value_of(fams, "speedy_master_http_requests_total",
+                    route="/v1/chunkserver/reportinfo", code=400) == 1
+    h = "speedy_master_http_request_duration_seconds"
+    assert value_of(fams, h, h + "_count", route="/v1/chunkmaster/fid") == 3
+
+
+def test_registry_collects_in_order():
+    reg = m.Registry()
+    reg.register(lambda: [m.gauge("speedy_a", "a").add(1)])
+    reg.register(lambda: [m.gauge("speedy_b", "b").add(2)])
+    assert [f.name for f in reg.collect()] == ["speedy_a", "speedy_b"]
+
+
+def test_wsgi_response():
+    status, headers, body = m.metrics_wsgi_response(m.master_families({"groups": 1}))
+    assert status == "200 OK"
+    h = dict(headers)
+    assert h["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert int(h["Content-Length"]) == len(body)
+    assert value_of(parse_exposition(body), "speedy_master_groups") == 1
+
+
+def get(port: int, path: str, method: str = "GET") -> tuple[int, dict, bytes]:
+    """One HTTP request to 127.0.0.1:port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def served():
+    """serve_metrics on a free port with a collect() whose figures the test moves."""
+    state = {"files": 0, "fail": False}
+    calls = []
+
+    def collect():
+        calls.append(threading.current_thread().name)
+        if state["fail"]:
+            raise RuntimeError("stats segment unreadable")
+        return m.chunkserver_families({"files": state["files"]})
+
+    thread, server = m.serve_metrics("127.0.0.1", 0, collect)
+    yield server.server_address[1], state, thread, calls
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_serve_metrics_real_get(served):
+    port, state, thread, calls = served
+    assert thread.daemon
+    status, headers, body = get(port, "/metrics")
+    assert status == 200
+    assert headers["Content-Type"] == m.CONTENT_TYPE
+    assert value_of(parse_exposition(body), "speedy_files") == 0
+    state["files"] = 41
+    status, _, body = get(port, "/metrics?x=1")
+    assert status == 200 and value_of(parse_exposition(body), "speedy_files") == 41
+    assert calls and all(name != threading.main_thread().name for name in calls)
+
+
+def test_serve_metrics_errors(served):
+    port, state, _, _ = served
+    status, headers, body = get(port, "/")
+    assert status == 404 and headers["Content-Type"].startswith("text/plain")
+    assert b"/metrics" in body
+    status, headers, _ = get(port, "/metrics", "POST")
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    status, headers, body = get(port, "/metrics", "HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    state["fail"] = True
+    status, _, body = get(port, "/metrics")
+    assert status == 500 and b"stats segment unreadable" in body
+    state["fail"] = False  # the server survived the failing collector
+    assert get(port, "/metrics")[0] == 200
+
+
+def test_serve_metrics_port_in_use(served):
+    port = served[0]
+    with pytest.raises(OSError):
+        m.serve_metrics("127.0.0.1", port, list)
