@@ -19,11 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
-from speedy.client.chunkconn import ChunkError, ConnPool, Reply
+from speedy.client.chunkconn import ChunkError, ConnPool, Reply, format_addr, parse_addr
+from speedy.wire.manifest import MAGIC as MANIFEST_MAGIC
 from speedy.wire.manifest import (Key, KeyFormatError, Manifest, ManifestError, Part, as_key,
                        digest, parse_key)
 from speedy.wire.protocol import Err, WriteOutcome, write_outcome
-from speedy.client.master import (DEFAULT_MASTER, ERR, INIT, RO, RW,
+from speedy.client.master import (DEFAULT_MASTER, DEFAULT_MASTER_PORT, ERR, INIT, RO, RW,
                       STATUS_CODES, STATUS_NAMES, ClusterError, FidAllocator,
                       IntegrityError, Master, MasterError, NotFoundError, Route,
                       ServerInfo, SpeedyError, UploadError, choose_group,
@@ -52,6 +53,25 @@ class Stat:
     replicas: list[str]          # servers that hold the (manifest) blob
     missing: list[str]           # servers of the group that do not, or did not answer
     part_keys: list[str] = field(default_factory=list)
+
+
+def not_multipart(key: Key) -> NotFoundError:
+    """The error for a multi-part key whose blob is a plain file."""
+    return NotFoundError(f"{key} is not a multi-part file ({key.blob()} is a plain file: "
+                         f"use the key without the m)")
+
+
+def master_address(text: str) -> str:
+    """"host:port" of the master from HOST[:PORT] or http://HOST[:PORT][/]; ValueError."""
+    t = text.strip()
+    low = t.lower()
+    if low.startswith(("http://", "https://")):
+        if low.startswith("https://"):
+            raise ValueError(f"{text!r}: the master speaks plain HTTP (http://)")
+        t = t[len("http://"):].rstrip("/")
+        if "/" in t:
+            raise ValueError(f"{text!r}: give the master's address, not a path")
+    return format_addr(parse_addr(t, DEFAULT_MASTER_PORT))
 
 
 def upload_error(message: str, cleaned: list[str], orphans: dict[str, str]) -> UploadError:
@@ -93,7 +113,7 @@ class Client:
                  write_attempts: int = 3, undo_attempts: int = UNDO_ATTEMPTS):
         if part_size < 1:
             raise ValueError("part_size must be >= 1")
-        self.master = Master(master, token, master_timeout)
+        self.master = Master(master_address(master), token, master_timeout)
         self.pool = ConnPool(timeout, connect_timeout)
         self.fids = FidAllocator(self.master.fid_range)
         self.part_size = part_size
@@ -245,7 +265,10 @@ class Client:
             if g is None and failed:
                 g = choose_group(route.groups, size, self.min_replicas)
             if g is None:
-                last = ClusterError(explain_no_group(route.groups, size, self.min_replicas))
+                why = explain_no_group(route.groups, size, self.min_replicas)
+                if f"need {self.min_replicas}" in why:
+                    why += f" (fewer replicas: --min-replicas, Client(min_replicas=))"
+                last = ClusterError(why)
                 continue
             servers = [s for s in route.groups[g] if s.status == RW]
             fid = self.fids.take()
@@ -381,14 +404,26 @@ class Client:
         raise cls(f"cannot read {key}: {'; '.join(errors)}")
 
     def _read_manifest(self, key: Key) -> Manifest:
-        """The manifest of a multi-part key."""
+        """The manifest of a multi-part key (NotFoundError naming key, with its m)."""
+        plain: list[bool] = []
+
         def valid(body: bytes) -> bool:
             try:
                 Manifest.decode(body)
                 return True
             except ManifestError:
+                plain.append(bytes(body[:len(MANIFEST_MAGIC)]) != MANIFEST_MAGIC)
                 return False
-        return Manifest.decode(self._read_blob(key.blob(), valid))
+        try:
+            return Manifest.decode(self._read_blob(key.blob(), valid))
+        except NotFoundError as e:
+            text, blob = str(e), f"{key.blob()} not found"
+            raise NotFoundError(f"{key} not found" + text[len(blob):]
+                                if text.startswith(blob) else text) from None
+        except IntegrityError:
+            if plain and all(plain):
+                raise not_multipart(key) from None
+            raise
 
     def _read_part(self, key: Key, i: int, part: Part) -> bytes:
         """One part, verified against its size and sha256."""
@@ -459,6 +494,8 @@ class Client:
         try:
             m = Manifest.decode(body)
         except ManifestError as e:
+            if not bytes(body[:len(MANIFEST_MAGIC)]) == MANIFEST_MAGIC:
+                raise not_multipart(k) from None
             raise IntegrityError(f"{k}: {e}") from None
         return Stat(str(k), m.total_size, True, len(m.parts), [s.name for s, _ in have],
                     missing, [str(p.key) for p in m.parts])
@@ -515,6 +552,18 @@ class Client:
     def add_server(self, group_id: int, host: str, port: int) -> None:
         """Register a chunkserver with the master (status INIT until it reports)."""
         self.master.init_server(group_id, host, port)
+        self.invalidate_route()
+
+    def remove_server(self, group_id: int, host: str, port: int) -> None:
+        """Drop a chunkserver from the master's registry; NotFoundError if it is not there."""
+        try:
+            self.master.request("POST", "/v1/chunkserver/removeserver",
+                                {"GroupId": group_id, "Ip": host, "Port": port})
+        except MasterError as e:
+            if e.status == 404:
+                raise NotFoundError(f"{format_addr((host, port))} is not registered in "
+                                    f"group {group_id}") from None
+            raise
         self.invalidate_route()
 
     def set_server_status(self, host: str, port: int, status: int | str) -> None:

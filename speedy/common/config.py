@@ -41,6 +41,17 @@ EPILOG = ("Every option can also be set in the --config file (key = value, one a
 CONFIG_LINE = re.compile(r"^\s*([^:=;#\s]+)")
 
 
+def spellings(names: Sequence[str]) -> list[str]:
+    """names plus the other spelling of each long option (--data_dir <-> --data-dir)."""
+    out = list(names)
+    for n in names:
+        if n.startswith("--"):
+            for alt in ("--" + n[2:].replace("_", "-"), "--" + n[2:].replace("-", "_")):
+                if alt not in out:
+                    out.append(alt)
+    return out
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown once and only when there is one; one spelling per option."""
 
@@ -53,14 +64,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
-        names = [o for o in action.option_strings
-                 if not (o.startswith("--") and "--" + o[2:].replace("-", "_") != o
-                         and "--" + o[2:].replace("-", "_") in action.option_strings)]
+        strings = action.option_strings
+        names = [o for i, o in enumerate(strings)  # the first spelling of each
+                 if not any(alt in strings[:i] for alt in spellings([o])[1:])]
         if not names:
             return super()._format_action_invocation(action)
         if action.nargs == 0:
             return ", ".join(names)
-        return f"{names[0]} {self._format_args(action, action.dest.upper())}"
+        return f"{', '.join(names)} {self._format_args(action, action.dest.upper())}"
 
 
 class ConfigFileParser(configargparse.DefaultConfigFileParser):
@@ -111,8 +122,7 @@ class DaemonParser(configargparse.ArgParser):
 
     def add_argument(self, *names: str, **kw):
         """Both spellings of every long option: --data_dir and --data-dir."""
-        extra = [n.replace("_", "-") for n in names if n.startswith("--") and "_" in n[2:]]
-        action = super().add_argument(*names, *[n for n in extra if n not in names], **kw)
+        action = super().add_argument(*spellings(names), **kw)
         if self.env_prefix and action.dest not in CLI_ONLY and action.option_strings:
             action.env_var = self.env_prefix + action.dest.upper()
         return action
