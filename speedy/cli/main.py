@@ -381,6 +381,13 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return int(bench.main(list(ns.args)) or 0)
 
 
+def cmd_completion(ns: argparse.Namespace) -> int:
+    """completion bash|zsh: the completion script, generated from this parser."""
+    from speedy.cli.completion import SHELLS
+    sys.stdout.write(SHELLS[ns.shell](build_parser()))
+    return EXIT_OK
+
+
 def cmd_local(ns: argparse.Namespace) -> int:
     """local up|down|status."""
     from speedy.cli import local
@@ -459,6 +466,9 @@ def build_parser() -> Parser:
     from speedy.cli import local
     sp = cmd("local", cmd_local, "a local cluster: up, down or status")
     local.add_arguments(sp)
+    sp = cmd("completion", cmd_completion, "print a shell completion script: "
+             "eval \"$(speedy completion bash)\"")
+    sp.add_argument("shell", choices=["bash", "zsh"])
     return p
 
 
