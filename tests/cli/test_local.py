@@ -78,12 +78,13 @@ def test_local_up_on_a_busy_port_fails_cleanly(tmp_path):
     assert processes_under(root) == []
 
 
-def test_local_up_chunks_0_is_a_usage_error():
-    r = run_cli("local", "up", "--chunks", "0", "--dir", "/nonexistent/never")
+def test_local_up_chunks_0_is_a_usage_error(tmp_path):
+    root = tmp_path / "never"
+    r = run_cli("local", "up", "--chunks", "0", "--dir", str(root))
     assert r.returncode == 2
     err = r.stderr.decode().strip()
     assert len(err.splitlines()) == 1 and "--chunks" in err and "0" in err, err
-    assert not os.path.exists("/nonexistent/never")
+    assert not root.exists()
 
 
 def test_one_server_cluster_and_another_base_port(tmp_path):
