@@ -267,7 +267,7 @@ class Client:
             if g is None:
                 why = explain_no_group(route.groups, size, self.min_replicas)
                 if f"need {self.min_replicas}" in why:
-                    why += f" (fewer replicas: --min-replicas, Client(min_replicas=))"
+                    why += " (fewer replicas: --min-replicas, Client(min_replicas=))"
                 last = ClusterError(why)
                 continue
             servers = [s for s in route.groups[g] if s.status == RW]
@@ -285,7 +285,7 @@ class Client:
                      if write_outcome(r.err if isinstance(r, Reply) else None)
                      != WriteOutcome.NOT_STORED]
             left = self._undo_write(Key(g, fid), maybe)
-            orphans.update({f"{g},{fid}@{name}": why for name, why in left.items()})
+            orphans.update({f"{g},{fid}@{name}": reason for name, reason in left.items()})
             cleaned.append(f"{g},{fid}")
             failed.add(g)
             self.invalidate_route()
@@ -295,10 +295,14 @@ class Client:
         raise upload_error(msg, cleaned, orphans)
 
     def _undo_write(self, key: Key, servers: list[ServerInfo]) -> dict[str, str]:
-        """DELETE key on servers until each answers SUCCESS or FILE_NOT_FOUND (bounded
-        retries); {server: last reason} of those where it may still be readable."""
+        """DELETE key on servers until each answers SUCCESS or FILE_NOT_FOUND (at most
+        undo_attempts rounds, no new round after one socket timeout's worth of time);
+        {server: last reason} of those where it may still be readable."""
         left: dict[str, str] = {}
+        t0 = time.monotonic()
         for attempt in range(self.undo_attempts):
+            if attempt and time.monotonic() - t0 > self.pool.timeout:
+                break
             if attempt:
                 time.sleep(UNDO_BACKOFF * 2 ** (attempt - 1))
             replies = self._fan_out(
