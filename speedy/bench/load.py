@@ -34,6 +34,8 @@ PUT_HEAD = struct.Struct(">" + REQUEST_HEADER.format.lstrip(">") +
 GET_FRAME = struct.Struct(">" + REQUEST_HEADER.format.lstrip(">") +
                           FILE_KEY.format.lstrip(">"))
 U64 = struct.Struct(">Q")
+MIXED_MAX = 1 << 24  # large PUTs of a --mixed phase: as many as run until the small ones end
+MIXED_LEAD = 0.5  # seconds the large PUTs run before the small ones start
 
 
 class LoadError(Exception):
@@ -264,14 +266,15 @@ class ClientConnection:
 
 
 def drive(conn: Any, op: str, items: Any, counter: Any, lat: array,
-          errors: Counter, samples: list) -> None:
-    """One connection's thread: take the next item until none is left, time each op."""
+          errors: Counter, samples: list, stop: Any = None) -> None:
+    """One connection's thread: take the next item until none is left (or stop is set),
+    time each op."""
     fn = conn.put if op == "put" else conn.get
     n = len(items)
     perf = time.perf_counter
     append = lat.append
     for i in counter:  # itertools.count: next() is atomic under the GIL
-        if i >= n:
+        if i >= n or (stop is not None and stop.is_set()):
             break
         t = perf()
         err = fn(items[i])
@@ -283,8 +286,10 @@ def drive(conn: Any, op: str, items: Any, counter: Any, lat: array,
                 samples.append(f"{op} {items[i]!r}: {err}" + (f" ({detail})" if detail else ""))
 
 
-def load_worker(pipe: Any, target: Target, payload_size: int, nconns: int, seed: int) -> None:
-    """A load-generator process: hold nconns connections, run phases on command."""
+def load_worker(pipe: Any, target: Target, payload_size: int, nconns: int, seed: int,
+                stop: Any = None) -> None:
+    """A load-generator process: hold nconns connections, run phases on command (a phase
+    ends early once the stop event, when given, is set)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     rnd = random.Random(seed)
     payload = bytes(rnd.getrandbits(8) for _ in range(min(payload_size, 4096)))
@@ -316,7 +321,7 @@ def load_worker(pipe: Any, target: Target, payload_size: int, nconns: int, seed:
         errors = [Counter() for _ in conns]
         samples: list = []
         threads = [threading.Thread(target=drive, args=(c, op, items, counter, lat, err,
-                                                        samples))
+                                                        samples, stop))
                    for c, lat, err in zip(conns, lats, errors)]
         cpu0 = time.process_time()
         t0 = time.perf_counter()
@@ -341,7 +346,8 @@ def load_worker(pipe: Any, target: Target, payload_size: int, nconns: int, seed:
 class LoadGenerator:
     """procs processes holding C connections between them."""
 
-    def __init__(self, target: Target, size: int, conns: int, procs: int) -> None:
+    def __init__(self, target: Target, size: int, conns: int, procs: int,
+                 stop: Any = None) -> None:
         self.target, self.size, self.conns = target, size, conns
         procs = max(1, min(procs, conns))
         self.shares = [conns // procs + (i < conns % procs) for i in range(procs)]
@@ -351,7 +357,7 @@ class LoadGenerator:
         seed = random.randrange(1 << 30)
         for i, share in enumerate(self.shares):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=load_worker, args=(child, target, size, share, seed),
+            p = ctx.Process(target=load_worker, args=(child, target, size, share, seed, stop),
                             name=f"speedy-bench-{i}", daemon=True)
             p.start()
             child.close()
@@ -405,7 +411,7 @@ class LoadGenerator:
         ordered = sorted(lat)
         failed = sum(errors.values())
         result = PhaseResult(
-            name=name, size=self.size, conns=self.conns, ops=len(items) - failed,
+            name=name, size=self.size, conns=self.conns, ops=len(lat) - failed,
             errors=failed, seconds=seconds, p50_ms=percentile(ordered, 50) * 1e3,
             p99_ms=percentile(ordered, 99) * 1e3, error_kinds=dict(errors),
             error_sample="; ".join(samples[:3]), client_cpu_s=sum(r[7] for r in replies),
@@ -459,6 +465,42 @@ def run_load(target: Target, n: int, conns: int, size: int, procs: int, fid_star
         return [put, get]
     finally:
         gen.close()
+
+
+def run_mixed(target: Target, n: int, conns: int, size: int, big_size: int, big_conns: int,
+              procs: int, fid_start: int, big_max: int = MIXED_MAX,
+              probe: Callable[[], float | None] | None = None) -> list[PhaseResult]:
+    """PUT n files of size (fids from fid_start) while big_conns connections PUT files of
+    big_size (the fids after them, at most big_max) until those are done: [small, big].
+
+    probe's CPU figure, on the small phase, covers the server's work for both loads.
+    """
+    stop = multiprocessing.get_context("fork").Event()
+    big = LoadGenerator(target, big_size, big_conns, max(1, procs // 2), stop)
+    small = None
+    done: dict = {}
+
+    def drive_big() -> None:
+        try:
+            done["big"] = big.run("PUT", "put", range(fid_start + n, fid_start + n + big_max))[0]
+        except LoadError as e:
+            done["error"] = e
+
+    thread = threading.Thread(target=drive_big, daemon=True)
+    try:
+        small = LoadGenerator(target, size, conns, procs)
+        thread.start()
+        time.sleep(MIXED_LEAD)  # the large uploads are under way first
+        result, _ = small.run("PUT", "put", range(fid_start, fid_start + n), probe)
+    finally:
+        stop.set()
+        thread.join()
+        big.close()
+        if small is not None:
+            small.close()
+    if "error" in done:
+        raise done["error"]
+    return [result, done["big"]]
 
 
 def processes_cpu(pids: list[int] | None = None, pgid: int | None = None) -> float | None:

@@ -23,10 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from speedy.bench.load import (GET_FRAME, MiB, LoadError, PhaseResult, Target, processes_cpu,
-                         run_load)
+from speedy.bench.load import (GET_FRAME, MIXED_MAX, MiB, LoadError, PhaseResult, Target, processes_cpu,
+                               run_load, run_mixed)
 from speedy.wire.protocol import FILE_KEY, RESPONSE_HEADER, Err, Op
 
 SERVER_MODULE = ["-m", "speedy.chunkserver"]  # spy_server, from any directory
@@ -158,6 +158,7 @@ class ServerProcess:
     data_dir: str
     log_path: str
     command: list
+    flags: dict = field(default_factory=dict)
 
     def log_tail(self, lines: int = 15) -> str:
         """The last lines of its output."""
@@ -193,36 +194,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_geometry(n: int, size: int, conns: int, chunks: int | None,
-                    chunk_size: int | None, mem_blocks: int | None) -> tuple[int, int, int]:
-    """(chunks, chunk_size, mem_blocks) big enough for n files of size, small otherwise."""
-    need = int(n * (size + 30) * 1.25) + 8 * MiB
-    largest = 4095 * MiB  # under the format's 4 GiB limit
-    chunks = chunks or 4
-    if chunk_size is None:
-        chunks = max(chunks, -(-need // largest))
-        chunk_size = min(largest, max(16 * MiB, -(-need // chunks // MiB) * MiB))
-    blocks_per_upload = -(-(size + FILE_KEY.size) // MiB) or 1
-    mem_blocks = mem_blocks or min(5120, max(64, 4 * conns * blocks_per_upload))
-    return chunks, chunk_size, mem_blocks
+SERVER_FLAGS = ("chunks", "chunk_size", "mem_blocks", "workers", "sync")
+
+
+def server_defaults() -> dict:
+    """The chunkserver's own defaults of the flags the bench can set."""
+    from speedy.common.config import server_parser
+    p = server_parser()
+    return {name: p.get_default(name) for name in SERVER_FLAGS}
+
+
+def server_flags(args: argparse.Namespace) -> dict:
+    """{flag: (value, 'default' or 'given')}: the server's defaults unless told otherwise."""
+    defaults = server_defaults()
+    flags = {}
+    for name in SERVER_FLAGS:
+        given = getattr(args, name, None)
+        flags[name] = (defaults[name], "default") if given is None else (given, "given")
+    return flags
+
+
+def flags_label(flags: dict) -> str:
+    """'chunks=4 (given), chunk_size=2GiB (default), ...'."""
+    def show(name: str, value: int) -> str:
+        return size_label(value) if name == "chunk_size" else str(value)
+    return ", ".join(f"{name}={show(name, v)} ({how})" for name, (v, how) in flags.items())
+
+
+def check_room(parent_dir: str, flags: dict) -> None:
+    """Refuse to start a server whose preallocated chunks would not fit on the disk."""
+    need = flags["chunks"][0] * flags["chunk_size"][0]
+    st = os.statvfs(parent_dir)
+    free = st.f_bavail * st.f_frsize
+    if need > free - 4 * (1 << 30):
+        raise BenchError(f"the server's {flags['chunks'][0]} chunks of "
+                         f"{size_label(flags['chunk_size'][0])} do not fit in {parent_dir} "
+                         f"({free / (1 << 30):.1f} GiB free, 4 GiB kept): use --disk-dir on a "
+                         "larger disk, or --chunks / --chunk-size")
 
 
 def spawn_server(args: argparse.Namespace, parent_dir: str) -> ServerProcess:
-    """Start spy_server.py on a free loopback port with a temporary data dir; wait for it."""
-    chunks, chunk_size, mem_blocks = server_geometry(args.n, args.size, args.c, args.chunks,
-                                                     args.chunk_size, args.mem_blocks)
+    """Start spy_server.py on a free loopback port with a temporary data dir; wait for it.
+
+    Only the flags given to the bench are passed: the rest are the server's defaults.
+    """
+    flags = server_flags(args)
+    check_room(parent_dir, flags)
     data_dir = tempfile.mkdtemp(prefix="speedy-bench-server-", dir=parent_dir)
     port = free_port()
     cmd = [sys.executable, *SERVER_MODULE, f"--port={port}", "--ip=127.0.0.1",
            f"--data_dir={data_dir}", f"--group_id={args.group}", "--master_ip=127.0.0.1",
-           f"--master_port={free_port()}", f"--chunks={chunks}", f"--chunk_size={chunk_size}",
-           f"--mem_blocks={mem_blocks}", f"--workers={args.workers}", f"--sync={args.sync}",
-           "--report_interval=3600"]
+           f"--master_port={free_port()}", "--report_interval=3600"]
+    cmd += [f"--{name}={value}" for name, (value, how) in flags.items() if how == "given"]
     log_path = os.path.join(data_dir, "server.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
-    server = ServerProcess(proc, port, data_dir, log_path, cmd)
+    server = ServerProcess(proc, port, data_dir, log_path, cmd, flags)
     deadline = time.monotonic() + args.start_timeout
     target = Target("server", "127.0.0.1", port, args.group)
     while True:
@@ -277,6 +305,7 @@ def format_report(report: dict) -> str:
            f"{os.cpu_count()} CPUs"]
     if report.get("server_command"):
         out.append("server: " + " ".join(report["server_command"][1:]))
+        out.append("server flags: " + report["server_flags_label"])
     sink = {p.name: p for p in report.get("sink_results", [])}
     disk = report.get("disk_mb_per_s")
     for r in report["results"]:
@@ -292,6 +321,17 @@ def format_report(report: dict) -> str:
         out.extend(x for x in (cpu_line(r),) if x)
         if r.error_sample:
             out.append(f"    e.g. {r.error_sample}")
+    mixed = report.get("mixed_results")
+    if mixed:
+        small, big = mixed
+        out.append(f"mixed: PUT {size_label(small.size)} c={small.conns} while PUT "
+                   f"{size_label(big.size)} c={big.conns} run:")
+        for r in mixed:
+            line = "  " + phase_line(r, "MIXED ")
+            if r is big and disk:
+                line += f"  ({ratio(r.mb_per_s, disk)} disk MB/s)"
+            out.append(line)
+        out.append("  " + (cpu_line(small) or "").strip() + " (server: both loads)")
     if sink or disk:
         out.append("baseline:")
         for r in report.get("sink_results", []):
@@ -310,6 +350,8 @@ def report_json(report: dict) -> str:
     d = dict(report)
     d["results"] = [r.to_dict() for r in report["results"]]
     d["sink_results"] = [r.to_dict() for r in report.get("sink_results", [])]
+    if "mixed_results" in report:
+        d["mixed_results"] = [r.to_dict() for r in report["mixed_results"]]
     sink = {r.name: r for r in report.get("sink_results", [])}
     d["ratios"] = {r.name: round(r.ops_per_s / sink[r.name].ops_per_s, 3)
                    for r in report["results"]
@@ -364,15 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=positive_float, default=30.0,
                    help="seconds before a silent request counts as an error (default 30)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    s = p.add_argument_group("--start-server options")
-    s.add_argument("--workers", type=positive_int, default=2, help="server workers (default 2)")
-    s.add_argument("--sync", type=int, choices=(0, 1), default=0, help="server --sync")
-    s.add_argument("--chunks", type=positive_int, default=None,
-                   help="server chunks (default 4, more if needed)")
-    s.add_argument("--chunk-size", type=parse_size, default=None,
-                   help="server chunk size (default: enough for the run)")
+    p.add_argument("--mixed", type=parse_size, default=None, metavar="SIZE",
+                   help="after GET, PUT N more files of --size while --mixed-c connections "
+                        "PUT files of SIZE (e.g. 1m): the small PUTs' latency under a large "
+                        "upload")
+    p.add_argument("--mixed-c", type=positive_int, default=4,
+                   help="connections of the --mixed large PUTs (default 4)")
+    s = p.add_argument_group("--start-server options (default: the server's own defaults)")
+    s.add_argument("--workers", type=positive_int, default=None, help="server --workers")
+    s.add_argument("--sync", type=int, choices=(0, 1), default=None, help="server --sync")
+    s.add_argument("--chunks", type=positive_int, default=None, help="server --chunks")
+    s.add_argument("--chunk-size", type=parse_size, default=None, help="server --chunk_size")
     s.add_argument("--mem-blocks", type=positive_int, default=None,
-                   help="server memory blocks (default: 4 per connection and MiB)")
+                   help="server --mem_blocks")
     s.add_argument("--start-timeout", type=positive_float, default=60.0,
                    help="seconds to wait for the server (default 60)")
     return p
@@ -383,7 +429,7 @@ def run(args: argparse.Namespace) -> dict:
     procs = args.procs or min(args.c, max(2, min(8, os.cpu_count() or 2)))
     fid_start = args.fid_start if args.fid_start is not None else \
         random.randrange(1 << 40, 1 << 62)
-    if not 0 <= fid_start <= (1 << 64) - 1 - args.n:
+    if not 0 <= fid_start <= (1 << 64) - 1 - args.n * 2 - MIXED_MAX:
         raise BenchError("--fid-start out of range (fids are u64)")
     disk_dir = os.path.abspath(args.disk_dir)
     if not os.path.isdir(disk_dir):
@@ -396,6 +442,8 @@ def run(args: argparse.Namespace) -> dict:
             server = spawn_server(args, disk_dir)
             target = Target("server", "127.0.0.1", server.port, args.group, args.timeout)
             report["server_command"] = server.command
+            report["server_flags"] = {k: v for k, (v, _how) in server.flags.items()}
+            report["server_flags_label"] = flags_label(server.flags)
         elif args.server:
             target = Target("server", args.server[0], args.server[1], args.group, args.timeout)
         else:
@@ -407,6 +455,14 @@ def run(args: argparse.Namespace) -> dict:
         probe = (lambda: processes_cpu(pgid=server.proc.pid)) if server else None
         report["results"] = run_load(target, args.n, args.c, args.size, procs, fid_start,
                                      probe)
+        if args.mixed:
+            big_max = MIXED_MAX
+            if server:  # at most half the server's room: the small PUTs must find some
+                room = server.flags["chunks"][0] * server.flags["chunk_size"][0]
+                big_max = max(1, min(big_max, room // 2 // (args.mixed + 64)))
+            report["mixed_results"] = run_mixed(target, args.n, args.c, args.size, args.mixed,
+                                                args.mixed_c, procs, fid_start + args.n,
+                                                big_max, probe)
     finally:
         if server is not None:
             server.stop()
@@ -447,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         print("speedy bench: interrupted", file=sys.stderr)
         return 130
     print(report_json(report) if args.json else format_report(report), flush=True)
-    failed = sum(r.errors for r in report["results"] + report.get("sink_results", []))
+    failed = sum(r.errors for r in report["results"] + report.get("sink_results", [])
+                 + report.get("mixed_results", []))
     return EXIT_ERRORS if failed else EXIT_OK
 
 

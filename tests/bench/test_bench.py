@@ -133,18 +133,40 @@ def test_bench_bad_input(tmp_path):
 
 
 def test_bench_start_server(tmp_path):
-    """The whole run against a temporary real spy_server.py, cleaned up afterwards."""
+    """The whole run against a temporary real spy_server.py, cleaned up afterwards; the
+    server gets only the flags given (the rest are its defaults, printed), and a --mixed
+    phase reports the small PUTs under large ones."""
     if not os.path.exists(os.path.join(ROOT, "spy_server.py")):
         pytest.skip("spy_server.py does not exist yet")
-    r = bench("--start-server", "--workers", "1", "--size", "4k", *SMALL,
+    r = bench("--start-server", "--workers", "1", "--size", "4k", *SMALL, "--chunks", "2",
+              "--chunk-size", "16m", "--mixed", "64k", "--mixed-c", "2",
               "--disk-dir", str(tmp_path), cwd=str(tmp_path), timeout=150)
     if r.returncode == 3 and "spy_server.py" in r.stderr and not r.stdout:
         pytest.skip(f"spy_server.py does not start: {r.stderr[-500:]}")
     assert r.returncode == 0, r.stdout + r.stderr
     check_report(r.stdout, "4KiB", "4")
-    assert "server: " in r.stdout
-    assert len(re.findall(r"CPU per request: .*, server \d+", r.stdout)) == 4, r.stdout
+    server = re.search(r"^server: (.*)$", r.stdout, re.M).group(1)
+    assert "--chunks=2 " in server + " " and "--workers=1" in server
+    assert "--mem_blocks" not in server and "--sync" not in server
+    assert re.search(r"^server flags: chunks=2 \(given\), chunk_size=16MiB \(given\), "
+                     r"mem_blocks=\d+ \(default\), workers=1 \(given\), sync=0 \(default\)$",
+                     r.stdout, re.M), r.stdout
+    assert re.search(r"^mixed: PUT 4KiB c=4 while PUT 64KiB c=2 run:$", r.stdout, re.M)
+    small, big = re.findall(r"^  MIXED PUT (\S+) c=(\d+): ([\d,]+) ops/s .* errors (\d+)",
+                            r.stdout, re.M)
+    assert small[:2] == ("4KiB", "4") and small[3] == "0", r.stdout
+    assert big[:2] == ("64KiB", "2") and big[3] == "0" and big[2] != "0", r.stdout
+    assert len(re.findall(r"CPU per request: .*, server \d+", r.stdout)) == 5, r.stdout
     assert os.listdir(tmp_path) == []  # data dir and disk probe removed
+
+
+def test_bench_start_server_needs_room(tmp_path):
+    """Chunks that would not fit on the disk: a one-line error before anything starts."""
+    r = bench("--start-server", "--chunks", "200", "--chunk-size", "4000m", *SMALL,
+              "--disk-dir", str(tmp_path), cwd=str(tmp_path))
+    assert r.returncode == 3 and r.stdout == "", r.stdout + r.stderr
+    assert "do not fit" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_bench_through_speedy_command_and_master(tmp_path):
