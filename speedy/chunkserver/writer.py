@@ -26,6 +26,8 @@ acknowledged before the fsync covering it.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
 import os
 import selectors
@@ -34,14 +36,15 @@ import socket
 import struct
 import time
 from argparse import Namespace
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from speedy.chunkserver.shm.index import FidIndex
 from speedy.common.logs import reopen_logs
 from speedy.chunkserver.shm.pool import BlockPool, unlink_prefix
 from speedy.wire.protocol import Err
 from speedy.chunkserver.shm.counters import StatsView
-from speedy.chunkserver.store.chunkstore import ChunkStore, FileExists, NoRoom, StartError, WriteFailed
+from speedy.chunkserver.store.chunkstore import (ChunkCommit, ChunkStore, FileExists, NoRoom,
+                                                StartError, WriteFailed)
 
 log = logging.getLogger("speedy.chunkserver.writer")
 
@@ -60,6 +63,7 @@ SEND_TIMEOUT = 5.0
 STOP_GRACE = 30.0
 MAX_ROUND = 4096  # messages taken from one link per loop round
 REPLIES_PER_PACKET = 4096  # a packet of replies holds up to this many (20 KiB)
+IO_THREADS = 8  # at most this many chunks written at once (pwritev/fsync release the GIL)
 
 
 @dataclass
@@ -84,13 +88,6 @@ class Job:
     deadline: float = 0.0
 
 
-@dataclass
-class Batch:
-    """What one loop round stages before its single commit."""
-
-    staged: list[Job] = field(default_factory=list)
-
-
 class Writer:
     """The writer's state and loop (runs in the forked writer process)."""
 
@@ -113,6 +110,11 @@ class Writer:
         self.store: ChunkStore | None = None
         self.max_size = 0
         self._signals: list[int] = []
+        self.io: concurrent.futures.ThreadPoolExecutor | None = None
+        self.waiting: dict[int, list[Job]] = {}  # chunk id -> its staged writes
+        self.inflight: dict[int, tuple[concurrent.futures.Future, list[Job]]] = {}
+        self.written: collections.deque[ChunkCommit] = collections.deque()  # by the threads
+        self._io_w = -1
 
     # ------------------------------------------------------------------ start
     def run(self) -> int:
@@ -133,6 +135,10 @@ class Writer:
         except OSError as e:
             return self._start_failed(f"writer start-up failed ({self.cfg.data_dir}): {e}")
         self.store = store
+        store.flush_bytes = 0  # the records are written by the commits, off this thread
+        self.io = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, min(IO_THREADS, len(store.chunk_ids()))),
+            thread_name_prefix="speedy-io")
         self.max_size = store.max_size()
         self.stats.set("writer_pid", os.getpid())
         self.stats.set("recovery_us", int(store.open_seconds * 1e6))
@@ -140,6 +146,8 @@ class Writer:
         self.ctrl.sendall(b"R" + self.index.name.encode())
         self.sel.register(self.ctrl, selectors.EVENT_READ, "ctrl")
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
+        io_r, self._io_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(io_r, selectors.EVENT_READ, "io")
         self.ctrl.setblocking(False)
         try:
             self.loop(wake_r)
@@ -172,12 +180,15 @@ class Writer:
             for key, _ in self.sel.select(timeout):
                 if key.data == "wake":
                     self._drain_wakeup(wake_r)
+                elif key.data == "io":
+                    self._drain_wakeup(key.fd)
                 elif key.data == "ctrl":
                     self.accept_links()
                 else:
                     self.receive(key.data, batch)
             self.handle_signals()
             self.process(batch)
+            self.finish_commits()
             self.expire_pending()
             if os.getppid() != self.parent and not self.orphan:
                 log.error("the supervisor is gone; stopping")
@@ -322,8 +333,7 @@ class Writer:
     def process(self, messages: list[tuple[Link, bytes]]) -> None:
         """Handle one round's messages in order, with one commit for the writes and one
         for each run of DELETEs between them."""
-        batch = Batch()
-        self.retry_pending(batch)
+        self.retry_pending()
         jobs = iter(self.claim_writes(messages))
         deletes: list[tuple[Link, int, int]] = []
         for link, data in messages:
@@ -333,9 +343,8 @@ class Writer:
             if kind == KIND_WRITE:
                 job = next(jobs)
                 if job is not None:
-                    self.admit(job, batch)
+                    self.admit(job)
             elif kind == KIND_DELETE and len(data) == FID_MSG.size:
-                self.commit(batch)
                 deletes.append((link, req_id, FID_MSG.unpack_from(data)[2]))
             elif kind == KIND_KILL:
                 self.handle_kill(link, req_id)
@@ -343,7 +352,7 @@ class Writer:
                 log.error("unknown message kind %d from worker (owner %d)", kind, link.owner)
                 self.reply(link, req_id, Err.INTERNAL_ERROR)
         self.handle_deletes(deletes)
-        self.commit(batch)
+        self.submit()
         self.stats.set("pending_writes", len(self.pending))
 
     def claim_writes(self, messages: list[tuple[Link, bytes]]) -> list[Job | None]:
@@ -387,7 +396,7 @@ class Writer:
             return Err.FILE_EXISTS
         return None
 
-    def admit(self, job: Job, batch: Batch) -> None:
+    def admit(self, job: Job) -> None:
         """Stage a write, or park it in the pending queue, or answer its error."""
         err = self.refusal(job)
         if err is not None:
@@ -410,7 +419,8 @@ class Writer:
             log.error("write of fid %d refused: %s", job.fid, e)
             self.finish(job, Err.INTERNAL_ERROR)
             return
-        batch.staged.append(job)  # its blocks are freed (once for the batch) before commit
+        cid = store.staged[job.fid][0]  # its blocks are freed once its chunk's commit is done
+        self.waiting.setdefault(cid, []).append(job)
 
     def park(self, job: Job) -> None:
         """Queue a write that found no chunk with room (at most PENDING_MAX, PENDING_WAIT s)."""
@@ -422,14 +432,14 @@ class Writer:
         self.pending.append(job)
         self.pending_fids.add(job.fid)
 
-    def retry_pending(self, batch: Batch) -> None:
+    def retry_pending(self) -> None:
         """Stage the pending writes that fit now, oldest first."""
         if not self.pending or not any(self.store.can_fit(j.size) for j in self.pending):
             return
         jobs, self.pending = self.pending, []
         self.pending_fids.clear()
         for job in jobs:
-            self.admit(job, batch)
+            self.admit(job)
 
     def expire_pending(self) -> None:
         """Answer CHUNK_UNAVAILABLE to pending writes that waited PENDING_WAIT s."""
@@ -447,29 +457,69 @@ class Writer:
             job.blocks = []
         self.reply(job.link, job.req_id, err)
 
-    def commit(self, batch: Batch) -> None:
-        """Commit what the batch staged, then answer each of its writes."""
-        if not batch.staged:
-            return
-        jobs, batch.staged = batch.staged, []
+    def submit(self) -> None:
+        """Start a commit for every chunk with staged writes and none under way: its
+        records, superblock and fsync are written by an I/O thread (one chunk's commits
+        stay in order, different chunks' go in parallel)."""
+        store = self.store
+        for ch in store.staged_chunks():  # type: ignore[union-attr]
+            c = store.begin_commit(ch)  # type: ignore[union-attr]
+            jobs = self.waiting.pop(ch.chunk_id, [])
+            future = self.io.submit(store.write_commit, c)  # type: ignore[union-attr]
+            self.inflight[ch.chunk_id] = (future, jobs)
+            future.add_done_callback(self._written)
+
+    def _written(self, future: concurrent.futures.Future) -> None:
+        """(An I/O thread) a commit is written: queue it, wake the loop."""
+        self.written.append(future.result())
         try:
-            self.store.commit()  # type: ignore[union-attr]  # writes the records from the blocks
-            err = Err.SUCCESS
-        except WriteFailed:
-            err = Err.WRITE_ERROR
-            self.note_failure()
-        self.pool.free([b for job in jobs for b in job.blocks])  # the data is in the files
-        for job in jobs:
-            job.blocks = []
-        st = self.stats
-        st.add("batches")
-        if err == Err.SUCCESS:
-            st.add("commits")
-            st.add("committed_writes", len(jobs))
-            if len(jobs) > st.get("max_batch"):
-                st.set("max_batch", len(jobs))
+            os.write(self._io_w, b"w")
+        except BlockingIOError:  # the loop has wake-ups to read already
+            pass
+
+    def finish_commits(self) -> None:
+        """Make the written commits visible, answer their writes, start the next ones."""
+        if not self.written:
+            return
+        store, st = self.store, self.stats
+        answers: list[tuple[Link, int, int]] = []
+        freed: list[int] = []
+        while self.written:
+            c = self.written.popleft()
+            cid = c.chunk.chunk_id
+            _future, jobs = self.inflight.pop(cid)
+            try:
+                store.end_commit(c)  # type: ignore[union-attr]
+                err = Err.SUCCESS
+            except WriteFailed:
+                err = Err.WRITE_ERROR
+                self.note_failure()
+                jobs = jobs + self.waiting.pop(cid, [])  # dropped by the store with it
+            for job in jobs:
+                freed.extend(job.blocks)  # the data is in the file (or the write failed)
+                job.blocks = []
+                answers.append((job.link, job.req_id, err))
+            st.add("batches")
+            if err == Err.SUCCESS:
+                st.add("commits")
+                st.add("committed_writes", len(jobs))
+                if len(jobs) > st.get("max_batch"):
+                    st.set("max_batch", len(jobs))
+        self.pool.free(freed)
+        self.submit()
+        if not self.inflight:
+            store.maybe_save_snapshot()  # type: ignore[union-attr]
         self.publish()
-        self.reply_many([(job.link, job.req_id, err) for job in jobs])
+        self.reply_many(answers)
+
+    def drain(self) -> None:
+        """Commit everything staged and wait for every commit under way to finish."""
+        self.submit()
+        while self.inflight:
+            concurrent.futures.wait([f for f, _ in self.inflight.values()])
+            while len(self.written) < len(self.inflight):  # the callbacks run just after
+                time.sleep(0.0001)
+            self.finish_commits()
 
     def handle_deletes(self, calls: list[tuple[Link, int, int]]) -> None:
         """DELETEs (link, req_id, fid), emptied: mark the records deleted, drop them from the
@@ -478,6 +528,7 @@ class Writer:
             return
         todo = calls[:]
         calls.clear()
+        self.drain()  # the writes before them are committed first
         store = self.store
         if store.read_only or self.stats.status():  # type: ignore[union-attr]
             self.reply_many([(link, req_id, Err.SERVER_READ_ONLY) for link, req_id, _ in todo])
@@ -520,7 +571,10 @@ class Writer:
 
     # ------------------------------------------------------------------ stop
     def shutdown(self) -> None:
-        """Answer what is queued, flush and close the store."""
+        """Answer what is queued, finish the commits under way, flush and close the store."""
+        if self.io is not None:
+            self.drain()
+            self.io.shutdown(wait=True)
         for job in self.pending:
             self.finish(job, Err.CHUNK_UNAVAILABLE)
         self.pending.clear()

@@ -22,11 +22,12 @@ import logging
 import os
 import struct
 import time
+from dataclasses import dataclass, field
 
 from speedy.chunkserver.store import datadir, journal, recovery, snapshot
 from speedy.chunkserver import faults
 from speedy.format.chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED, REF_OFFSET,
-                        chunk_name, encode_record_header, fits, max_data_size)
+                        Superblock, chunk_name, encode_record_header, fits, max_data_size)
 from speedy.chunkserver.store.datadir import Chunk, StartError  # noqa: F401 (re-exported)
 from speedy.chunkserver.shm.index import FidIndex
 from speedy.wire.protocol import Err
@@ -65,6 +66,21 @@ class WriteFailed(StoreError):
     code = Err.WRITE_ERROR
 
 
+@dataclass
+class ChunkCommit:
+    """One chunk's staged records on their way to disk, committed apart from the other
+    chunks': begin_commit (writer thread), write_commit (any thread: the records, then
+    the superblock that covers them, then the fsync with sync), end_commit (writer)."""
+
+    chunk: Chunk
+    bufs: list
+    at: int
+    sb: Superblock  # the superblock that covers the records
+    fids: list[tuple[int, int]]  # (fid, offset)
+    sync: bool
+    error: OSError | None = None
+
+
 class ChunkStore:
     """The chunk files of one group in one data dir, and the fid index that covers them."""
 
@@ -84,6 +100,9 @@ class ChunkStore:
         self.read_only = False
         self.chunks: dict[int, Chunk] = {}
         self.staged: dict[int, tuple[int, int]] = {}
+        self.flush_bytes = FLUSH_BYTES  # 0: stage() never writes; commits write everything
+        self.busy: set[int] = set()  # chunk ids with a ChunkCommit under way
+        self.writing: set[int] = set()  # the fids of the ChunkCommits under way
         self.shadows: dict[int, list[tuple[int, int]]] = {}
         self.fsync_count = 0
         self._write_failed = False  # a staged write failed: the batch's commit must fail
@@ -134,7 +153,7 @@ class ChunkStore:
 
     def save_snapshot(self) -> bool:
         """Persist the index with the chunk stamps it covers; False if not possible now."""
-        if self.staged or not self.chunks or self._lock_fd < 0:
+        if self.staged or self.busy or not self.chunks or self._lock_fd < 0:
             return False
         try:
             stamps = [snapshot.ChunkStamp.of(ch.chunk_id, ch.capacity, ch.sb_raw, ch.fd,
@@ -176,7 +195,7 @@ class ChunkStore:
     # ------------------------------------------------------------------ queries
     def has(self, fid: int) -> bool:
         """True for a live fid, committed or staged."""
-        return fid in self.staged or self.index.get(fid) is not None
+        return fid in self.staged or fid in self.writing or self.index.get(fid) is not None
 
     def can_fit(self, size: int) -> bool:
         """Some chunk has room for a body of size bytes now."""
@@ -206,11 +225,22 @@ class ChunkStore:
         return self._ordered
 
     def _pick(self, size: int) -> Chunk | None:
-        """First fit: the lowest chunk id with room for size."""
+        """First fit among the chunks that are free to take it: the lowest id with room that
+        has no commit under way and stages nothing yet (or, for a record under flush_bytes,
+        less than flush_bytes of them: small records share a chunk and its fsync); else the
+        chunk with room and the fewest bytes not committed yet. So large records go to
+        different chunks, written in parallel, and small ones do not queue behind them."""
+        best, best_load = None, 0
+        small = size < (self.flush_bytes or FLUSH_BYTES)
         for ch in self.ordered_chunks():
-            if fits(ch.capacity - ch.tail, size):
+            if not fits(ch.capacity - ch.tail, size):
+                continue
+            load = ch.tail - ch.sb.current_offset
+            if ch.chunk_id not in self.busy and (not ch.staged or (small and load < FLUSH_BYTES)):
                 return ch
-        return None
+            if best is None or load < best_load:
+                best, best_load = ch, load
+        return best
 
     def chunk_file(self, cid: int) -> str:
         """The file name of chunk cid."""
@@ -228,7 +258,7 @@ class ChunkStore:
     # ------------------------------------------------------------------ writes
     def stage(self, fid: int, parts: list, size: int, csum: int) -> None:
         """Append a record to a chunk with room; visible only after commit()."""
-        if fid in self.staged:
+        if fid in self.staged or fid in self.writing:
             raise FileExists(f"fid {fid} is being written")
         loc = self.index.get(fid)
         if loc is not None:
@@ -258,7 +288,7 @@ class ChunkStore:
             ch.pending_at = off
         ch.pending.append(header)  # written by commit(): one pwritev per chunk per batch,
         ch.pending.extend(views)  # or now, once FLUSH_BYTES of them wait
-        if off + RECORD_HEADER_SIZE + size - ch.pending_at >= FLUSH_BYTES:
+        if self.flush_bytes and off + RECORD_HEADER_SIZE + size - ch.pending_at >= self.flush_bytes:
             try:
                 self._write_pending(ch)
             except OSError as e:
@@ -310,6 +340,87 @@ class ChunkStore:
         self.staged.clear()
         self._changed = True
         self.maybe_save_snapshot()
+        return fids
+
+    def staged_chunks(self) -> list[Chunk]:
+        """The chunks with staged records and no commit under way: ready for begin_commit."""
+        return [ch for ch in self.ordered_chunks() if ch.staged and ch.chunk_id not in self.busy]
+
+    def begin_commit(self, ch: Chunk) -> ChunkCommit:
+        """Take a chunk's staged records for a commit of their own (see ChunkCommit)."""
+        assert ch.chunk_id not in self.busy, "one commit per chunk at a time"
+        fids = [(fid, off) for fid, (cid, off) in self.staged.items() if cid == ch.chunk_id]
+        for fid, _ in fids:
+            del self.staged[fid]
+            self.writing.add(fid)
+        self.index.reserve(len(self.index) + len(fids) + len(self.staged))  # none after fsync
+        c = ChunkCommit(ch, ch.pending, ch.pending_at, ch.staged_superblock(), fids, self.sync)
+        ch.pending = []
+        ch.staged = 0
+        self.busy.add(ch.chunk_id)
+        return c
+
+    @staticmethod
+    def write_commit(c: ChunkCommit) -> ChunkCommit:
+        """The commit's disk writes (thread-safe: its own chunk file, its own buffers); an
+        OSError is kept in c.error for end_commit."""
+        ch = c.chunk
+        try:
+            if faults.ACTIVE:
+                faults.check("write", ch.name)
+            if c.bufs:
+                datadir.pwritev_all(ch.fd, c.bufs, c.at)
+            if faults.ACTIVE:
+                faults.check("superblock", ch.name)
+            datadir.pwrite_all(ch.fd, c.sb.encode(), 0)
+            if c.sync:
+                if faults.ACTIVE:
+                    faults.check("fsync", ch.name)
+                os.fsync(ch.fd)
+        except OSError as e:
+            c.error = e
+        return c
+
+    def end_commit(self, c: ChunkCommit) -> list[int]:
+        """Make a written commit visible (superblock, index); its fids. After a failed one
+        (WriteFailed) the store is read-only and the chunk's later staged records are
+        dropped (their commit must fail too: staged_fids() tells which)."""
+        ch = c.chunk
+        self.busy.discard(ch.chunk_id)
+        self.writing.difference_update(fid for fid, _ in c.fids)
+        c.bufs = []
+        if c.error is not None:
+            self.read_only = True
+            dropped = self._drop_staged(ch)
+            ch.tail = ch.sb.current_offset
+            try:  # the old superblock back, in case the new one reached the file
+                datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
+                if self.sync:
+                    os.fsync(ch.fd)
+            except OSError as e:
+                log.error("%s: cannot restore the superblock after a failed commit: %s",
+                          ch.name, e.strerror)
+            log.error("%s: commit of %d writes failed: %s; read-only now (%d staged dropped)",
+                      ch.name, len(c.fids), c.error, len(dropped))
+            raise WriteFailed(f"commit failed: {c.error.strerror}")
+        if c.sync:
+            self.fsync_count += 1
+        ch.sb = c.sb
+        ch.sb_raw = c.sb.encode()
+        insert = self.index.insert
+        cid = ch.chunk_id
+        for fid, off in c.fids:
+            insert(fid, cid, off)
+        self._changed = True
+        return [fid for fid, _ in c.fids]
+
+    def _drop_staged(self, ch: Chunk) -> list[int]:
+        """Forget a chunk's staged records (not written yet); their fids."""
+        fids = [fid for fid, (cid, _) in self.staged.items() if cid == ch.chunk_id]
+        for fid in fids:
+            del self.staged[fid]
+        ch.pending = []
+        ch.staged = 0
         return fids
 
     def _rollback(self, touched: list[Chunk], written: list[Chunk]) -> None:
