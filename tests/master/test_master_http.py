@@ -1,9 +1,12 @@
 """The real spy_master.py over HTTP: registration, heartbeats, health, route, fids, SQL."""
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.master import masters, wait_for  # noqa: F401 (fixture)
 
@@ -228,11 +231,15 @@ def test_without_token_nothing_is_required(masters, tmp_path):
     assert r.status == 200
 
 
-def _metric(text: str, line_start: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{line_start} not in metrics")
+def _metric(text: str, sample: str) -> float:
+    """The value of sample ('name{label="v",...}', labels in any order), parsed strictly."""
+    name, _, labels = sample.partition("{")
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and s.labels == want:
+                return s.value
+    raise AssertionError(f"{sample} not in metrics")
 
 
 def test_metrics_move_with_traffic(masters, tmp_path):
