@@ -158,11 +158,7 @@ def serve(cfg, listener: socket.socket, limits: Limits) -> int:
     from speedy.master.app import MasterApp
 
     class ReadTimeout(BaseException):  # not caught by gevent's handling of bad requests
-        """A request was not read whole within read_timeout."""
-
-    timeout_answer = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
-                      b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n")
-    timeout_text = f"request not received whole within {limits.read_timeout:g} s\n".encode()
+        """A request's line and headers were not read within read_timeout: close."""
 
     class Handler(WSGIHandler):
         """Connection limits and timeouts (speedy.master.conns); TCP_NODELAY."""
@@ -183,9 +179,7 @@ def serve(cfg, listener: socket.socket, limits: Limits) -> int:
                 self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 super().handle()
-            except ReadTimeout:
-                self._answer_timeout()
-            except OSError:  # timeouts and resets of one client
+            except (OSError, ReadTimeout):  # timeouts and resets of one client: close
                 pass
             finally:
                 self._stop_timer()
@@ -214,17 +208,6 @@ def serve(cfg, listener: socket.socket, limits: Limits) -> int:
             super().handle_one_response()
             if getattr(self, "environ", None) and self.environ.get("speedy.linger"):
                 linger(self.socket)
-
-        def _answer_timeout(self) -> None:
-            """408 and close (best effort: the client may not read it)."""
-            sock = getattr(self, "socket", None)
-            if sock is None:
-                return
-            try:
-                sock.settimeout(1.0)
-                sock.sendall(timeout_answer % len(timeout_text) + timeout_text)
-            except OSError:
-                pass
 
         def _stop_timer(self) -> None:
             if self.timer is not None:

@@ -111,6 +111,28 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         port = s.getsockname()[1]
         r = run_master([f"--db={tmp_path / 'm.db'}", f"--port={port}"], cwd=str(tmp_path))
     _one_line_failure(r, "cannot listen")
+    assert sorted(os.listdir(tmp_path)) == []  # the port is bound first: no database left
+
+
+def test_empty_database_file_is_refused_unless_init_db(masters, tmp_path):
+    db = tmp_path / "m.db"
+    db.write_bytes(b"")
+    r = run_master([f"--db={db}", f"--port={free_port()}"], cwd=str(tmp_path))
+    _one_line_failure(r, "empty file")
+    assert "--init_db" in r.stderr and db.read_bytes() == b""
+    m = masters(tmp_path, "--init_db", db=str(db))
+    assert m.fid() == (1, 101)
+
+
+def test_missing_fid_state_row_is_a_one_line_error(masters, tmp_path):
+    m = masters(tmp_path)
+    assert m.stop() == 0
+    c = sqlite3.connect(m.db)
+    c.execute("DELETE FROM fid_state")
+    c.commit()
+    c.close()
+    r = run_master([f"--db={m.db}", f"--port={free_port()}"], cwd=str(tmp_path))
+    _one_line_failure(r, "no fid_state row")
 
 
 def test_error_goes_to_the_log_file_too(tmp_path):
