@@ -238,3 +238,16 @@ def test_graceful_stop_is_prompt_with_idle_keepalive_clients(masters, tmp_path):
     assert time.monotonic() - t0 < 10
     for s in conns:
         s.close()
+
+
+def test_print_config_names_the_file_and_masks_the_token(tmp_path):
+    conf = tmp_path / "m.conf"
+    conf.write_text("token = s3cret\nmax_connections = 500\n")
+    r = run_master([f"--config={conf}", "--read_timeout=3", "--print_config"],
+                   cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    lines = {ln.split(" = ")[0]: ln for ln in r.stdout.splitlines()}
+    assert "s3cret" not in r.stdout and "'****'" in lines["token"]
+    assert f"# from config_file {conf};" in lines["max_connections"]
+    assert "# from command_line;" in lines["read_timeout"]
+    assert "# from defaults;" in lines["idle_timeout"]
