@@ -156,6 +156,14 @@ class ServerKey:
         return self.group_id, self.ip, self.port
 
 
+# The load figures a report carries and the master answers back: JSON name -> attribute.
+COUNTERS: dict[str, str] = {
+    "TotalFreeSpace": "total_free_space", "MaxFreeSpace": "max_free_space",
+    "PendingWrites": "pending_writes", "WritingCount": "writing_count",
+    "ReadingCount": "reading_count", "TotalChunks": "total_chunks",
+    "ConnectionsCount": "conn_count"}
+
+
 @dataclass
 class Report:
     """A chunkserver's heartbeat body (PROTOCOL.md "Reporting to the master")."""
@@ -172,12 +180,6 @@ class Report:
     data_dir: str = ""
     total_chunks: int = 0
     conn_count: int = 0
-
-    COUNTERS: ClassVar[dict[str, str]] = {
-        "TotalFreeSpace": "total_free_space", "MaxFreeSpace": "max_free_space",
-        "PendingWrites": "pending_writes", "WritingCount": "writing_count",
-        "ReadingCount": "reading_count", "TotalChunks": "total_chunks",
-        "ConnectionsCount": "conn_count"}
 
     @property
     def read_only(self) -> bool:
@@ -197,7 +199,7 @@ class Report:
     def from_json(cls, obj: Any) -> "Report":
         """Parse and check a body (zero-valued fields may be left out)."""
         key = ServerKey.from_json(obj)
-        kw = {attr: get_int(obj, name, 0, INT64_MAX, 0) for name, attr in cls.COUNTERS.items()}
+        kw = {attr: get_int(obj, name, 0, INT64_MAX, 0) for name, attr in COUNTERS.items()}
         return cls(*key.astuple(), status=get_int(obj, "Status", 0, 1, 0),
                    data_dir=get_text(obj, "DataDir"), **kw)
 
@@ -223,11 +225,8 @@ class ServerStatus:
 
     FIELDS: ClassVar[dict[str, str]] = {
         "GroupId": "group_id", "Ip": "ip", "Port": "port", "Status": "status",
-        "GlobalStatus": "global_status", "TotalFreeSpace": "total_free_space",
-        "MaxFreeSpace": "max_free_space", "PendingWrites": "pending_writes",
-        "WritingCount": "writing_count", "ReadingCount": "reading_count",
-        "TotalChunks": "total_chunks", "ConnectionsCount": "conn_count",
-        "DataDir": "data_dir", "PendingDeletes": "pending_deletes"}
+        "GlobalStatus": "global_status", **COUNTERS, "DataDir": "data_dir",
+        "PendingDeletes": "pending_deletes"}
     TEXT: ClassVar[frozenset[str]] = frozenset({"ip", "data_dir"})
 
     def to_json(self) -> dict:
