@@ -265,8 +265,8 @@ def run(client, group_id: int, dry_run: bool = False, out: TextIO = sys.stdout) 
     rep = repair_group(client.pool, servers, group_id, dry_run, out)
     verb = "would copy" if dry_run else "copied"
     print(f"group {group_id}: {rep.files} fids on {len(servers)} servers; {verb} "
-          f"{rep.copied}, rewrote {rep.rewritten} damaged, deleted {rep.deleted}, "
-          f"{rep.in_place} written meanwhile; "
+          f"{rep.copied}, rewrote {rep.rewritten} damaged, deleted {rep.deleted}; "
+          f"{rep.in_place} written meanwhile by puts; "
           f"{len(rep.lost)} damaged on every replica; {len(rep.failed)} failures; "
           f"scanned {rep.scanned_bytes} bytes in {rep.seconds:.2f} s", file=out)
     for f in rep.failed[:20]:
