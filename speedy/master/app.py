@@ -50,7 +50,7 @@ def origin_path(path: str) -> str:
     return path[m.end():] or "/"
 
 
-def fields(parse: Callable[..., Any], *args: Any) -> Any:
+def checked(parse: Callable[..., Any], *args: Any) -> Any:
     """parse(*args), its FieldError answered as a 400."""
     try:
         return parse(*args)
@@ -219,7 +219,7 @@ class MasterApp:
 
     def initserver(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """Register one chunkserver (INIT); registering again is harmless."""
-        key = fields(wm.ServerKey.from_json, parse_json(body)).astuple()
+        key = checked(wm.ServerKey.from_json, parse_json(body)).astuple()
         if self._db(mdb.add_servers, [key]):
             log.info("chunkserver %d:%s:%d registered", *key)
         return _ok()
@@ -242,7 +242,7 @@ class MasterApp:
     def reportinfo(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """A heartbeat: store the report, INIT/RO -> RW (RO if the server is read-only);
         then finish the deletes pending on that server, in the background."""
-        report = fields(wm.Report.from_json, parse_json(body))
+        report = checked(wm.Report.from_json, parse_json(body))
         result = self._db(mdb.record_report, report)
         key = f"{report.group_id}:{report.ip}:{report.port}"
         if result is None:
@@ -265,7 +265,7 @@ class MasterApp:
 
     def setstatus(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """speedy extension: set a chunkserver's status ({"Ip","Port","Status"[,"GroupId"]})."""
-        ch = fields(wm.StatusChange.from_json, parse_json(body))
+        ch = checked(wm.StatusChange.from_json, parse_json(body))
         rows = self._db(mdb.set_status, ch.ip, ch.port, ch.status, ch.group_id or None)
         if not rows:
             raise HTTPError(404, f"no chunkserver {ch.ip}:{ch.port} is registered")
@@ -273,7 +273,7 @@ class MasterApp:
 
     def removeserver(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """speedy extension: delete a chunkserver from the registry."""
-        key = fields(wm.ServerKey.from_json, parse_json(body)).astuple()
+        key = checked(wm.ServerKey.from_json, parse_json(body)).astuple()
         if not self._db(mdb.remove_server, *key):
             raise HTTPError(404, "no chunkserver %d:%s:%d is registered" % key)
         log.warning("chunkserver %d:%s:%d removed from the registry", *key)
