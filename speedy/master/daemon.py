@@ -114,7 +114,7 @@ def check_database(path: str, init: bool = False) -> int:
             log.info("database %s: schema %d, %d chunkservers, fid high-water %d", path,
                      mdb.SCHEMA_VERSION, n, mdb.fid_high_water(db))
         finally:
-            db.conn.close()
+            db.close()
     except BaseException:
         if created:
             for suffix in ("", "-wal", "-shm", "-journal"):

@@ -161,18 +161,17 @@ def _explain(path: str, e: sqlite3.Error) -> str:
 
 def _prepare(db: sqlite_utils.Database, path: str, check: bool) -> None:
     """Check integrity, switch to WAL + synchronous=FULL, create or migrate the schema."""
-    c = db.conn
     if check:
-        result = [r[0] for r in c.execute("PRAGMA quick_check").fetchall()]
+        result = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
         if result != ["ok"]:
             detail = " ".join("; ".join(map(str, result[:3])).split())[:200]
             raise MasterDBError(f"database {path} is corrupt (quick_check: {detail}); "
                                 "refusing to start, restore a backup")
-    mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise MasterDBError(f"database {path}: cannot switch to WAL mode (got {mode})")
-    c.execute("PRAGMA synchronous = FULL")
-    c.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("PRAGMA foreign_keys = ON")
     migrate(db, path)
 
 
