@@ -112,7 +112,7 @@ class MasterCollector(Collector):
             yield fam
         yield GaugeMetricFamily("speedy_master_groups", "Groups known.",
                                 value=len({cs.group_id for cs in s.servers}))
-        yield CounterMetricFamily("speedy_master_fids_issued", "File ids handed out.",
+        yield CounterMetricFamily("speedy_master_fids_issued_total", "File ids handed out.",
                                   value=s.fids_issued)
         yield GaugeMetricFamily("speedy_master_fid_high_water",
                                 "First fid never reserved in the database.",
@@ -120,7 +120,7 @@ class MasterCollector(Collector):
         yield GaugeMetricFamily("speedy_master_pending_deletes",
                                 "Deletes the master still has to finish, all servers.",
                                 value=s.pending_deletes)
-        requests = CounterMetricFamily("speedy_master_http_requests",
+        requests = CounterMetricFamily("speedy_master_http_requests_total",
                                        "HTTP requests, by route and status.",
                                        labels=["route", "code"])
         for (route, code), n in sorted(c.requests.copy().items(),
@@ -134,13 +134,13 @@ class MasterCollector(Collector):
             hist.add_metric([route], lat.cumulative(), round(lat.total, 6))
         yield hist
         for name, text, value in (
-                ("speedy_master_heartbeats", "Heartbeats accepted.", c.heartbeats),
-                ("speedy_master_silent_to_ro", "RW chunkservers turned RO for lack of "
+                ("speedy_master_heartbeats_total", "Heartbeats accepted.", c.heartbeats),
+                ("speedy_master_silent_to_ro_total", "RW chunkservers turned RO for lack of "
                  "heartbeats.", c.silent_to_ro),
-                ("speedy_master_monitor_errors", "Failed health checks.", c.monitor_errors),
-                ("speedy_master_deletes_finished", "Pending deletes the master finished on "
+                ("speedy_master_monitor_errors_total", "Failed health checks.", c.monitor_errors),
+                ("speedy_master_deletes_finished_total", "Pending deletes the master finished on "
                  "a chunkserver.", c.deletes_finished),
-                ("speedy_master_rejected_connections", "Connections closed by a limit: "
+                ("speedy_master_rejected_connections_total", "Connections closed by a limit: "
                  "idle ones evicted and new ones refused.", c.rejected_connections)):
             yield CounterMetricFamily(name, text, value=value)
         yield GaugeMetricFamily("speedy_master_connections", "Open HTTP connections.",
