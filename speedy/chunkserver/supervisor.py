@@ -36,7 +36,8 @@ from speedy.chunkserver.shm.pool import (BlockPool, MAX_OWNER, disable_resource_
                    server_prefix, unlink_prefix)
 from speedy.chunkserver.shm.counters import StatsView
 from speedy.chunkserver.worker import BOOT_ERROR, run_worker
-from speedy.chunkserver.writer import OWNER, run_writer
+from speedy.chunkserver.messages import OWNER
+from speedy.chunkserver.writer import run_writer
 
 log = logging.getLogger("speedy.chunkserver.supervisor")
 
