@@ -8,7 +8,7 @@ import stat
 import zlib
 from dataclasses import dataclass
 
-from speedy.chunkserver import faults
+from speedy.chunkserver import diskio
 from speedy.format.chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE, REF_DELETED, REF_LIVE,
                         chunk_name, parse_chunk_name)
 from speedy.wire.protocol import Err
@@ -138,10 +138,8 @@ class ChunkReader:
         total = len(view)
         got = 0
         try:
-            if faults.ACTIVE:
-                faults.check("read", chunk_name(self.group_id, chunk_id))
             while got < total:
-                n = os.preadv(fd, [view[got:]], offset + got)
+                n = diskio.preadv(fd, [view[got:]], offset + got)
                 if not n:
                     break
                 got += n
@@ -183,11 +181,9 @@ class ChunkReader:
             fd = self._fd(chunk_id)
             size = os.fstat(fd).st_size
             offset = random.randrange(max(1, size // CHECK_BLOCK)) * CHECK_BLOCK
-            if faults.ACTIVE:
-                faults.check("read", chunk_name(self.group_id, chunk_id))
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, offset, CHECK_BLOCK, os.POSIX_FADV_DONTNEED)
-            os.pread(fd, CHECK_BLOCK, offset)
+            diskio.pread(fd, CHECK_BLOCK, offset)
         except OSError as e:
             raise ReadFailed(f"disk check failed: {e.strerror}", Err.CHUNK_CHECK_ERROR) from None
         except ReadFailed as e:

@@ -208,7 +208,7 @@ def test_pidfile_of_a_running_process_refuses_start(tmp_path):
 
 
 def test_disk_faults_turn_the_server_read_only(servers):
-    faults = "write:*:after=2,read:*:after=1"  # SPEEDY_FAULTS: see speedy/faults.py
+    faults = "write:*:after=2,read:*:after=1"  # SPEEDY_FAULTS: see speedy/chunkserver/faults.py
     srv = servers("faults", workers=1, env={"SPEEDY_FAULTS": faults})
     with srv.client() as c:
         assert c.write(1, b"one") == Err.SUCCESS
