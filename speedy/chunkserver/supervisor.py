@@ -454,11 +454,10 @@ class Supervisor:
         self.reporter = Reporter(self.cfg, self.totals)
         self.reporter.start()
         if self.cfg.metrics_port:
-            from speedy.common.metrics import chunkserver_families, serve_metrics
+            from speedy.chunkserver.metrics import serve_metrics
             try:
-                _thread, self.metrics_server = serve_metrics(
-                    self.cfg.ip, self.cfg.metrics_port,
-                    lambda: chunkserver_families(self.totals()))
+                self.metrics_server = serve_metrics(self.cfg.ip, self.cfg.metrics_port,
+                                                    self.totals)
             except OSError as e:
                 raise StartError(f"cannot serve metrics on {self.cfg.ip}:"
                                  f"{self.cfg.metrics_port}: {e.strerror or e}") from None
