@@ -68,15 +68,6 @@ class ChunkReader:
             self._fds[chunk_id] = fd
         return fd
 
-    def _header(self, fid: int) -> tuple[int, int, int, int]:
-        """(chunk_id, offset, size, checksum) of fid's live record, its header verified."""
-        loc = self.index.get(fid)
-        if loc is None:
-            raise NotFound(f"fid {fid} not found")
-        chunk_id, offset = loc
-        raw = self.read_at(chunk_id, offset, RECORD_HEADER_SIZE)
-        return self._verify_header(fid, chunk_id, offset, raw)
-
     @staticmethod
     def _verify_header(fid: int, chunk_id: int, offset: int,
                        raw: bytes | bytearray) -> tuple[int, int, int, int]:
@@ -146,15 +137,6 @@ class ChunkReader:
         except OSError as e:
             raise ReadFailed(f"reading chunk {chunk_id} at {offset}: {e.strerror}") from None
         return got
-
-    def locate(self, fid: int) -> tuple[int, int, int]:
-        """(chunk_id, data_offset, size) of fid, header verified, for streaming a big read."""
-        chunk_id, offset, size, _csum = self._header(fid)
-        return chunk_id, offset + RECORD_HEADER_SIZE, size
-
-    def checksum_of(self, fid: int) -> int:
-        """The stored adler32 of fid's data (to verify a streamed read at its end)."""
-        return self._header(fid)[3]
 
     def read_at(self, chunk_id: int, offset: int, size: int) -> bytearray:
         """size bytes of a chunk at offset; past the end of a short file they are zeros."""

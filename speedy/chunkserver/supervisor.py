@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 from speedy.common import notify
 from speedy.common.config import load_server_config
-from speedy.common.daemonize import PidfileError, daemonize, remove_pidfile, write_pidfile
+from speedy.common.daemonize import (PidfileError, StartError, daemonize, remove_pidfile,
+                                     write_pidfile)
 from speedy.common.logs import reopen_logs, setup_logging
 from speedy.chunkserver.shm.pool import (BlockPool, MAX_OWNER, disable_resource_tracker, remove_stale_segments,
                    server_prefix, unlink_prefix)
@@ -51,10 +52,6 @@ RESPAWN_DELAY = 1.0  # a worker that died within this of its start is respawned 
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGCHLD: "chld"}
 CHILD_SIGNALS = {signal.SIGTERM, signal.SIGHUP}
-
-
-class StartError(Exception):
-    """A start-up failure with a one-line message."""
 
 
 @dataclass

@@ -32,7 +32,8 @@ from speedy.common.logs import reopen_logs
 from speedy.chunkserver.shm.pool import BlockPool, unlink_prefix
 from speedy.wire.protocol import Err
 from speedy.chunkserver.shm.counters import StatsView
-from speedy.chunkserver.store.chunkstore import ChunkStore, FileExists, NoRoom, StartError, WriteFailed
+from speedy.chunkserver.store.chunkstore import ChunkStore, FileExists, NoRoom, WriteFailed
+from speedy.common.daemonize import StartError
 
 log = logging.getLogger("speedy.chunkserver.writer")
 

@@ -27,7 +27,8 @@ from speedy.chunkserver.store import datadir, journal, recovery, snapshot
 from speedy.chunkserver import diskio
 from speedy.format.chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED, REF_OFFSET,
                         chunk_name, encode_record_header, fits, max_data_size)
-from speedy.chunkserver.store.datadir import Chunk, StartError  # noqa: F401 (re-exported)
+from speedy.chunkserver.store.datadir import Chunk
+from speedy.common.daemonize import StartError
 from speedy.chunkserver.shm.index import FidIndex
 from speedy.wire.protocol import Err
 

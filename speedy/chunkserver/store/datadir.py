@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from speedy.chunkserver import diskio
 from speedy.chunkserver.store import snapshot
+from speedy.common.daemonize import StartError
 from speedy.format.chunkfile import (MAX_CHUNK_SIZE, SUPERBLOCK_SIZE, FormatError, Superblock, chunk_name,
                         parse_chunk_name)
 
@@ -24,10 +25,6 @@ LOCK_FILE = "lock"
 TMP_PREFIX = "tmp."
 MAX_CHUNK_ID = 0xFFFFFFFF
 IOV_MAX = 1024
-
-
-class StartError(Exception):
-    """A fatal start-up problem, with a one-line message for the operator."""
 
 
 @dataclass
