@@ -14,7 +14,6 @@ import os
 import shutil
 import zlib
 
-import pytest
 
 from speedy.chunkserver import faults
 from speedy.chunkserver.reader import NotFound, ReadFailed

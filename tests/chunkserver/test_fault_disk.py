@@ -19,7 +19,6 @@ import time
 import pytest
 
 from tests.support import PYTHON, free_port
-from tests.support.master import masters  # noqa: F401 (fixture)
 from tests.support.server import SPY_SERVER, Client, make_server, payload, wait_for
 from speedy.wire.protocol import Err, Op
 from speedy.chunkserver.shm.counters import StatsView

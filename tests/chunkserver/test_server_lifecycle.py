@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from tests.support import PYTHON, free_port
-from tests.support.server import SPY_SERVER, payload, servers, wait_for  # noqa: F401 (fixture)
+from tests.support.server import SPY_SERVER, payload, wait_for
 from speedy.chunkserver.shm.pool import BlockPool
 from speedy.wire.protocol import Err, Op, encode_file_key
 from speedy.chunkserver.shm.counters import StatsView

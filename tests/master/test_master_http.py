@@ -5,7 +5,7 @@ import sqlite3
 import threading
 import time
 
-from tests.support.master import masters, wait_for  # noqa: F401 (fixture)
+from tests.support.master import wait_for
 
 CS_FIELDS = {"GroupId", "Ip", "Port", "Status", "GlobalStatus", "TotalFreeSpace",
              "MaxFreeSpace", "PendingWrites", "WritingCount", "ReadingCount", "TotalChunks",
