@@ -10,6 +10,7 @@ labels; opcodes and error codes are bounded label values (``unknown`` for the re
 from __future__ import annotations
 
 import logging
+from enum import IntEnum
 from typing import Any, Callable, Iterator, Mapping
 
 from prometheus_client import (CollectorRegistry, GCCollector, PlatformCollector,
@@ -42,24 +43,25 @@ BYTE_COUNTERS = (
     ("write_bytes", "speedy_write_bytes_total", "File bytes stored by writes."))
 
 
-def op_label(op: Any) -> str:
-    """An opcode (int, Op or name) as a bounded label value: 'write', 'read', ... 'unknown'."""
-    if isinstance(op, str):
-        return op.lower() if op.upper() in Op.__members__ else "unknown"
+def enum_label(kind: type[IntEnum], value: Any) -> str:
+    """A member of kind (int, member or name) as a bounded label value, in lower case
+    ('write', 'file_not_found'); 'unknown' for anything else."""
+    if isinstance(value, str):
+        return value.lower() if value.upper() in kind.__members__ else "unknown"
     try:
-        return Op(int(op)).name.lower()
+        return kind(int(value)).name.lower()
     except ValueError:
         return "unknown"
+
+
+def op_label(op: Any) -> str:
+    """An opcode as a label value."""
+    return enum_label(Op, op)
 
 
 def code_label(code: Any) -> str:
-    """An error code (int, Err or name) as a label value: 'file_not_found', ... 'unknown'."""
-    if isinstance(code, str):
-        return code.lower() if code.upper() in Err.__members__ else "unknown"
-    try:
-        return Err(int(code)).name.lower()
-    except ValueError:
-        return "unknown"
+    """An error code as a label value."""
+    return enum_label(Err, code)
 
 
 def relabel(mapping: Mapping[Any, float], label: Callable[[Any], Any]) -> dict[Any, float]:

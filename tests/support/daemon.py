@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 POLL = 0.05
@@ -80,9 +81,20 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def session_pids(sid: int) -> list[int]:
-    """Live (not zombie) pids of session sid."""
-    pids = []
+@dataclass
+class ProcInfo:
+    """One line of /proc/<pid>/stat, the fields the tests look at."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    sid: int
+
+
+def processes() -> list[ProcInfo]:
+    """Every live (not zombie) process, from /proc."""
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -92,9 +104,20 @@ def session_pids(sid: int) -> list[int]:
         except OSError:
             continue
         rest = stat[stat.rindex(")") + 2:].split()
-        if int(rest[3]) == sid and rest[0] != "Z":
-            pids.append(int(entry))
-    return pids
+        if rest[0] != "Z":
+            out.append(ProcInfo(int(entry), stat[stat.index("(") + 1:stat.rindex(")")],
+                                rest[0], int(rest[1]), int(rest[3])))
+    return out
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live pids of session sid."""
+    return [p.pid for p in processes() if p.sid == sid]
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """{child pid: comm} of pid's live children."""
+    return {p.pid: p.comm for p in processes() if p.ppid == pid}
 
 
 def stop_session(proc: subprocess.Popen | None, sig: int = signal.SIGKILL,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support import PYTHON, ROOT, free_port
-from tests.support.daemon import exited, spawn, stop_session, wait_ready
+from tests.support.daemon import children_of, exited, spawn, stop_session, wait_ready
 
 from speedy.chunkserver.shm.pool import BlockPool, server_prefix, unlink_prefix
 from speedy.wire.protocol import REQUEST_HEADER, RESPONSE_HEADER, Err, Op, encode_file_key
@@ -183,23 +183,6 @@ class ServerProc:
 def discard_shm(pid: int) -> None:
     """Remove the shared memory segments of the server whose supervisor was pid (killed)."""
     unlink_prefix(server_prefix(pid))
-
-
-def children_of(pid: int) -> dict[int, str]:
-    """{child pid: comm} from /proc."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rindex(")") + 2:].split()
-        if int(rest[1]) == pid and rest[0] != "Z":
-            out[int(entry)] = stat[stat.index("(") + 1:stat.rindex(")")]
-    return out
 
 
 def make_server(base_dir, name: str = "srv", **flags) -> ServerProc:
