@@ -1,9 +1,11 @@
 """Test helper: a real spy_master.py on a free loopback port with a temporary database.
 
-    from tests.support.master import masters  # the fixture: masters(tmp_path, ...) -> MasterProc
+    def test_x(masters, tmp_path):  # the fixture (tests/conftest.py)
+        m = masters(tmp_path)         # a started MasterProc
 
-Every process a test starts is killed (SIGKILL) in the fixture's finalizer if it is
-still running, so a failing test never leaves a master behind.
+Every process a test starts runs in its own session (tests/support/daemon.py) and is
+killed (SIGKILL) in the fixture's finalizer, so a failing test never leaves a master
+behind.
 """
 from __future__ import annotations
 
