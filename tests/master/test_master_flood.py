@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.support.master import masters, wait_for  # noqa: F401 (fixture)
+from tests.support.master import wait_for
 
 
 def raise_nofile(need: int) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from speedy.master import db as mdb
 from speedy.wire.master import PendingDelete
-from tests.support.master import masters  # noqa: F401 (fixture)
+
 
 SQLITE_UTILS = os.path.join(os.path.dirname(sys.executable), "sqlite-utils")
 

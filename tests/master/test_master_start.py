@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.support import free_port
-from tests.support.master import MasterProc, http, masters, run_master, wait_for  # noqa: F401
+from tests.support.master import MasterProc, http, run_master, wait_for
 
 
 @pytest.mark.parametrize("flag,name", [
