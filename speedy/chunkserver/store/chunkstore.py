@@ -22,13 +22,14 @@ import logging
 import os
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from speedy.chunkserver.store import datadir, journal, recovery, snapshot
-from speedy.chunkserver import faults
+from speedy.chunkserver import diskio
 from speedy.format.chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED, REF_OFFSET,
                         Superblock, chunk_name, encode_record_header, fits, max_data_size)
-from speedy.chunkserver.store.datadir import Chunk, StartError  # noqa: F401 (re-exported)
+from speedy.chunkserver.store.datadir import Chunk
+from speedy.common.daemonize import StartError
 from speedy.chunkserver.shm.index import FidIndex
 from speedy.wire.protocol import Err
 
@@ -115,7 +116,6 @@ class ChunkStore:
         self._changed = False
         self.snapshot_interval = SNAPSHOT_INTERVAL  # 0 turns the automatic saves off
         self.journal_limit = JOURNAL_LIMIT
-        faults.load_env()
 
     # ------------------------------------------------------------------ start-up
     def open(self) -> None:
@@ -276,14 +276,6 @@ class ChunkStore:
             raise NoRoom(f"no chunk has room for {size} bytes")
         off = ch.tail
         header = encode_record_header(fid, size, csum, int(time.time()))
-        if faults.ACTIVE:
-            try:
-                faults.check("write", ch.name)
-            except OSError as e:
-                self.read_only = True
-                log.error("%s: writing fid %d (%d bytes) at offset %d failed: %s; read-only now",
-                          ch.name, fid, size, off, e.strerror)
-                raise WriteFailed(f"write to {ch.name} failed: {e.strerror}") from None
         if not ch.pending:
             ch.pending_at = off
         ch.pending.append(header)  # written by commit(): one pwritev per chunk per batch,
@@ -316,8 +308,6 @@ class ChunkStore:
             for ch in touched:  # the records first, then the superblocks that cover them
                 self._write_pending(ch)
             for ch in touched:
-                if faults.ACTIVE:
-                    faults.check("superblock", ch.name)
                 written.append(ch)
                 datadir.pwrite_all(ch.fd, new[ch.chunk_id].encode(), 0)
             if self.sync:
@@ -366,17 +356,11 @@ class ChunkStore:
         OSError is kept in c.error for end_commit."""
         ch = c.chunk
         try:
-            if faults.ACTIVE:
-                faults.check("write", ch.name)
             if c.bufs:
                 datadir.pwritev_all(ch.fd, c.bufs, c.at)
-            if faults.ACTIVE:
-                faults.check("superblock", ch.name)
             datadir.pwrite_all(ch.fd, c.sb.encode(), 0)
             if c.sync:
-                if faults.ACTIVE:
-                    faults.check("fsync", ch.name)
-                os.fsync(ch.fd)
+                diskio.fsync(ch.fd)
         except OSError as e:
             c.error = e
         return c
@@ -396,7 +380,7 @@ class ChunkStore:
             try:  # the old superblock back, in case the new one reached the file
                 datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
                 if self.sync:
-                    os.fsync(ch.fd)
+                    diskio.fsync(ch.fd)
             except OSError as e:
                 log.error("%s: cannot restore the superblock after a failed commit: %s",
                           ch.name, e.strerror)
@@ -434,7 +418,7 @@ class ChunkStore:
             try:
                 datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
                 if self.sync:
-                    os.fsync(ch.fd)
+                    diskio.fsync(ch.fd)
             except OSError as e:
                 log.error("%s: cannot restore the superblock after a failed commit: %s",
                           ch.name, e.strerror)
@@ -447,9 +431,7 @@ class ChunkStore:
             datadir.pwritev_all(ch.fd, pending, ch.pending_at)
 
     def _fsync(self, ch: Chunk) -> None:
-        if faults.ACTIVE:
-            faults.check("fsync", ch.name)
-        os.fsync(ch.fd)
+        diskio.fsync(ch.fd)
         self.fsync_count += 1
 
     def delete(self, fid: int) -> bool:
@@ -484,16 +466,12 @@ class ChunkStore:
             for fid, locs in groups:
                 for i, (cid, off) in enumerate(locs):
                     ch = self.chunks[cid]
-                    if faults.ACTIVE:
-                        faults.check("ref", ch.name)
                     datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
                     if i == 0:
                         self.index.remove(fid)
                     ch.sb.files_count -= 1
                     touched[cid] = ch
             for ch in touched.values():
-                if faults.ACTIVE:
-                    faults.check("superblock", ch.name)
                 ch.sb_raw = ch.sb.encode()
                 datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
             if self.sync:
@@ -520,7 +498,7 @@ class ChunkStore:
         clean = True
         for ch in self.ordered_chunks():  # superblocks were written by commit() and delete()
             try:
-                os.fsync(ch.fd)
+                diskio.fsync(ch.fd)
             except OSError as e:
                 clean = False
                 log.error("%s: flushing at close failed: %s", ch.name, e.strerror)
