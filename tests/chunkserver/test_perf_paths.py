@@ -64,12 +64,15 @@ def test_small_records_of_a_batch_go_in_one_write(h, pwrites):
     assert h.store.file_count() == 40 and h.reader.read(40) == bodies[40]
 
 
-def test_big_records_are_written_as_they_are_staged(h, pwrites):
+def test_big_records_go_to_a_chunk_of_their_own_written_as_staged(h, pwrites):
     big = payload(1, FLUSH_BYTES)
     stage(h, 1, b"small")
-    stage(h, 2, big)  # the pending bytes pass FLUSH_BYTES: written now, both records
-    assert [c[1:] for c in pwrites] == [(2 * RECORD_HEADER_SIZE + 5 + len(big), SUPERBLOCK_SIZE)]
-    stage(h, 3, b"after")
+    stage(h, 2, big)  # another chunk (not behind the small one), written now
+    chunk2 = h.store.chunks[2].fd
+    assert [c for c in pwrites] == [(chunk2, RECORD_HEADER_SIZE + len(big), SUPERBLOCK_SIZE)]
+    assert {fid: cid for fid, (cid, _) in h.store.staged.items()} == {1: 1, 2: 2}
+    stage(h, 3, b"after")  # small records share chunk 1
+    assert h.store.staged[3][0] == 1
     h.store.commit()
     assert [h.reader.read(f) for f in (1, 2, 3)] == [b"small", big, b"after"]
 
