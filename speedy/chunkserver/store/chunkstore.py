@@ -225,21 +225,35 @@ class ChunkStore:
         return self._ordered
 
     def _pick(self, size: int) -> Chunk | None:
-        """First fit among the chunks that are free to take it: the lowest id with room that
-        has no commit under way and stages nothing yet (or, for a record under flush_bytes,
-        less than flush_bytes of them: small records share a chunk and its fsync); else the
-        chunk with room and the fewest bytes not committed yet. So large records go to
-        different chunks, written in parallel, and small ones do not queue behind them."""
+        """The chunk a record goes to, among those with room: the lowest id that is free to
+        take it now (no commit under way, nothing staged yet; a record under flush_bytes
+        also joins one whose staged bytes are under flush_bytes: small records share a
+        chunk and its fsync). A large record leaves the last free chunk to the small ones
+        (unless a chunk takes them already) and otherwise queues behind the chunk with the fewest bytes not committed yet. So
+        large records are written in parallel and small ones do not wait behind them."""
+        limit = self.flush_bytes or FLUSH_BYTES
+        small = size < limit
+        free: list[Chunk] = []
+        lane = False  # a chunk takes small records now (not busy, staged under the limit)
         best, best_load = None, 0
-        small = size < (self.flush_bytes or FLUSH_BYTES)
         for ch in self.ordered_chunks():
             if not fits(ch.capacity - ch.tail, size):
                 continue
             load = ch.tail - ch.sb.current_offset
-            if ch.chunk_id not in self.busy and (not ch.staged or (small and load < FLUSH_BYTES)):
-                return ch
+            if ch.chunk_id not in self.busy:
+                if not ch.staged:
+                    if small:
+                        return ch
+                    free.append(ch)
+                    continue
+                if load < limit:
+                    if small:
+                        return ch
+                    lane = True
             if best is None or load < best_load:
                 best, best_load = ch, load
+        if len(free) > 1 or (free and (best is None or lane)):
+            return free[0]
         return best
 
     def chunk_file(self, cid: int) -> str:
