@@ -9,6 +9,7 @@ write was in flight either absent or intact. The default run does a few trials; 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import threading
 import time
@@ -16,6 +17,7 @@ import time
 import pytest
 
 from tests.support.server import Client, ServerProc
+from speedy.format.chunkfile import SUPERBLOCK_SIZE, Superblock
 from speedy.wire.protocol import Err
 
 FLAGS = {"sync": 1, "workers": 2, "chunks": 4, "chunk_size": 64 << 20, "mem_blocks": 32}
@@ -49,7 +51,12 @@ def writer(port: int, fids: list[int], sizes: dict[int, int], acked: list[int],
         c.close()
 
 
-def run_trials(tmp_path, trials: int, seed: int) -> dict[str, int]:
+SMALL_SIZES = (0, 1, 100, 4096, 20000, 70000)
+MIXED_SIZES = (100, 4096, 300_000, 1_000_000)  # large records: commits of several chunks at once
+
+
+def run_trials(tmp_path, trials: int, seed: int, sizes_of: tuple = SMALL_SIZES,
+               conns: int = 4) -> dict[str, int]:
     """Run the kill -9 trials; returns the totals."""
     rng = random.Random(seed)
     data_dir = str(tmp_path / "data")
@@ -60,10 +67,9 @@ def run_trials(tmp_path, trials: int, seed: int) -> dict[str, int]:
     for trial in range(trials):
         srv = ServerProc(data_dir, str(tmp_path / "server.log"), flags=dict(FLAGS)).start()
         try:
-            conns = 4
             per_conn = [list(range(next_fid + i, next_fid + 4000, conns)) for i in range(conns)]
             next_fid += 4000
-            sizes = {f: rng.choice((0, 1, 100, 4096, 20000, 70000))
+            sizes = {f: rng.choice(sizes_of)
                      for fl in per_conn for f in fl}
             acked: list[int] = []
             inflight: set[int] = set()
@@ -118,6 +124,26 @@ def test_kill9_during_synced_writes_loses_nothing_acknowledged(tmp_path):
     print("kill -9 trials:", totals)
     assert totals["acked"] > 0
     assert totals["lost"] == 0 and totals["corrupt"] == 0, totals
+
+
+def chunks_used(data_dir: str) -> int:
+    """How many chunk files hold records (their superblock's files_alloc)."""
+    used = 0
+    for name in os.listdir(data_dir):
+        if name.endswith(".chunk"):
+            with open(os.path.join(data_dir, name), "rb") as f:
+                used += Superblock.decode(f.read(SUPERBLOCK_SIZE)).files_alloc > 0
+    return used
+
+
+def test_kill9_during_parallel_chunk_commits_loses_nothing_acknowledged(tmp_path):
+    """Large and small records from 6 connections: the writer commits several chunks at
+    once (I/O threads), each with its own fsync; kill -9 loses nothing acknowledged."""
+    totals = run_trials(tmp_path, trials=3, seed=3, sizes_of=MIXED_SIZES, conns=6)
+    print("kill -9 trials, parallel chunk commits:", totals)
+    assert totals["acked"] > 0
+    assert totals["lost"] == 0 and totals["corrupt"] == 0, totals
+    assert chunks_used(str(tmp_path / "data")) >= 2
 
 
 @pytest.mark.slow
