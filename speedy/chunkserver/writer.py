@@ -46,6 +46,7 @@ SEND_TIMEOUT = 5.0
 STOP_GRACE = 30.0
 MAX_ROUND = 4096  # messages taken from one link per loop round
 IO_THREADS = 8  # at most this many chunks written at once (pwritev/fsync release the GIL)
+INLINE_BYTES = 64 << 10  # a commit under this (without fsync) is written by the loop itself
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Writer:
         self._signals: list[int] = []
         self.io: concurrent.futures.ThreadPoolExecutor | None = None
         self.waiting: dict[int, list[Job]] = {}  # chunk id -> its staged writes
-        self.inflight: dict[int, tuple[concurrent.futures.Future, list[Job]]] = {}
+        self.inflight: dict[int, tuple[concurrent.futures.Future | None, list[Job]]] = {}
         self.written: collections.deque[ChunkCommit] = collections.deque()  # by the threads
         self._io_w = -1
 
@@ -442,11 +443,16 @@ class Writer:
     def submit(self) -> None:
         """Start a commit for every chunk with staged writes and none under way: its
         records, superblock and fsync are written by an I/O thread (one chunk's commits
-        stay in order, different chunks' go in parallel)."""
+        stay in order, different chunks' go in parallel). A small commit without fsync
+        is written here at once: a hand-off to a thread would cost more than its pwritev."""
         store = self.store
         for ch in store.staged_chunks():  # type: ignore[union-attr]
             c = store.begin_commit(ch)  # type: ignore[union-attr]
             jobs = self.waiting.pop(ch.chunk_id, [])
+            if not c.sync and c.sb.current_offset - c.at < INLINE_BYTES:
+                self.inflight[ch.chunk_id] = (None, jobs)
+                self.written.append(store.write_commit(c))  # type: ignore[union-attr]
+                continue
             future = self.io.submit(store.write_commit, c)  # type: ignore[union-attr]
             self.inflight[ch.chunk_id] = (future, jobs)
             future.add_done_callback(self._written)
@@ -487,8 +493,9 @@ class Writer:
                 st.add("committed_writes", len(jobs))
                 if len(jobs) > st.get("max_batch"):
                     st.set("max_batch", len(jobs))
+            if not self.written:
+                self.submit()  # the chunks freed now; small commits come back at once
         self.pool.free(freed)
-        self.submit()
         if not self.inflight:
             store.maybe_save_snapshot()  # type: ignore[union-attr]
         self.publish()
@@ -498,7 +505,7 @@ class Writer:
         """Commit everything staged and wait for every commit under way to finish."""
         self.submit()
         while self.inflight:
-            concurrent.futures.wait([f for f, _ in self.inflight.values()])
+            concurrent.futures.wait([f for f, _ in self.inflight.values() if f is not None])
             while len(self.written) < len(self.inflight):  # the callbacks run just after
                 time.sleep(0.0001)
             self.finish_commits()
