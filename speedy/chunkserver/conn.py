@@ -11,7 +11,9 @@ its request began.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
+import socket
 import time
 
 IDLE_ENV = "SPEEDY_IDLE_TIMEOUT"
@@ -19,6 +21,8 @@ DEFAULT_IDLE = 30.0
 MIN_RATE_ENV = "SPEEDY_MIN_RATE"
 DEFAULT_MIN_RATE = 16384.0
 RECV_BUF = 16384
+
+log = logging.getLogger("speedy.chunkserver.conn")
 
 
 class Closed(Exception):
@@ -49,21 +53,22 @@ def min_rate() -> float:
 
 
 class AdminPolicy:
-    """Who may send admin opcodes: exact addresses, networks (CIDR) or host names."""
+    """Who may send admin opcodes: exact addresses, networks (CIDR) or host names.
+
+    A host name is resolved once, when the policy is made (every address it has, v4
+    and v6); a name that does not resolve is logged and allows nobody.
+    """
 
     def __init__(self, allow: list[str]) -> None:
-        self.networks = []
-        self.names = set()
+        self.networks: list = []
         for entry in allow:
             try:
                 self.networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
-                self.names.add(entry)
+                self.networks.extend(resolve_host(entry))
 
     def allows(self, peer: str) -> bool:
         """Whether peer (an address string) may send admin opcodes."""
-        if peer in self.names:
-            return True
         try:
             ip = ipaddress.ip_address(peer.split("%", 1)[0])
         except ValueError:
@@ -71,6 +76,22 @@ class AdminPolicy:
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.networks)
+
+
+def resolve_host(name: str) -> list:
+    """The addresses of a host name as single-address networks; [] (logged) if it fails."""
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as e:
+        log.warning("--admin_allow %s: cannot resolve (%s); it allows nobody", name, e)
+        return []
+    nets = []
+    for _family, _type, _proto, _name, addr in infos:
+        ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        nets.append(ipaddress.ip_network(ip))
+    return nets
 
 
 class Conn:
