@@ -135,6 +135,11 @@ class Conn:
         self.w += n
         self.pace(n)
 
+    def wait_buffered(self, n: int) -> None:
+        """Receive until n bytes (n <= RECV_BUF) are buffered."""
+        while self.w - self.r < n:
+            self.fill()
+
     def read_exact(self, n: int) -> bytes:
         """n bytes (n <= RECV_BUF)."""
         while self.w - self.r < n:
