@@ -2,7 +2,7 @@
 
 Pace rule (slow-loris): between requests a connection may wait without limit. From the
 first byte of a request to its last, every wait for more bytes ends within IDLE seconds
-(SPEEDY_IDLE_TIMEOUT, the socket timeout the worker sets) and, once IDLE seconds have
+(SPEEDY_STALL_TIMEOUT, the socket timeout the worker sets) and, once IDLE seconds have
 passed since the request began, its bytes must have come at an average of at least
 MIN_RATE bytes/s (SPEEDY_MIN_RATE): at time t, received >= MIN_RATE x (t - start - IDLE).
 A client that trickles is dropped (and its pool blocks freed) about IDLE seconds after
@@ -16,8 +16,8 @@ import os
 import socket
 import time
 
-IDLE_ENV = "SPEEDY_IDLE_TIMEOUT"
-DEFAULT_IDLE = 30.0
+STALL_ENV = "SPEEDY_STALL_TIMEOUT"
+DEFAULT_STALL = 30.0
 MIN_RATE_ENV = "SPEEDY_MIN_RATE"
 DEFAULT_MIN_RATE = 16384.0
 RECV_BUF = 16384
@@ -42,9 +42,9 @@ def positive_env(name: str, default: float) -> float:
     return value if value > 0 else default
 
 
-def idle_timeout() -> float:
-    """Seconds a request may make no progress before it is dropped (SPEEDY_IDLE_TIMEOUT)."""
-    return positive_env(IDLE_ENV, DEFAULT_IDLE)
+def stall_timeout() -> float:
+    """Seconds a request may make no progress before it is dropped (SPEEDY_STALL_TIMEOUT)."""
+    return positive_env(STALL_ENV, DEFAULT_STALL)
 
 
 def min_rate() -> float:
@@ -95,14 +95,15 @@ def resolve_host(name: str) -> list:
 
 
 class Conn:
-    """A client socket with a small receive buffer (headers, small bodies)."""
+    """A client socket with a small receive buffer (headers, small bodies), held only
+    while a request is under way: an idle connection has none."""
 
     __slots__ = ("sock", "buf", "mv", "r", "w", "start", "got", "grace", "rate")
 
-    def __init__(self, sock, grace: float = DEFAULT_IDLE, rate: float = DEFAULT_MIN_RATE) -> None:
+    def __init__(self, sock, grace: float = DEFAULT_STALL, rate: float = DEFAULT_MIN_RATE) -> None:
         self.sock = sock
-        self.buf = bytearray(RECV_BUF)
-        self.mv = memoryview(self.buf)
+        self.buf: bytearray | None = None
+        self.mv: memoryview | None = None
         self.r = self.w = 0
         self.start = 0.0  # when the current request began; 0 between requests
         self.got = 0
@@ -121,8 +122,22 @@ class Conn:
         """Bytes received and not consumed yet."""
         return self.w - self.r
 
+    def release(self) -> None:
+        """Drop the buffer (nothing is buffered: the connection is between requests)."""
+        if self.r == self.w and self.buf is not None:
+            self.buf = self.mv = None
+            self.r = self.w = 0
+
+    def ensure_buffer(self) -> memoryview:
+        """The buffer's view, made when the connection first needs one."""
+        if self.mv is None:
+            self.buf = bytearray(RECV_BUF)
+            self.mv = memoryview(self.buf)
+        return self.mv
+
     def fill(self) -> None:
         """Receive more into the buffer (Closed on EOF)."""
+        self.ensure_buffer()
         if self.r == self.w:
             self.r = self.w = 0
         elif self.w == RECV_BUF:
@@ -168,9 +183,10 @@ class Conn:
         k = min(self.w - self.r, n)
         self.r += k
         n -= k
+        mv = self.ensure_buffer() if n > 0 else self.mv
         while n > 0:
             self.r = self.w = 0
-            got = self.sock.recv_into(self.mv[:min(n, RECV_BUF)])
+            got = self.sock.recv_into(mv[:min(n, RECV_BUF)])
             if not got:
                 raise Closed("peer closed in the middle of a body")
             n -= got

@@ -22,7 +22,8 @@ import zlib
 from argparse import Namespace
 
 from speedy.format.chunkfile import RECORD_HEADER_SIZE, max_data_size
-from speedy.chunkserver.conn import AdminPolicy, Closed, Conn, TooSlow, idle_timeout, min_rate
+from speedy.chunkserver.conn import AdminPolicy, Closed, Conn, TooSlow, min_rate, stall_timeout
+from speedy.chunkserver.conns import ConnTable
 from speedy.chunkserver.shm.index import IndexReader
 from speedy.common.logs import reopen_logs
 from speedy.chunkserver.shm.pool import BlockPool, blocks_for
@@ -41,6 +42,10 @@ SMALL_BODY_MAX = 65536  # a non-WRITE body longer than this is garbage: answer, 
 WHOLE_READ_MAX = 2 << 20  # READs up to this size are read at once, larger ones in pieces
 PIECE = 1 << 20
 STOP_GRACE = 25.0
+DEFAULT_MAX_CONNS = 10000  # per worker, when --max_conns is 0
+DEFAULT_PER_SOURCE = 1000  # per worker and source address, when --max_conns_per_ip is 0
+DEFAULT_IDLE_TIMEOUT = 300.0
+REFUSE_SLACK = 256  # connections accepted beyond --max_conns, only to be closed at once
 BOOT_ERROR = 4  # exit code of a worker that could not start (the supervisor gives up)
 KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 60),
              (getattr(socket, "TCP_KEEPINTVL", None), 10),
@@ -50,6 +55,10 @@ EMPTY_BODY = frozenset({Op.PING, Op.CHECK_DISK, Op.GET_STATUS, Op.KILL_PD_WR,
 SERVER_ERRORS = frozenset({Err.WRITE_ERROR, Err.READ_ERROR, Err.INTERNAL_ERROR,
                            Err.CHUNK_UNAVAILABLE, Err.REACH_MEMORY_LIMIT, Err.KILLED,
                            Err.SERVER_READ_ONLY, Err.IO_JOB_UNAVAILABLE})
+
+
+class IdleTimeout(Exception):
+    """A connection stayed idle between requests for --idle_timeout seconds."""
 
 
 class Worker:
@@ -69,12 +78,15 @@ class Worker:
                                     or per_source_default(pool.nblocks))
         self.group_id = cfg.group_id
         self.max_body = max_data_size(cfg.chunk_size)
-        self.idle = idle_timeout()
+        self.stall = stall_timeout()
+        self.idle_timeout = getattr(cfg, "idle_timeout", DEFAULT_IDLE_TIMEOUT)
         self.min_rate = min_rate()
         self.admin = AdminPolicy(cfg.admin_allow)
         self.parent = os.getppid()
         self.stopping = False
-        self.idle_greenlets: set = set()
+        max_conns = connection_limit(getattr(cfg, "max_conns", 0))
+        self.conns = ConnTable(max_conns, getattr(cfg, "max_conns_per_ip", 0) or
+                               min(max_conns, DEFAULT_PER_SOURCE))
         self.handlers = {
             Op.WRITE: self.handle_write, Op.READ: self.handle_read,
             Op.DELETE: self.handle_delete, Op.PING: self.handle_ping,
@@ -110,7 +122,7 @@ class Worker:
         except Exception as e:
             log.error("worker %d cannot start: %s", self.slot, e)
             return BOOT_ERROR
-        self.conn_pool = gevent.pool.Pool(connection_limit())
+        self.conn_pool = gevent.pool.Pool(self.conns.max_conns + REFUSE_SLACK)
         self.server = gevent.server.StreamServer(lsock, self.handle, spawn=self.conn_pool)
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.stop))
         gevent.signal_handler(signal.SIGHUP, self._reopen_logs)
@@ -189,7 +201,7 @@ class Worker:
             return
         self.stopping = True
         self.server.close()
-        for g in list(self.idle_greenlets):
+        for g in self.conns.idle_greenlets():
             g.kill(block=False)
         self.conn_pool.join(timeout=STOP_GRACE)
         self.writer.close()
@@ -203,9 +215,13 @@ class Worker:
     def handle(self, sock, addr) -> None:
         """One client connection: requests in order until it closes."""
         ws = self.ws
+        peer = addr[0] if isinstance(addr, tuple) else str(addr)
+        current = self.gevent.getcurrent()
+        if not self.conns.admit(peer):  # over a limit, and every connection is busy
+            sock.close()
+            return
         ws.add("conn_count")
         ws.add("accepted")
-        peer = addr[0] if isinstance(addr, tuple) else str(addr)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -214,20 +230,22 @@ class Worker:
                     sock.setsockopt(socket.IPPROTO_TCP, opt, value)
         except OSError:
             pass
-        conn = Conn(sock, self.idle, self.min_rate)
-        current = self.gevent.getcurrent()
+        sock.settimeout(self.stall)
+        conn = Conn(sock, self.stall, self.min_rate)
         handlers = self.handlers
+        wait_read = self.gevent.socket.wait_read
         try:
             while not self.stopping:
-                if conn.r == conn.w:  # between requests: wait without a time limit
+                if conn.r == conn.w:  # between requests: no buffer, closable to make room
                     conn.start = 0.0
-                    sock.settimeout(None)
-                    self.idle_greenlets.add(current)
+                    conn.release()
+                    self.conns.idle_start(current, peer)
                     try:
-                        conn.fill()
+                        wait_read(sock.fileno(), timeout=self.idle_timeout,
+                                  timeout_exc=IdleTimeout)
                     finally:
-                        self.idle_greenlets.discard(current)
-                    sock.settimeout(self.idle)
+                        self.conns.idle_end(current, peer)
+                    conn.fill()
                 conn.start, conn.got = time.monotonic(), 0
                 op, blen = REQUEST_HEADER.unpack(conn.read_exact(5))
                 handler = handlers.get(op)
@@ -245,16 +263,19 @@ class Worker:
                 ws.observe(op, err, time.monotonic() - t0)
         except Closed:
             pass
+        except IdleTimeout:
+            log.debug("connection from %s closed: idle for %gs", peer, self.idle_timeout)
         except (socket.timeout, TimeoutError):
             ws.add("dropped_idle")
-            log.info("connection from %s dropped: no progress for %gs", peer, self.idle)
+            log.info("connection from %s dropped: no progress for %gs", peer, self.stall)
         except TooSlow as e:
             ws.add("dropped_idle")
             log.info("connection from %s dropped: request too slow (%s, under %g bytes/s "
-                     "after %gs)", peer, e, self.min_rate, self.idle)
+                     "after %gs)", peer, e, self.min_rate, self.stall)
         except OSError as e:
             log.debug("connection from %s: %s", peer, e)
         finally:
+            self.conns.leave(current, peer)
             ws.add("conn_count", -1)
             try:
                 sock.close()
@@ -513,7 +534,7 @@ class Worker:
             try:
                 n = os.sendfile(out, fd, offset, min(size - offset, 1 << 30))
             except BlockingIOError:
-                wait_write(out, timeout=self.idle, timeout_exc=socket.timeout("send stalled"))
+                wait_write(out, timeout=self.stall, timeout_exc=socket.timeout("send stalled"))
                 continue
             if n == 0:  # the file shrank under us: the stream is broken
                 raise Closed("chunk file shorter than announced")
@@ -527,13 +548,18 @@ def send_all(sock, data: bytes) -> None:
         sock.sendall(memoryview(data)[n:])
 
 
-def connection_limit() -> int:
-    """Connections one worker serves at once (the rest wait in the listen backlog)."""
+def connection_limit(wanted: int = 0) -> int:
+    """Connections one worker counts (--max_conns, 0: automatic), kept within the
+    open-files limit (REFUSE_SLACK more are accepted to be refused or make room)."""
     import resource
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        soft = 65536
-    return max(64, min(10000, soft - 64))
+        soft = 1 << 20
+    room = max(64, soft - 64 - REFUSE_SLACK)
+    if wanted > room:
+        log.warning("--max_conns %d is more than the open-files limit allows; %d used",
+                    wanted, room)
+    return min(wanted or DEFAULT_MAX_CONNS, room)
 
 
 def run_worker(cfg: Namespace, slot: int, owner: int, listener: socket.socket,

@@ -3,7 +3,7 @@ clients that vanish mid-request, slow-loris trickles and 1,000 slow connections.
 
 After every scenario the server must still be up with the same workers, every pool block
 free again and a normal WRITE + READ served. The pace rule under test (worker.py): from
-the first byte of a request, no wait for more bytes may pass SPEEDY_IDLE_TIMEOUT and,
+the first byte of a request, no wait for more bytes may pass SPEEDY_STALL_TIMEOUT and,
 after that many seconds, the request must average SPEEDY_MIN_RATE bytes/s.
 
     python -m pytest -m slow -s tests/test_hostile_clients.py   # 1,000 x 3 s trickles, 30 s idle
@@ -62,7 +62,7 @@ def stop_cleanly(srv: ServerProc) -> None:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    env = {"SPEEDY_IDLE_TIMEOUT": str(IDLE), "SPEEDY_MIN_RATE": str(MIN_RATE)}
+    env = {"SPEEDY_STALL_TIMEOUT": str(IDLE), "SPEEDY_MIN_RATE": str(MIN_RATE)}
     with running_server(tmp_path_factory.mktemp("hostile"), workers=2, chunk_size=16 * MiB,
                         chunks=2, mem_blocks=16, env=env) as s:
         s.workers = worker_pids(s)
@@ -403,7 +403,7 @@ def crowd_scenario(srv: ServerProc, n: int, writes: int, interval: float,
 
 
 def test_thousand_slow_connections_normal_client_still_served(tmp_path):
-    env = {"SPEEDY_IDLE_TIMEOUT": "3", "SPEEDY_MIN_RATE": "1000"}
+    env = {"SPEEDY_STALL_TIMEOUT": "3", "SPEEDY_MIN_RATE": "1000"}
     with running_server(tmp_path, workers=2, chunk_size=16 * MiB, chunks=2, mem_blocks=64,
                         env=env) as srv:
         workers = worker_pids(srv)

@@ -21,7 +21,7 @@ FIDS = itertools.count(1000)
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("proto"), workers=2, chunk_size=32 * MiB,
-                        chunks=2, mem_blocks=16, env={"SPEEDY_IDLE_TIMEOUT": "2"}) as s:
+                        chunks=2, mem_blocks=16, env={"SPEEDY_STALL_TIMEOUT": "2"}) as s:
         yield s
 
 
@@ -227,7 +227,7 @@ def test_stalled_upload_is_dropped_and_blocks_return(srv):
                 err, body = q.call(Op.QUERY_IO_STATUS)
                 assert err == Err.SUCCESS and decode_io_status(body) == (0, 1, 0)  # writing
                 assert decode_detail_info(q.call(Op.QUERY_DETAIL_INFOS)[1]).writing_count == 1
-            assert c.closed(timeout=15)  # SPEEDY_IDLE_TIMEOUT=2
+            assert c.closed(timeout=15)  # SPEEDY_STALL_TIMEOUT=2
         wait_for(lambda: pool.in_use() == 0, timeout=10)
     finally:
         pool.close()
