@@ -5,13 +5,15 @@ A new connection is counted against ``--max_conns`` (this worker) and
 reached, the oldest idle connection (between requests) of that source, or of anyone for
 the worker's limit, is closed to make room, so a flood of idle connections never locks
 a new client out; only when every counted connection is busy is the new one closed at
-once. Connections idle for ``--idle_timeout`` seconds are closed by their own greenlet.
+once. An idle connection is parked (no greenlet, no buffer: an I/O watcher resumes it)
+and closed after ``--idle_timeout`` seconds by the worker's sweep.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import OrderedDict
+from typing import Callable
 
 log = logging.getLogger("speedy.chunkserver.conns")
 
@@ -21,14 +23,14 @@ REPORT_EVERY = 10.0  # seconds between two log lines about evictions and refusal
 class ConnTable:
     """Counted connections, and the idle ones in the order they went idle."""
 
-    def __init__(self, max_conns: int, per_source: int) -> None:
+    def __init__(self, max_conns: int, per_source: int, close_idle: Callable) -> None:
         self.max_conns = max_conns
+        self.close_idle = close_idle  # closes a parked connection and calls leave()
         self.per_source = per_source
         self.count = 0
         self.by_source: dict[str, int] = {}
-        self.idle: OrderedDict = OrderedDict()  # greenlet -> source, oldest idle first
-        self.idle_of: dict[str, OrderedDict] = {}  # source -> its idle greenlets, in order
-        self.evicted: set = set()  # closed to make room: already uncounted
+        self.idle: OrderedDict = OrderedDict()  # connection -> source, oldest idle first
+        self.idle_of: dict[str, OrderedDict] = {}  # source -> its idle connections, in order
         self.closed_idle = 0
         self.refused = 0
         self.reported = 0.0
@@ -45,41 +47,37 @@ class ConnTable:
         self.by_source[source] = self.by_source.get(source, 0) + 1
         return True
 
-    def leave(self, greenlet, source: str) -> None:
+    def leave(self, conn, source: str) -> None:
         """A counted connection ended."""
-        self.idle_end(greenlet, source)
-        if greenlet in self.evicted:
-            self.evicted.discard(greenlet)
-            return
+        self.idle_end(conn, source)
         self.uncount(source)
 
-    def idle_start(self, greenlet, source: str) -> None:
+    def idle_start(self, conn, source: str) -> None:
         """The connection waits for its next request: it may be closed to make room."""
-        self.idle[greenlet] = source
-        self.idle_of.setdefault(source, OrderedDict())[greenlet] = None
+        self.idle[conn] = source
+        self.idle_of.setdefault(source, OrderedDict())[conn] = None
 
-    def idle_end(self, greenlet, source: str) -> None:
+    def idle_end(self, conn, source: str) -> None:
         """A request began (or the connection ended)."""
-        if self.idle.pop(greenlet, None) is not None:
+        if self.idle.pop(conn, None) is not None:
             mine = self.idle_of[source]
-            mine.pop(greenlet, None)
+            mine.pop(conn, None)
             if not mine:
                 del self.idle_of[source]
 
-    def idle_greenlets(self) -> list:
-        """Every idle connection's greenlet (a graceful stop closes them)."""
+    def idle_conns(self) -> list:
+        """The idle connections, oldest idle first."""
         return list(self.idle)
+
+    def oldest_idle(self):
+        """The connection idle the longest, or None."""
+        return next(iter(self.idle), None)
 
     def evict(self, queue) -> bool:
         """Close the oldest idle connection of queue; False if there is none."""
         if not queue:
             return False
-        greenlet = next(iter(queue))
-        source = self.idle[greenlet]
-        self.idle_end(greenlet, source)
-        self.uncount(source)
-        self.evicted.add(greenlet)
-        greenlet.kill(block=False)
+        self.close_idle(next(iter(queue)))
         self.closed_idle += 1
         self.report()
         return True

@@ -98,6 +98,7 @@ class Supervisor:
         self.index_name = ""
         self.writer_pid = 0
         self.writer_ready = False
+        self.writer_since = 0.0  # when the current writer was started
         self.writer_deaths: list[float] = []
         self.workers: dict[int, WorkerProc] = {}
         self.respawn_at: dict[int, float] = {}
@@ -270,6 +271,7 @@ class Supervisor:
             return run_writer(self.cfg, self.pool, self.stats, theirs, self.prefix)
 
         self.writer_pid = self.fork_child("spy_writer", body)
+        self.writer_since = time.monotonic()
         theirs.close()
         log.info("writer started (pid %d): opening the chunk files", self.writer_pid)
 
@@ -375,7 +377,9 @@ class Supervisor:
                 continue
             log.error("worker %d (pid %d) %s; %d pool blocks returned", w.slot, pid, how,
                       freed)
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == BOOT_ERROR:
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == BOOT_ERROR and \
+                    self.writer_ready and w.started > self.writer_since:
+                # (one that raced a writer's death is replaced like any other)
                 log.error("a worker could not start; stopping the server")
                 self.exit_code = EXIT_WORKER_BOOT
                 self.stop()

@@ -45,7 +45,7 @@ STOP_GRACE = 25.0
 DEFAULT_MAX_CONNS = 10000  # per worker, when --max_conns is 0
 DEFAULT_PER_SOURCE = 1000  # per worker and source address, when --max_conns_per_ip is 0
 DEFAULT_IDLE_TIMEOUT = 300.0
-REFUSE_SLACK = 256  # connections accepted beyond --max_conns, only to be closed at once
+REFUSE_SLACK = 256  # descriptors kept free beyond --max_conns (refused connections, files)
 BOOT_ERROR = 4  # exit code of a worker that could not start (the supervisor gives up)
 KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 60),
              (getattr(socket, "TCP_KEEPINTVL", None), 10),
@@ -57,8 +57,8 @@ SERVER_ERRORS = frozenset({Err.WRITE_ERROR, Err.READ_ERROR, Err.INTERNAL_ERROR,
                            Err.SERVER_READ_ONLY, Err.IO_JOB_UNAVAILABLE})
 
 
-class IdleTimeout(Exception):
-    """A connection stayed idle between requests for --idle_timeout seconds."""
+class LinkError(Exception):
+    """The writer link or fid index the supervisor handed over cannot be used."""
 
 
 class Worker:
@@ -84,9 +84,10 @@ class Worker:
         self.admin = AdminPolicy(cfg.admin_allow)
         self.parent = os.getppid()
         self.stopping = False
+        self.exit_code = 0
         max_conns = connection_limit(getattr(cfg, "max_conns", 0))
         self.conns = ConnTable(max_conns, getattr(cfg, "max_conns_per_ip", 0) or
-                               min(max_conns, DEFAULT_PER_SOURCE))
+                               min(max_conns, DEFAULT_PER_SOURCE), self.close_idle)
         self.handlers = {
             Op.WRITE: self.handle_write, Op.READ: self.handle_read,
             Op.DELETE: self.handle_delete, Op.PING: self.handle_ping,
@@ -122,14 +123,19 @@ class Worker:
         except Exception as e:
             log.error("worker %d cannot start: %s", self.slot, e)
             return BOOT_ERROR
-        self.conn_pool = gevent.pool.Pool(self.conns.max_conns + REFUSE_SLACK)
-        self.server = gevent.server.StreamServer(lsock, self.handle, spawn=self.conn_pool)
+        self.loop = gevent.get_hub().loop
+        # greenlets of new connections, and of parked ones that got their next request
+        self.accepting = gevent.pool.Pool(self.conns.max_conns + REFUSE_SLACK)
+        self.resumed = gevent.pool.Group()
+        self.server = keep_open(gevent.server.StreamServer)(lsock, self.handle,
+                                                             spawn=self.accepting)
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.stop))
         gevent.signal_handler(signal.SIGHUP, self._reopen_logs)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
         self.done = gevent.event.Event()
         self.server.start()
         gevent.spawn(self.follow_supervisor)
+        gevent.spawn(self.sweep_idle)
         log.debug("worker %d serving (pid %d)", self.slot, os.getpid())
         while not self.done.wait(0.5):
             if self.stopping:
@@ -137,7 +143,7 @@ class Worker:
             if os.getppid() != self.parent:
                 log.error("worker %d: the supervisor is gone; stopping", self.slot)
                 gevent.spawn(self.stop)
-        return 0
+        return self.exit_code
 
     def take_link(self) -> bool:
         """Receive one message of the supervisor: a new writer's link and fid index
@@ -157,11 +163,10 @@ class Worker:
             return True
         try:
             index = IndexReader(msg[1:].decode())
-        except (OSError, ValueError, TimeoutError) as e:  # that writer is gone already
+        except (OSError, ValueError, TimeoutError) as e:
             os.close(fds[0])
-            log.warning("worker %d: cannot attach the fid index %s: %s", self.slot,
-                        msg[1:].decode(errors="replace"), e)
-            return True
+            raise LinkError(f"cannot attach the fid index {msg[1:].decode(errors='replace')}: "
+                            f"{e}") from None
         link = self.gevent.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fds[0])
         if self.reader is None:
             self.reader = ChunkReader(self.cfg.data_dir, self.group_id, index)
@@ -177,8 +182,14 @@ class Worker:
 
     def follow_supervisor(self) -> None:
         """Take each new writer's link; stop when the supervisor is gone."""
-        while self.take_link():
-            pass
+        try:
+            while self.take_link():
+                pass
+        except LinkError as e:  # the supervisor decides: a new worker, or stop the server
+            log.error("worker %d: %s; exiting", self.slot, e)
+            self.exit_code = BOOT_ERROR
+            self.stop()
+            return
         if not self.stopping:
             log.error("worker %d: the supervisor is gone; stopping", self.slot)
             self.stop()
@@ -201,27 +212,29 @@ class Worker:
             return
         self.stopping = True
         self.server.close()
-        for g in self.conns.idle_greenlets():
-            g.kill(block=False)
-        self.conn_pool.join(timeout=STOP_GRACE)
+        for conn in self.conns.idle_conns():
+            self.close_idle(conn)
+        deadline = time.monotonic() + STOP_GRACE
+        for group in (self.accepting, self.resumed):
+            group.join(timeout=max(0.0, deadline - time.monotonic()))
         self.writer.close()
-        if len(self.conn_pool):
+        busy = len(self.accepting) + len(self.resumed)
+        if busy:
             log.warning("worker %d: %d connections still busy after %.0fs; dropped",
-                        self.slot, len(self.conn_pool), STOP_GRACE)
-            self.conn_pool.kill(timeout=1)
+                        self.slot, busy, STOP_GRACE)
+            self.accepting.kill(timeout=1)
+            self.resumed.kill(timeout=1)
         self.done.set()
 
     # ------------------------------------------------------------------ connections
     def handle(self, sock, addr) -> None:
-        """One client connection: requests in order until it closes."""
-        ws = self.ws
+        """A new client connection: counted (or refused), then served."""
         peer = addr[0] if isinstance(addr, tuple) else str(addr)
-        current = self.gevent.getcurrent()
         if not self.conns.admit(peer):  # over a limit, and every connection is busy
             sock.close()
             return
-        ws.add("conn_count")
-        ws.add("accepted")
+        self.ws.add("conn_count")
+        self.ws.add("accepted")
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -231,21 +244,21 @@ class Worker:
         except OSError:
             pass
         sock.settimeout(self.stall)
-        conn = Conn(sock, self.stall, self.min_rate)
-        handlers = self.handlers
-        wait_read = self.gevent.socket.wait_read
+        self.serve(Conn(sock, peer, self.stall, self.min_rate))
+
+    def serve(self, conn: Conn) -> None:
+        """Requests in order until the connection goes idle (parked: no greenlet, no
+        buffer) or ends."""
+        ws, peer, handlers = self.ws, conn.peer, self.handlers
+        parked = False
         try:
             while not self.stopping:
-                if conn.r == conn.w:  # between requests: no buffer, closable to make room
+                if conn.r == conn.w:  # between requests
                     conn.start = 0.0
-                    conn.release()
-                    self.conns.idle_start(current, peer)
-                    try:
-                        wait_read(sock.fileno(), timeout=self.idle_timeout,
-                                  timeout_exc=IdleTimeout)
-                    finally:
-                        self.conns.idle_end(current, peer)
-                    conn.fill()
+                    if not conn.fill_now():
+                        conn.release()
+                        parked = self.park(conn)
+                        return
                 conn.start, conn.got = time.monotonic(), 0
                 op, blen = REQUEST_HEADER.unpack(conn.read_exact(5))
                 handler = handlers.get(op)
@@ -263,8 +276,6 @@ class Worker:
                 ws.observe(op, err, time.monotonic() - t0)
         except Closed:
             pass
-        except IdleTimeout:
-            log.debug("connection from %s closed: idle for %gs", peer, self.idle_timeout)
         except (socket.timeout, TimeoutError):
             ws.add("dropped_idle")
             log.info("connection from %s dropped: no progress for %gs", peer, self.stall)
@@ -275,12 +286,61 @@ class Worker:
         except OSError as e:
             log.debug("connection from %s: %s", peer, e)
         finally:
-            self.conns.leave(current, peer)
-            ws.add("conn_count", -1)
-            try:
-                sock.close()
-            except OSError:
-                pass
+            if not parked:
+                self.conns.leave(conn, peer)
+                self.end(conn)
+
+    def park(self, conn: Conn) -> bool:
+        """Wait for the next request without a greenlet: an I/O watcher resumes serve()."""
+        if self.stopping:
+            return False
+        conn.idle_since = time.monotonic()
+        watcher = conn.watcher = self.loop.io(conn.sock.fileno(), 1)
+        watcher.start(self.unpark, conn)
+        self.conns.idle_start(conn, conn.peer)
+        return True
+
+    def unpark(self, conn: Conn) -> None:
+        """The parked connection has bytes (or its peer closed): serve it (hub callback)."""
+        self.stop_watching(conn)
+        self.conns.idle_end(conn, conn.peer)
+        self.resumed.spawn(self.serve, conn)
+
+    def close_idle(self, conn: Conn) -> None:
+        """Close a parked connection (to make room, idle too long, or stopping)."""
+        self.stop_watching(conn)
+        self.conns.leave(conn, conn.peer)
+        self.end(conn)
+
+    def end(self, conn: Conn) -> None:
+        """The connection is over: uncounted already, close its socket."""
+        self.ws.add("conn_count", -1)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    @staticmethod
+    def stop_watching(conn: Conn) -> None:
+        watcher, conn.watcher = conn.watcher, None
+        if watcher is not None:
+            watcher.stop()
+            close = getattr(watcher, "close", None)
+            if close is not None:
+                close()
+
+    def sweep_idle(self) -> None:
+        """Close the connections idle for --idle_timeout (oldest first), every second."""
+        while not self.stopping:
+            self.gevent.sleep(min(1.0, self.idle_timeout / 4))
+            deadline = time.monotonic() - self.idle_timeout
+            while True:
+                conn = self.conns.oldest_idle()
+                if conn is None or conn.idle_since > deadline:
+                    break
+                log.debug("connection from %s closed: idle for %gs", conn.peer,
+                          self.idle_timeout)
+                self.close_idle(conn)
 
     def answer(self, conn: Conn, op: int, err: int, body: bytes = b"") -> int:
         """Send one response; returns err."""
@@ -539,6 +599,17 @@ class Worker:
             if n == 0:  # the file shrank under us: the stream is broken
                 raise Closed("chunk file shorter than announced")
             offset += n
+
+
+def keep_open(server_class):
+    """A StreamServer class that leaves the socket open when handle() returns: the worker
+    closes it itself (a parked connection lives on without its greenlet)."""
+
+    class Server(server_class):
+        def do_close(self, sock, *args) -> None:
+            pass
+
+    return Server
 
 
 def send_all(sock, data: bytes) -> None:
