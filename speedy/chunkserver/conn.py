@@ -99,14 +99,16 @@ class Conn:
     while a request is under way: an idle connection has none."""
 
     __slots__ = ("sock", "peer", "buf", "mv", "r", "w", "start", "got", "grace", "rate",
-                 "idle_since", "watcher")
+                 "idle_since", "watcher", "greenlet", "counted")
 
     def __init__(self, sock, peer: str = "", grace: float = DEFAULT_STALL,
                  rate: float = DEFAULT_MIN_RATE) -> None:
         self.sock = sock
         self.peer = peer  # the source address
-        self.idle_since = 0.0  # when it was parked (between requests)
+        self.idle_since = 0.0  # when its last request ended
         self.watcher = None  # the I/O watcher of a parked connection
+        self.greenlet = None  # the greenlet waiting for its next request, if any
+        self.counted = True  # in its worker's connection count
         self.buf: bytearray | None = None
         self.mv: memoryview | None = None
         self.r = self.w = 0
@@ -159,18 +161,6 @@ class Conn:
         """Receive until n bytes (n <= RECV_BUF) are buffered."""
         while self.w - self.r < n:
             self.fill()
-
-    def fill_now(self) -> bool:
-        """Receive what has arrived, without waiting; False if nothing has."""
-        sock = self.sock
-        sock.settimeout(0.0)
-        try:
-            self.fill()
-            return True
-        except (BlockingIOError, TimeoutError):
-            return False
-        finally:
-            sock.settimeout(self.grace)
 
     def read_exact(self, n: int) -> bytes:
         """n bytes (n <= RECV_BUF)."""

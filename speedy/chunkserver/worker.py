@@ -23,7 +23,7 @@ from argparse import Namespace
 
 from speedy.format.chunkfile import RECORD_HEADER_SIZE, max_data_size
 from speedy.chunkserver.conn import AdminPolicy, Closed, Conn, TooSlow, min_rate, stall_timeout
-from speedy.chunkserver.conns import ConnTable
+from speedy.chunkserver.conns import SWEEP_EVERY, ConnTable, Park
 from speedy.chunkserver.shm.index import IndexReader
 from speedy.common.logs import reopen_logs
 from speedy.chunkserver.shm.pool import BlockPool, blocks_for
@@ -86,8 +86,9 @@ class Worker:
         self.stopping = False
         self.exit_code = 0
         max_conns = connection_limit(getattr(cfg, "max_conns", 0))
-        self.conns = ConnTable(max_conns, getattr(cfg, "max_conns_per_ip", 0) or
-                               min(max_conns, DEFAULT_PER_SOURCE), self.close_idle)
+        self.max_conns = max_conns
+        self.per_source_conns = getattr(cfg, "max_conns_per_ip", 0) or min(max_conns,
+                                                                          DEFAULT_PER_SOURCE)
         self.handlers = {
             Op.WRITE: self.handle_write, Op.READ: self.handle_read,
             Op.DELETE: self.handle_delete, Op.PING: self.handle_ping,
@@ -123,9 +124,10 @@ class Worker:
         except Exception as e:
             log.error("worker %d cannot start: %s", self.slot, e)
             return BOOT_ERROR
-        self.loop = gevent.get_hub().loop
+        self.conns = ConnTable(self.max_conns, self.per_source_conns, gevent.get_hub().loop,
+                               lambda conn: self.resumed.spawn(self.serve, conn), self.end)
         # greenlets of new connections, and of parked ones that got their next request
-        self.accepting = gevent.pool.Pool(self.conns.max_conns + REFUSE_SLACK)
+        self.accepting = gevent.pool.Pool(self.max_conns + REFUSE_SLACK)
         self.resumed = gevent.pool.Group()
         self.server = keep_open(gevent.server.StreamServer)(lsock, self.handle,
                                                              spawn=self.accepting)
@@ -212,8 +214,7 @@ class Worker:
             return
         self.stopping = True
         self.server.close()
-        for conn in self.conns.idle_conns():
-            self.close_idle(conn)
+        self.conns.close_all_idle()
         deadline = time.monotonic() + STOP_GRACE
         for group in (self.accepting, self.resumed):
             group.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -247,18 +248,29 @@ class Worker:
         self.serve(Conn(sock, peer, self.stall, self.min_rate))
 
     def serve(self, conn: Conn) -> None:
-        """Requests in order until the connection goes idle (parked: no greenlet, no
-        buffer) or ends."""
-        ws, peer, handlers = self.ws, conn.peer, self.handlers
+        """Requests in order until the connection ends or is parked (idle: no greenlet,
+        no buffer; conns.py)."""
+        ws, peer, handlers, conns = self.ws, conn.peer, self.handlers, self.conns
+        sock = conn.sock
+        current = self.gevent.getcurrent()
+        wait_read = self.gevent.socket.wait_read
         parked = False
         try:
             while not self.stopping:
                 if conn.r == conn.w:  # between requests
                     conn.start = 0.0
-                    if not conn.fill_now():
-                        conn.release()
-                        parked = self.park(conn)
+                    conns.idle_start(conn, current)
+                    conn.release()  # an idle connection holds no buffer
+                    try:
+                        wait_read(sock.fileno())
+                    except Park:
+                        conns.park(conn)
+                        parked = True
                         return
+                    finally:
+                        if not parked:
+                            conns.idle_end(conn)
+                    conn.fill()
                 conn.start, conn.got = time.monotonic(), 0
                 op, blen = REQUEST_HEADER.unpack(conn.read_exact(5))
                 handler = handlers.get(op)
@@ -287,60 +299,22 @@ class Worker:
             log.debug("connection from %s: %s", peer, e)
         finally:
             if not parked:
-                self.conns.leave(conn, peer)
+                conns.leave(conn)
                 self.end(conn)
 
-    def park(self, conn: Conn) -> bool:
-        """Wait for the next request without a greenlet: an I/O watcher resumes serve()."""
-        if self.stopping:
-            return False
-        conn.idle_since = time.monotonic()
-        watcher = conn.watcher = self.loop.io(conn.sock.fileno(), 1)
-        watcher.start(self.unpark, conn)
-        self.conns.idle_start(conn, conn.peer)
-        return True
-
-    def unpark(self, conn: Conn) -> None:
-        """The parked connection has bytes (or its peer closed): serve it (hub callback)."""
-        self.stop_watching(conn)
-        self.conns.idle_end(conn, conn.peer)
-        self.resumed.spawn(self.serve, conn)
-
-    def close_idle(self, conn: Conn) -> None:
-        """Close a parked connection (to make room, idle too long, or stopping)."""
-        self.stop_watching(conn)
-        self.conns.leave(conn, conn.peer)
-        self.end(conn)
-
     def end(self, conn: Conn) -> None:
-        """The connection is over: uncounted already, close its socket."""
+        """The connection is over (uncounted already): close its socket."""
         self.ws.add("conn_count", -1)
         try:
             conn.sock.close()
         except OSError:
             pass
 
-    @staticmethod
-    def stop_watching(conn: Conn) -> None:
-        watcher, conn.watcher = conn.watcher, None
-        if watcher is not None:
-            watcher.stop()
-            close = getattr(watcher, "close", None)
-            if close is not None:
-                close()
-
     def sweep_idle(self) -> None:
-        """Close the connections idle for --idle_timeout (oldest first), every second."""
+        """Park the connections idle for a while, close those idle for --idle_timeout."""
         while not self.stopping:
-            self.gevent.sleep(min(1.0, self.idle_timeout / 4))
-            deadline = time.monotonic() - self.idle_timeout
-            while True:
-                conn = self.conns.oldest_idle()
-                if conn is None or conn.idle_since > deadline:
-                    break
-                log.debug("connection from %s closed: idle for %gs", conn.peer,
-                          self.idle_timeout)
-                self.close_idle(conn)
+            self.gevent.sleep(SWEEP_EVERY)
+            self.conns.sweep(self.idle_timeout)
 
     def answer(self, conn: Conn, op: int, err: int, body: bytes = b"") -> int:
         """Send one response; returns err."""
