@@ -162,6 +162,18 @@ class Conn:
         while self.w - self.r < n:
             self.fill()
 
+    def fill_now(self) -> bool:
+        """Receive what has arrived, without waiting; False if nothing has."""
+        sock = self.sock
+        sock.settimeout(0.0)
+        try:
+            self.fill()
+            return True
+        except (BlockingIOError, TimeoutError):
+            return False
+        finally:
+            sock.settimeout(self.grace)
+
     def read_exact(self, n: int) -> bytes:
         """n bytes (n <= RECV_BUF)."""
         while self.w - self.r < n:

@@ -259,6 +259,7 @@ class Worker:
             while not self.stopping:
                 if conn.r == conn.w:  # between requests
                     conn.start = 0.0
+                if conn.r == conn.w and not conn.fill_now():  # idle
                     conns.idle_start(conn, current)
                     conn.release()  # an idle connection holds no buffer
                     try:
