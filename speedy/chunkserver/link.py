@@ -16,12 +16,11 @@ import logging
 import struct
 from typing import Callable
 
-from speedy.chunkserver.writer import FRAME, PACKET_MAX, REPLY
+from speedy.chunkserver.messages import FRAME, PACKET_MAX, REPLY, REPLY_PACKET_MAX
 from speedy.wire.protocol import Err
 
 log = logging.getLogger("speedy.chunkserver.link")
 
-REPLY_PACKET_MAX = 65536  # the writer packs up to 4096 replies (20 KiB) per packet
 WRITER_WAIT = 5.0  # seconds a request waits for a new writer before IO_JOB_UNAVAILABLE
 
 

@@ -34,7 +34,7 @@ from speedy.chunkserver.reader import ChunkReader, NotFound, ReadFailed
 from speedy.chunkserver.shm.counters import StatsView, WorkerStats
 from speedy.chunkserver.link import WriterSlot
 from speedy.chunkserver.upload import PoolFull, Upload, UploadMemory, per_source_default
-from speedy.chunkserver.writer import FID_MSG, HEAD, KIND_DELETE, KIND_KILL, KIND_WRITE, WRITE_MSG
+from speedy.chunkserver.messages import FID_MSG, HEAD, KIND_DELETE, KIND_KILL, KIND_WRITE, WRITE_MSG
 
 log = logging.getLogger("speedy.chunkserver.worker")
 

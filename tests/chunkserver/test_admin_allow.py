@@ -1,22 +1,10 @@
 """--admin_allow with a host name: the name is resolved (issue 11, item 12)."""
 from __future__ import annotations
 
-import socket
-
-from tests.support.server import Client, running_server
+from tests.support.server import running_server
+from tests.support.sources import client_from
 from speedy.chunkserver.conn import AdminPolicy
 from speedy.wire.protocol import Err, Op
-
-
-def client_from(port: int, source: str) -> Client:
-    """A Client whose connection comes from the source address."""
-    sock = socket.socket()
-    sock.bind((source, 0))
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    c = Client.__new__(Client)
-    c.sock = sock
-    return c
 
 
 def test_policy_resolves_host_names():

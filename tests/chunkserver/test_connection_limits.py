@@ -6,17 +6,9 @@ import socket
 import struct
 import time
 
-from tests.support.server import Client, payload, servers, wait_for  # noqa: F401
+from tests.support.server import Client, payload, wait_for
+from tests.support.sources import connect
 from speedy.wire.protocol import Err, Op, decode_detail_info, encode_file_key
-
-
-def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
-    """A plain connection from source, left idle."""
-    sock = socket.socket()
-    sock.bind((source, 0))
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    return sock
 
 
 def closed_by_server(sock: socket.socket) -> bool:

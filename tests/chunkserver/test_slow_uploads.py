@@ -9,21 +9,11 @@ from __future__ import annotations
 import socket
 import struct
 
-from tests.support.server import Client, payload, pool_in_use, servers, wait_for  # noqa: F401
+from tests.support.server import Client, payload, pool_in_use, wait_for
+from tests.support.sources import client_from
 from speedy.wire.protocol import RESPONSE_HEADER, Err, Op, encode_file_key
 
 MiB = 1 << 20
-
-
-def client_from(port: int, source: str = "127.0.0.1") -> Client:
-    """A Client whose connection comes from the source address."""
-    sock = socket.socket()
-    sock.bind((source, 0))
-    sock.settimeout(20)
-    sock.connect(("127.0.0.1", port))
-    c = Client.__new__(Client)
-    c.sock = sock
-    return c
 
 
 def start_upload(c: Client, fid: int, announced: int, sent: int) -> None:

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 
-from tests.support.server import Client, payload, pool_in_use, servers, wait_for  # noqa: F401
+from tests.support.server import Client, payload, pool_in_use, wait_for
 from speedy.wire.protocol import Err
 
 UNKNOWN = Err.INTERNAL_ERROR  # the writer died with the write in flight
