@@ -99,7 +99,7 @@ class Conn:
     while a request is under way: an idle connection has none."""
 
     __slots__ = ("sock", "peer", "buf", "mv", "r", "w", "start", "got", "grace", "rate",
-                 "idle_since", "watcher", "greenlet", "counted")
+                 "idle_since", "watcher", "waiter", "counted")
 
     def __init__(self, sock, peer: str = "", grace: float = DEFAULT_STALL,
                  rate: float = DEFAULT_MIN_RATE) -> None:
@@ -107,7 +107,7 @@ class Conn:
         self.peer = peer  # the source address
         self.idle_since = 0.0  # when its last request ended
         self.watcher = None  # the I/O watcher of a parked connection
-        self.greenlet = None  # the greenlet waiting for its next request, if any
+        self.waiter = None  # the greenlet waiting for its next request, if any
         self.counted = True  # in its worker's connection count
         self.buf: bytearray | None = None
         self.mv: memoryview | None = None

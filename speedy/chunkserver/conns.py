@@ -21,6 +21,8 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
+from speedy.chunkserver.conn import Closed
+
 log = logging.getLogger("speedy.chunkserver.conns")
 
 PARK_AFTER = 0.25  # seconds a connection waits in its greenlet before it is parked
@@ -80,14 +82,13 @@ class ConnTable:
     def idle_start(self, conn, greenlet) -> None:
         """conn waits in greenlet for its next request."""
         conn.idle_since = time.monotonic()
-        conn.greenlet = greenlet
+        conn.waiter = greenlet  # serve() clears it when the wait ends
         self.idle[conn] = None
         self.idle_of.setdefault(conn.peer, OrderedDict())[conn] = None
         self.waiting[conn] = None
 
     def idle_end(self, conn) -> None:
         """A request began on conn (or it ended)."""
-        conn.greenlet = None
         self.waiting.pop(conn, None)
         if conn in self.idle:
             del self.idle[conn]
@@ -98,7 +99,7 @@ class ConnTable:
 
     def park(self, conn) -> None:
         """conn's greenlet ends: an I/O watcher resumes conn when bytes come."""
-        conn.greenlet = None
+        conn.waiter = None
         self.waiting.pop(conn, None)
         watcher = conn.watcher = self.loop.io(conn.sock.fileno(), 1)
         watcher.start(self._unpark, conn)
@@ -111,13 +112,11 @@ class ConnTable:
 
     def close(self, conn) -> None:
         """Close an idle connection: to make room, idle too long, or stopping."""
-        waiting = conn.greenlet is not None
+        greenlet = conn.waiter
         self.leave(conn)
-        if waiting:  # its greenlet sees the socket closed and ends the connection
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
+        if greenlet is not None:  # its greenlet ends the connection (or sees it uncounted)
+            self.loop.run_callback(self._throw_if_waiting, conn, greenlet,
+                                   Closed("closed while idle"))
         else:
             self._stop_watching(conn)
             self.end(conn)
@@ -144,7 +143,7 @@ class ConnTable:
             if conn.idle_since > now - PARK_AFTER:
                 break
             del self.waiting[conn]
-            self.loop.run_callback(self._park_if_waiting, conn, conn.greenlet)
+            self.loop.run_callback(self._throw_if_waiting, conn, conn.waiter, Park())
         while self.idle:
             conn = next(iter(self.idle))
             if conn.idle_since > now - idle_timeout:
@@ -153,10 +152,10 @@ class ConnTable:
             self.close(conn)
 
     @staticmethod
-    def _park_if_waiting(conn, greenlet) -> None:
-        """(hub) Throw Park into greenlet if it still waits for conn's next request."""
-        if conn.greenlet is greenlet and greenlet is not None and not greenlet.dead:
-            greenlet.throw(Park)
+    def _throw_if_waiting(conn, greenlet, exc: Exception) -> None:
+        """(hub) Throw exc into greenlet if it still waits for conn's next request."""
+        if greenlet is not None and conn.waiter is greenlet and not greenlet.dead:
+            greenlet.throw(exc)
 
     # -- limits
     def evict(self, queue) -> bool:

@@ -265,12 +265,16 @@ class Worker:
                     try:
                         wait_read(sock.fileno())
                     except Park:
-                        conns.park(conn)
-                        parked = True
-                        return
+                        if conn.counted:  # (else it was closed to make room meanwhile)
+                            conns.park(conn)
+                            parked = True
+                            return
                     finally:
+                        conn.waiter = None
                         if not parked:
                             conns.idle_end(conn)
+                    if not conn.counted:  # closed to make room while it woke up
+                        break
                     conn.fill()
                 conn.start, conn.got = time.monotonic(), 0
                 op, blen = REQUEST_HEADER.unpack(conn.read_exact(5))
