@@ -11,7 +11,13 @@ dispatches to handle_<name>. Exit codes:
     0  stopped cleanly (SIGTERM / SIGINT)
     1  could not start: configuration, socket, data dir, chunk files (one-line message)
     2  bad command line (argparse: usage and the flag at fault)
-    3  the writer process died unexpectedly: everything was stopped
+    3  the writer process keeps dying (WRITER_DEATHS deaths in WRITER_DEATH_WINDOW s), or
+       a new writer could not start: everything was stopped
+
+A writer that dies is replaced in place: its claimed pool blocks are returned, its fid
+index segments unlinked, a new writer recovers the chunk files, and when it is ready
+each worker gets a link to it and its index over the worker's control socket. Workers
+keep serving READs from the old index meanwhile (it holds only acknowledged writes).
     4  a worker process could not start: everything was stopped
 """
 from __future__ import annotations
@@ -33,8 +39,9 @@ from speedy.common.config import load_server_config
 from speedy.common.daemonize import (PidfileError, StartError, daemonize, remove_pidfile,
                                      write_pidfile)
 from speedy.common.logs import reopen_logs, setup_logging
-from speedy.chunkserver.shm.pool import (BlockPool, MAX_OWNER, disable_resource_tracker, remove_stale_segments,
-                   server_prefix, unlink_prefix)
+from speedy.chunkserver.shm.pool import (BlockPool, MAX_OWNER, WRITER_OWNER, disable_resource_tracker,
+                   remove_stale_segments, segments_with_prefix, server_prefix, unlink_prefix,
+                   unlink_segment)
 from speedy.chunkserver.shm.counters import StatsView
 from speedy.chunkserver.worker import BOOT_ERROR, run_worker
 from speedy.chunkserver.messages import OWNER
@@ -49,6 +56,8 @@ EXIT_WRITER_DIED = 3
 EXIT_WORKER_BOOT = 4
 STOP_TIMEOUT = 30.0  # workers, then the writer, each get this long to finish
 RESPAWN_DELAY = 1.0  # a worker that died within this of its start is respawned this late
+WRITER_DEATHS = 3  # the writer dying this many times ...
+WRITER_DEATH_WINDOW = 60.0  # ... within this many seconds stops the server (exit 3)
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGCHLD: "chld"}
 CHILD_SIGNALS = {signal.SIGTERM, signal.SIGHUP}
@@ -62,6 +71,7 @@ class WorkerProc:
     slot: int
     owner: int
     started: float
+    ctl: socket.socket  # the supervisor's end of the worker's control socket
 
 
 def set_process_name(name: str) -> None:
@@ -85,6 +95,9 @@ class Supervisor:
         self.ctrl: socket.socket | None = None
         self.index_name = ""
         self.writer_pid = 0
+        self.writer_ready = False
+        self.writer_since = 0.0  # when the current writer was started
+        self.writer_deaths: list[float] = []
         self.workers: dict[int, WorkerProc] = {}
         self.respawn_at: dict[int, float] = {}
         self.next_owner = 1
@@ -152,6 +165,7 @@ class Supervisor:
             sig = self.sig_queue.pop(0) if self.sig_queue else None
             if sig is None:
                 self.sleep(1.0)
+                self.poll_writer_start()
                 self.maintain_workers()
                 continue
             getattr(self, "handle_" + SIGNALS[sig])()
@@ -178,10 +192,13 @@ class Supervisor:
             pass
 
     def sleep(self, seconds: float) -> None:
-        """Wait for a signal's wake-up or the time."""
+        """Wait for a signal's wake-up, a starting writer's message, or the time."""
+        fds = [self.pipe[0]]  # type: ignore[index]
+        if self.writer_pid and not self.writer_ready and self.ctrl is not None:
+            fds.append(self.ctrl)
         try:
-            ready, _, _ = select.select([self.pipe[0]], [], [], seconds)  # type: ignore[index]
-            if ready:
+            ready, _, _ = select.select(fds, [], [], seconds)
+            if self.pipe[0] in ready:  # type: ignore[index]
                 while os.read(self.pipe[0], 512):  # type: ignore[index]
                     pass
         except BlockingIOError:
@@ -247,9 +264,12 @@ class Supervisor:
         def body() -> int:
             mine.close()
             self.listener.close()  # type: ignore[union-attr]
+            for w in self.workers.values():
+                w.ctl.close()
             return run_writer(self.cfg, self.pool, self.stats, theirs, self.prefix)
 
         self.writer_pid = self.fork_child("spy_writer", body)
+        self.writer_since = time.monotonic()
         theirs.close()
         log.info("writer started (pid %d): opening the chunk files", self.writer_pid)
 
@@ -265,6 +285,7 @@ class Supervisor:
                     msg = b""
                 if msg[:1] == b"R":
                     self.index_name = msg[1:].decode()
+                    self.writer_ready = True
                     return
                 self.reap_writer_start()
                 raise StartError(msg[1:].decode("utf-8", "replace") if msg[:1] == b"E"
@@ -287,28 +308,39 @@ class Supervisor:
             self.writer_pid = 0
 
     def spawn_worker(self, slot: int) -> None:
-        """Fork worker number slot with a fresh owner id and a link to the writer."""
+        """Fork worker number slot with a fresh owner id and a control socket; it gets its
+        link to the writer over that socket (now, or when a new writer is ready)."""
         owner = self.new_owner()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            socket.send_fds(self.ctrl, [b"L" + OWNER.pack(owner)], [theirs.fileno()])
-        except OSError as e:
-            mine.close()
-            theirs.close()
-            log.error("cannot hand a worker link to the writer: %s", e)
-            return
-        theirs.close()
         self.stats.worker(slot).reset_gauges()  # type: ignore[union-attr]
 
         def body() -> int:
-            self.ctrl.close()  # type: ignore[union-attr]
-            return run_worker(self.cfg, slot, owner, self.listener, mine, self.pool,
-                              self.stats, self.index_name)
+            mine.close()
+            if self.ctrl is not None:
+                self.ctrl.close()
+            for w in self.workers.values():
+                w.ctl.close()
+            return run_worker(self.cfg, slot, owner, self.listener, theirs, self.pool,
+                              self.stats)
 
         pid = self.fork_child(f"spy_worker_{slot}", body)
-        mine.close()
-        self.workers[pid] = WorkerProc(pid, slot, owner, time.monotonic())
+        theirs.close()
+        w = self.workers[pid] = WorkerProc(pid, slot, owner, time.monotonic(), mine)
         log.debug("worker %d started (pid %d)", slot, pid)
+        if self.writer_ready:
+            self.link_worker(w)
+
+    def link_worker(self, w: WorkerProc) -> None:
+        """A socketpair between the writer and worker w, and the name of the writer's index."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            socket.send_fds(self.ctrl, [b"L" + OWNER.pack(w.owner)], [theirs.fileno()])
+            socket.send_fds(w.ctl, [b"L" + self.index_name.encode()], [mine.fileno()])
+        except OSError as e:  # the writer or the worker is gone: reaping handles it
+            log.warning("cannot link worker %d (pid %d) to the writer: %s", w.slot, w.pid, e)
+        finally:
+            mine.close()
+            theirs.close()
 
     def new_owner(self) -> int:
         """A pool owner id no live worker has (1..MAX_OWNER, cycling)."""
@@ -331,27 +363,90 @@ class Supervisor:
             how = describe_exit(status)
             if pid == self.writer_pid:
                 self.writer_pid = 0
-                if not self.stopping:
-                    log.error("the writer process %s; stopping the server", how)
-                    self.exit_code = EXIT_WRITER_DIED
-                    self.stop()
+                self.writer_died(how)
                 continue
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
+            w.ctl.close()
             freed = self.pool.free_owner(w.owner)  # type: ignore[union-attr]
             self.stats.worker(w.slot).reset_gauges()  # type: ignore[union-attr]
             if self.stopping:
                 continue
             log.error("worker %d (pid %d) %s; %d pool blocks returned", w.slot, pid, how,
                       freed)
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == BOOT_ERROR:
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == BOOT_ERROR and \
+                    self.writer_ready and w.started > self.writer_since:
+                # (one that raced a writer's death is replaced like any other)
                 log.error("a worker could not start; stopping the server")
                 self.exit_code = EXIT_WORKER_BOOT
                 self.stop()
                 continue
             delay = RESPAWN_DELAY if time.monotonic() - w.started < RESPAWN_DELAY else 0
             self.respawn_at[w.slot] = time.monotonic() + delay
+
+    def writer_died(self, how: str) -> None:
+        """Return what the dead writer held; start a new one, unless it keeps dying."""
+        was_ready, self.writer_ready = self.writer_ready, False
+        if self.ctrl is not None:
+            self.ctrl.close()
+            self.ctrl = None
+        freed = self.pool.free_owner(WRITER_OWNER)  # type: ignore[union-attr]
+        self.unlink_index()
+        self.stats.set("pending_writes", 0)  # type: ignore[union-attr]
+        if self.stopping:
+            return
+        now = time.monotonic()
+        self.writer_deaths = [t for t in self.writer_deaths if now - t < WRITER_DEATH_WINDOW]
+        self.writer_deaths.append(now)
+        n = len(self.writer_deaths)
+        if n >= WRITER_DEATHS:
+            log.error("the writer process %s: %d writer deaths in %.0fs, it keeps dying; "
+                      "stopping the server", how, n, WRITER_DEATH_WINDOW)
+            self.exit_code = EXIT_WRITER_DIED
+            self.stop()
+            return
+        log.error("the writer process %s%s; %d pool blocks returned; starting a new writer "
+                  "(writer death %d; %d within %.0fs stop the server)", how, "" if was_ready
+                  else " during its start", freed, n, WRITER_DEATHS, WRITER_DEATH_WINDOW)
+        self.spawn_writer()
+
+    def poll_writer_start(self) -> None:
+        """A new writer's "R" (ready: link every worker) or "E" (start error: stop)."""
+        if not self.writer_pid or self.writer_ready or self.ctrl is None:
+            return
+        try:
+            self.ctrl.setblocking(False)
+            msg = self.ctrl.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            msg = b""
+        finally:
+            if self.ctrl is not None:
+                self.ctrl.setblocking(True)
+        if msg[:1] == b"R":
+            self.index_name = msg[1:].decode()
+            self.writer_ready = True
+            log.info("new writer ready (pid %d): linking %d workers", self.writer_pid,
+                     len(self.workers))
+            for w in list(self.workers.values()):
+                self.link_worker(w)
+        elif msg[:1] == b"E":
+            log.error("the new writer cannot start: %s; stopping the server",
+                      msg[1:].decode("utf-8", "replace"))
+            self.exit_code = EXIT_WRITER_DIED
+            self.stop()
+        else:  # it exited before it was ready: reaping counts the death
+            self.ctrl.close()
+            self.ctrl = None
+
+    def unlink_index(self) -> None:
+        """Unlink a dead writer's fid index segments (workers keep their mappings)."""
+        for name in segments_with_prefix(self.prefix):
+            rest = name[len(self.prefix) + 1:]
+            if rest == "ic" or (rest[:1] == "t" and rest[1:].isdigit()):
+                unlink_segment(name)
 
     def maintain_workers(self) -> None:
         """Spawn the workers that are due."""

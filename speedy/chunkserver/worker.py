@@ -1,6 +1,8 @@
 """A worker process: gevent, accepts on the shared listening socket, speaks the protocol.
 
-gevent is imported and monkey-patched only in run_worker(), after the fork. Each
+gevent is imported and monkey-patched only in run_worker(), after the fork. The worker
+gets its link to the writer and the fid index's name over its control socket from the
+supervisor, at start and again whenever a new writer replaced a dead one (link.py). Each
 connection is one greenlet (bounded by a gevent Pool): requests are read and answered in
 order, so pipelined requests are answered in order. Upload bodies go straight from the
 socket into shared pool blocks (recv_into), checksummed on the way, and the writer gets
@@ -20,7 +22,8 @@ import zlib
 from argparse import Namespace
 
 from speedy.format.chunkfile import RECORD_HEADER_SIZE, max_data_size
-from speedy.chunkserver.conn import AdminPolicy, Closed, Conn, TooSlow, idle_timeout, min_rate
+from speedy.chunkserver.conn import AdminPolicy, Closed, Conn, TooSlow, min_rate, stall_timeout
+from speedy.chunkserver.conns import SWEEP_EVERY, ConnTable, Park
 from speedy.chunkserver.shm.index import IndexReader
 from speedy.common.logs import reopen_logs
 from speedy.chunkserver.shm.pool import BlockPool, blocks_for
@@ -29,9 +32,9 @@ from speedy.wire.protocol import (ADMIN_OPCODES, FILE_KEY, FILE_KEY_SIZE, MAX_CH
                        encode_io_status)
 from speedy.chunkserver.reader import ChunkReader, NotFound, ReadFailed
 from speedy.chunkserver.shm.counters import StatsView, WorkerStats
-from speedy.chunkserver.messages import (FID_MSG, FRAME, HEAD, KIND_DELETE, KIND_KILL,
-                                         KIND_WRITE, PACKET_MAX, REPLY, REPLY_PACKET_MAX,
-                                         WRITE_MSG)
+from speedy.chunkserver.link import WriterSlot
+from speedy.chunkserver.upload import PoolFull, Upload, UploadMemory, per_source_default
+from speedy.chunkserver.messages import FID_MSG, HEAD, KIND_DELETE, KIND_KILL, KIND_WRITE, WRITE_MSG
 
 log = logging.getLogger("speedy.chunkserver.worker")
 
@@ -39,6 +42,10 @@ SMALL_BODY_MAX = 65536  # a non-WRITE body longer than this is garbage: answer, 
 WHOLE_READ_MAX = 2 << 20  # READs up to this size are read at once, larger ones in pieces
 PIECE = 1 << 20
 STOP_GRACE = 25.0
+DEFAULT_MAX_CONNS = 10000  # per worker, when --max_conns is 0
+DEFAULT_PER_SOURCE = 1000  # per worker and source address, when --max_conns_per_ip is 0
+DEFAULT_IDLE_TIMEOUT = 300.0
+REFUSE_SLACK = 256  # descriptors kept free beyond --max_conns (refused connections, files)
 BOOT_ERROR = 4  # exit code of a worker that could not start (the supervisor gives up)
 KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 60),
              (getattr(socket, "TCP_KEEPINTVL", None), 10),
@@ -50,108 +57,38 @@ SERVER_ERRORS = frozenset({Err.WRITE_ERROR, Err.READ_ERROR, Err.INTERNAL_ERROR,
                            Err.SERVER_READ_ONLY, Err.IO_JOB_UNAVAILABLE})
 
 
-class WriterLink:
-    """The worker's end of its socketpair to the writer: calls with request ids."""
-
-    def __init__(self, sock, gevent_mod) -> None:
-        from gevent.event import AsyncResult, Event
-        self._result = AsyncResult
-        self.sock = sock
-        self.waiting: dict[int, object] = {}
-        self.next_id = 1
-        self.broken = False
-        self.out: list[bytes] = []  # framed messages not sent yet
-        self.wake = Event()
-        self.reader = gevent_mod.spawn(self._read_replies)
-        self.sender = gevent_mod.spawn(self._send_queued)
-
-    def send(self, head: struct.Struct, *fields, tail: bytes = b"") -> object:
-        """Queue head.pack(req_id, *fields) + tail; the AsyncResult of the answer (an Err).
-
-        The messages queued by every greenlet that ran since the sender's last turn go
-        to the writer in one packet (one send here, one recv there).
-        """
-        if self.broken:
-            raise OSError("the writer is gone")
-        req_id = self.next_id
-        self.next_id = (req_id + 1) & 0xFFFFFFFF or 1
-        result = self._result()
-        self.waiting[req_id] = result
-        msg = head.pack(req_id, *fields) + tail
-        self.out.append(FRAME.pack(len(msg)) + msg)
-        self.wake.set()
-        return result
-
-    def _send_queued(self) -> None:
-        """Send the queued messages, packed into packets of up to PACKET_MAX bytes."""
-        while not self.broken:
-            self.wake.wait()
-            self.wake.clear()
-            while self.out:
-                k = size = 0
-                for m in self.out:  # as many messages as fit (at least one)
-                    if k and size + len(m) > PACKET_MAX:
-                        break
-                    size += len(m)
-                    k += 1
-                packet = b"".join(self.out[:k])
-                del self.out[:k]
-                try:
-                    while not self.sock.send(packet):  # a packet goes whole or not at all:
-                        pass  # 0 means it waited and the socket was still full; again
-                except OSError as e:
-                    log.error("cannot send to the writer: %s", e)
-                    self.sock.close()  # the reader sees the end and answers what waits
-                    return
-
-    def _read_replies(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(REPLY_PACKET_MAX)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            if len(data) % REPLY.size:
-                log.error("malformed reply packet of %d bytes from the writer", len(data))
-                data = data[:len(data) - len(data) % REPLY.size]
-            waiting = self.waiting
-            for req_id, err in REPLY.iter_unpack(data):  # one packet: the replies of a batch
-                result = waiting.pop(req_id, None)
-                if result is not None:
-                    result.set(err)
-        self.broken = True
-        if self.waiting:
-            log.error("the writer is gone: %d requests answered INTERNAL_ERROR",
-                      len(self.waiting))
-        for result in self.waiting.values():
-            result.set(Err.INTERNAL_ERROR)
-        self.waiting.clear()
+class LinkError(Exception):
+    """The writer link or fid index the supervisor handed over cannot be used."""
 
 
 class Worker:
     """One worker process's state and request handlers."""
 
     def __init__(self, cfg: Namespace, slot: int, owner: int, listener: socket.socket,
-                 link_sock: socket.socket, pool: BlockPool, stats: StatsView,
-                 index_name: str) -> None:
+                 ctl_sock: socket.socket, pool: BlockPool, stats: StatsView) -> None:
         self.cfg = cfg
         self.slot = slot
         self.owner = owner
         self.listener = listener
-        self.link_sock = link_sock
+        self.ctl_sock = ctl_sock
         self.pool = pool
         self.stats = stats
         self.ws: WorkerStats = stats.worker(slot)
-        self.index_name = index_name
+        self.uploads = UploadMemory(pool, owner, getattr(cfg, "mem_blocks_per_ip", 0)
+                                    or per_source_default(pool.nblocks))
         self.group_id = cfg.group_id
         self.max_body = max_data_size(cfg.chunk_size)
-        self.idle = idle_timeout()
+        self.stall = stall_timeout()
+        self.idle_timeout = getattr(cfg, "idle_timeout", DEFAULT_IDLE_TIMEOUT)
         self.min_rate = min_rate()
         self.admin = AdminPolicy(cfg.admin_allow)
         self.parent = os.getppid()
         self.stopping = False
-        self.idle_greenlets: set = set()
+        self.exit_code = 0
+        max_conns = connection_limit(getattr(cfg, "max_conns", 0))
+        self.max_conns = max_conns
+        self.per_source_conns = getattr(cfg, "max_conns_per_ip", 0) or min(max_conns,
+                                                                          DEFAULT_PER_SOURCE)
         self.handlers = {
             Op.WRITE: self.handle_write, Op.READ: self.handle_read,
             Op.DELETE: self.handle_delete, Op.PING: self.handle_ping,
@@ -174,35 +111,98 @@ class Worker:
         import gevent.socket
         self.gevent = gevent
         try:
-            self.reader = ChunkReader(self.cfg.data_dir, self.group_id,
-                                      IndexReader(self.index_name))
-            link = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET,
-                                        fileno=self.link_sock.detach())
-            self.link = WriterLink(link, gevent)
+            self.ctl = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET,
+                                            fileno=self.ctl_sock.detach())
+            self.writer = WriterSlot(gevent, self.release_blocks)
+            self.reader = None
+            while self.reader is None:  # the first writer link and index
+                if not self.take_link():
+                    return 0
             lsock = gevent.socket.socket(self.listener.family, self.listener.type,
                                          fileno=self.listener.detach())
             lsock.setblocking(False)
         except Exception as e:
             log.error("worker %d cannot start: %s", self.slot, e)
             return BOOT_ERROR
-        self.conn_pool = gevent.pool.Pool(connection_limit())
-        self.server = gevent.server.StreamServer(lsock, self.handle, spawn=self.conn_pool)
+        self.conns = ConnTable(self.max_conns, self.per_source_conns, gevent.get_hub().loop,
+                               lambda conn: self.resumed.spawn(self.serve, conn), self.end)
+        # greenlets of new connections, and of parked ones that got their next request
+        self.accepting = gevent.pool.Pool(self.max_conns + REFUSE_SLACK)
+        self.resumed = gevent.pool.Group()
+        self.server = keep_open(gevent.server.StreamServer)(lsock, self.handle,
+                                                             spawn=self.accepting)
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.stop))
         gevent.signal_handler(signal.SIGHUP, self._reopen_logs)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
         self.done = gevent.event.Event()
         self.server.start()
+        gevent.spawn(self.follow_supervisor)
+        gevent.spawn(self.sweep_idle)
         log.debug("worker %d serving (pid %d)", self.slot, os.getpid())
         while not self.done.wait(0.5):
             if self.stopping:
                 continue
-            if self.link.broken:
-                log.error("worker %d: lost the writer; stopping", self.slot)
-                gevent.spawn(self.stop)
-            elif os.getppid() != self.parent:
+            if os.getppid() != self.parent:
                 log.error("worker %d: the supervisor is gone; stopping", self.slot)
                 gevent.spawn(self.stop)
-        return 0
+        return self.exit_code
+
+    def take_link(self) -> bool:
+        """Receive one message of the supervisor: a new writer's link and fid index
+        ("L" index name + fd); False when the supervisor is gone."""
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(self.ctl, 256, 1)
+        except OSError:
+            msg, fds = b"", []
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            return False
+        if msg[:1] != b"L" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            log.error("worker %d: bad control message %r ignored", self.slot, msg[:16])
+            return True
+        try:
+            index = IndexReader(msg[1:].decode())
+        except (OSError, ValueError, TimeoutError) as e:
+            os.close(fds[0])
+            raise LinkError(f"cannot attach the fid index {msg[1:].decode(errors='replace')}: "
+                            f"{e}") from None
+        link = self.gevent.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fds[0])
+        if self.reader is None:
+            self.reader = ChunkReader(self.cfg.data_dir, self.group_id, index)
+        else:
+            old, self.reader.index = self.reader.index, index
+            try:
+                old.close()
+            except BufferError:  # a view still in use: the mapping goes with the process
+                pass
+            log.info("worker %d: attached to the new writer", self.slot)
+        self.writer.install(link)
+        return True
+
+    def follow_supervisor(self) -> None:
+        """Take each new writer's link; stop when the supervisor is gone."""
+        try:
+            while self.take_link():
+                pass
+        except LinkError as e:  # the supervisor decides: a new worker, or stop the server
+            log.error("worker %d: %s; exiting", self.slot, e)
+            self.exit_code = BOOT_ERROR
+            self.stop()
+            return
+        if not self.stopping:
+            log.error("worker %d: the supervisor is gone; stopping", self.slot)
+            self.stop()
+
+    def release_blocks(self, blocks: list[int]) -> None:
+        """Return the blocks of writes a dead writer never claimed (still this worker's,
+        and not re-used meanwhile by an upload of this worker)."""
+        freed = self.uploads.release_unclaimed(blocks)
+        if freed:
+            log.warning("worker %d: %d pool blocks of unanswered writes returned",
+                        self.slot, freed)
 
     def _reopen_logs(self) -> None:
         reopen_logs()
@@ -214,22 +214,28 @@ class Worker:
             return
         self.stopping = True
         self.server.close()
-        for g in list(self.idle_greenlets):
-            g.kill(block=False)
-        self.conn_pool.join(timeout=STOP_GRACE)
-        if len(self.conn_pool):
+        self.conns.close_all_idle()
+        deadline = time.monotonic() + STOP_GRACE
+        for group in (self.accepting, self.resumed):
+            group.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.writer.close()
+        busy = len(self.accepting) + len(self.resumed)
+        if busy:
             log.warning("worker %d: %d connections still busy after %.0fs; dropped",
-                        self.slot, len(self.conn_pool), STOP_GRACE)
-            self.conn_pool.kill(timeout=1)
+                        self.slot, busy, STOP_GRACE)
+            self.accepting.kill(timeout=1)
+            self.resumed.kill(timeout=1)
         self.done.set()
 
     # ------------------------------------------------------------------ connections
     def handle(self, sock, addr) -> None:
-        """One client connection: requests in order until it closes."""
-        ws = self.ws
-        ws.add("conn_count")
-        ws.add("accepted")
+        """A new client connection: counted (or refused), then served."""
         peer = addr[0] if isinstance(addr, tuple) else str(addr)
+        if not self.conns.admit(peer):  # over a limit, and every connection is busy
+            sock.close()
+            return
+        self.ws.add("conn_count")
+        self.ws.add("accepted")
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -238,20 +244,38 @@ class Worker:
                     sock.setsockopt(socket.IPPROTO_TCP, opt, value)
         except OSError:
             pass
-        conn = Conn(sock, self.idle, self.min_rate)
+        sock.settimeout(self.stall)
+        self.serve(Conn(sock, peer, self.stall, self.min_rate))
+
+    def serve(self, conn: Conn) -> None:
+        """Requests in order until the connection ends or is parked (idle: no greenlet,
+        no buffer; conns.py)."""
+        ws, peer, handlers, conns = self.ws, conn.peer, self.handlers, self.conns
+        sock = conn.sock
         current = self.gevent.getcurrent()
-        handlers = self.handlers
+        wait_read = self.gevent.socket.wait_read
+        parked = False
         try:
             while not self.stopping:
-                if conn.r == conn.w:  # between requests: wait without a time limit
+                if conn.r == conn.w:  # between requests
                     conn.start = 0.0
-                    sock.settimeout(None)
-                    self.idle_greenlets.add(current)
+                if conn.r == conn.w and not conn.fill_now():  # idle
+                    conns.idle_start(conn, current)
+                    conn.release()  # an idle connection holds no buffer
                     try:
-                        conn.fill()
+                        wait_read(sock.fileno())
+                    except Park:
+                        if conn.counted:  # (else it was closed to make room meanwhile)
+                            conns.park(conn)
+                            parked = True
+                            return
                     finally:
-                        self.idle_greenlets.discard(current)
-                    sock.settimeout(self.idle)
+                        conn.waiter = None
+                        if not parked:
+                            conns.idle_end(conn)
+                    if not conn.counted:  # closed to make room while it woke up
+                        break
+                    conn.fill()
                 conn.start, conn.got = time.monotonic(), 0
                 op, blen = REQUEST_HEADER.unpack(conn.read_exact(5))
                 handler = handlers.get(op)
@@ -271,19 +295,31 @@ class Worker:
             pass
         except (socket.timeout, TimeoutError):
             ws.add("dropped_idle")
-            log.info("connection from %s dropped: no progress for %gs", peer, self.idle)
+            log.info("connection from %s dropped: no progress for %gs", peer, self.stall)
         except TooSlow as e:
             ws.add("dropped_idle")
             log.info("connection from %s dropped: request too slow (%s, under %g bytes/s "
-                     "after %gs)", peer, e, self.min_rate, self.idle)
+                     "after %gs)", peer, e, self.min_rate, self.stall)
         except OSError as e:
             log.debug("connection from %s: %s", peer, e)
         finally:
-            ws.add("conn_count", -1)
-            try:
-                sock.close()
-            except OSError:
-                pass
+            if not parked:
+                conns.leave(conn)
+                self.end(conn)
+
+    def end(self, conn: Conn) -> None:
+        """The connection is over (uncounted already): close its socket."""
+        self.ws.add("conn_count", -1)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def sweep_idle(self) -> None:
+        """Park the connections idle for a while, close those idle for --idle_timeout."""
+        while not self.stopping:
+            self.gevent.sleep(SWEEP_EVERY)
+            self.conns.sweep(self.idle_timeout)
 
     def answer(self, conn: Conn, op: int, err: int, body: bytes = b"") -> int:
         """Send one response; returns err."""
@@ -300,56 +336,62 @@ class Worker:
 
     # ------------------------------------------------------------------ data opcodes
     def handle_write(self, conn: Conn, blen: int, peer: str) -> int:
-        """WRITE: body into pool blocks, adler32 on the way, then the writer commits it."""
+        """WRITE: body into pool blocks claimed as it arrives, adler32 on the way, then the
+        writer commits it."""
         op = Op.WRITE
         if blen < FILE_KEY_SIZE:
             conn.skip(blen)
             return self.answer(conn, op, Err.INTERNAL_ERROR)
         group, fid = FILE_KEY.unpack(conn.read_exact(FILE_KEY_SIZE))
-        size = blen - FILE_KEY_SIZE
+        up = Upload(peer, blen - FILE_KEY_SIZE)
         err = None
-        blocks = None
         if group != self.group_id:
             err = Err.SERVER_ID_MISMATCH
         elif self.stats.status() != ServerStatus.RW:
             err = Err.SERVER_READ_ONLY
-        elif size > self.max_body:
+        elif up.size > self.max_body:
             err = Err.CHUNK_UNAVAILABLE
+        elif blocks_for(up.size) > min(self.pool.nblocks, self.uploads.per_source):
+            err = Err.REACH_MEMORY_LIMIT
+        elif self.writer.current() is None:  # waits (bounded) for a writer that restarts
+            err = Err.IO_JOB_UNAVAILABLE
         else:
-            blocks = self.pool.allocate(blocks_for(size), self.owner)
-            if blocks is None:
-                err = Err.REACH_MEMORY_LIMIT
-        ws = self.ws
-        if err is not None:
-            if err in SERVER_ERRORS:
-                ws.add("write_error")
-            self.answer(conn, op, err)
-            conn.skip(size)
-            return err
-        ws.add("writing")
-        try:
-            csum = 0
-            for part in self.pool.parts(blocks, size):
-                conn.read_into(part)
-                csum = zlib.adler32(part, csum)
             try:
-                result = self.link.send(WRITE_MSG, KIND_WRITE, fid, size, csum, len(blocks),
-                                        tail=struct.pack(f"={len(blocks)}H", *blocks))
-            except OSError:
-                err = Err.INTERNAL_ERROR
+                err = self.receive_write(conn, fid, up)
+            except PoolFull as e:
+                log.info("WRITE of fid %d from %s: REACH_MEMORY_LIMIT (%s)", fid, peer, e)
+                err = Err.REACH_MEMORY_LIMIT
             else:
-                blocks = None  # the writer owns them now
-                err = result.get()
-        finally:
-            ws.add("writing", -1)
-            if blocks:
-                self.pool.free(blocks)
+                up.got = up.size
+        ws = self.ws
         if err == Err.SUCCESS:
             ws.add("write_count")
-            ws.add("write_bytes", size)
+            ws.add("write_bytes", up.size)
         elif err in SERVER_ERRORS:
             ws.add("write_error")
-        return self.answer(conn, op, err)
+        self.answer(conn, op, err)
+        conn.skip(up.size - up.got)  # what a refused write still has to send
+        return err
+
+    def receive_write(self, conn: Conn, fid: int, up: Upload) -> int:
+        """Receive a WRITE body and hand it to the writer; the writer's answer."""
+        uploads, ws = self.uploads, self.ws
+        ws.add("writing")
+        try:
+            uploads.receive(conn, up)
+            blocks = up.blocks
+            result = self.writer.send(WRITE_MSG, KIND_WRITE, fid, up.size, up.csum,
+                                      len(blocks), tail=struct.pack(f"={len(blocks)}H", *blocks),
+                                      blocks=blocks)
+            if result is None:
+                return Err.IO_JOB_UNAVAILABLE  # no writer: nothing was sent, nothing stored
+            uploads.handed_over(up)
+            err = result.get()
+            uploads.answered(up)
+            return err
+        finally:
+            ws.add("writing", -1)
+            uploads.free(up)
 
     def handle_read(self, conn: Conn, blen: int, peer: str) -> int:
         """READ: look the fid up, read and verify, send."""
@@ -433,11 +475,10 @@ class Worker:
         return self.answer(conn, op, self.call_writer(FID_MSG, KIND_DELETE, fid))
 
     def call_writer(self, head: struct.Struct, *fields) -> int:
-        """One request to the writer and its answer (INTERNAL_ERROR if the writer is gone)."""
-        try:
-            return self.link.send(head, *fields).get()
-        except OSError:
-            return Err.INTERNAL_ERROR
+        """One request to the writer and its answer: INTERNAL_ERROR (outcome unknown) if
+        the writer died meanwhile, IO_JOB_UNAVAILABLE if there was no writer to send it to."""
+        result = self.writer.send(head, *fields)
+        return Err.IO_JOB_UNAVAILABLE if result is None else result.get()
 
     # ------------------------------------------------------------------ other opcodes
     def handle_ping(self, conn: Conn, blen: int, peer: str) -> int:
@@ -532,11 +573,22 @@ class Worker:
             try:
                 n = os.sendfile(out, fd, offset, min(size - offset, 1 << 30))
             except BlockingIOError:
-                wait_write(out, timeout=self.idle, timeout_exc=socket.timeout("send stalled"))
+                wait_write(out, timeout=self.stall, timeout_exc=socket.timeout("send stalled"))
                 continue
             if n == 0:  # the file shrank under us: the stream is broken
                 raise Closed("chunk file shorter than announced")
             offset += n
+
+
+def keep_open(server_class):
+    """A StreamServer class that leaves the socket open when handle() returns: the worker
+    closes it itself (a parked connection lives on without its greenlet)."""
+
+    class Server(server_class):
+        def do_close(self, sock, *args) -> None:
+            pass
+
+    return Server
 
 
 def send_all(sock, data: bytes) -> None:
@@ -546,17 +598,21 @@ def send_all(sock, data: bytes) -> None:
         sock.sendall(memoryview(data)[n:])
 
 
-def connection_limit() -> int:
-    """Connections one worker serves at once (the rest wait in the listen backlog)."""
+def connection_limit(wanted: int = 0) -> int:
+    """Connections one worker counts (--max_conns, 0: automatic), kept within the
+    open-files limit (REFUSE_SLACK more are accepted to be refused or make room)."""
     import resource
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        soft = 65536
-    return max(64, min(10000, soft - 64))
+        soft = 1 << 20
+    room = max(64, soft - 64 - REFUSE_SLACK)
+    if wanted > room:
+        log.warning("--max_conns %d is more than the open-files limit allows; %d used",
+                    wanted, room)
+    return min(wanted or DEFAULT_MAX_CONNS, room)
 
 
 def run_worker(cfg: Namespace, slot: int, owner: int, listener: socket.socket,
-               link_sock: socket.socket, pool: BlockPool, stats: StatsView,
-               index_name: str) -> int:
+               ctl_sock: socket.socket, pool: BlockPool, stats: StatsView) -> int:
     """The worker process's body; returns its exit code."""
-    return Worker(cfg, slot, owner, listener, link_sock, pool, stats, index_name).run()
+    return Worker(cfg, slot, owner, listener, ctl_sock, pool, stats).run()

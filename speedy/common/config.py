@@ -221,6 +221,16 @@ def server_parser() -> configargparse.ArgParser:
                    help="addresses, CIDRs or host names allowed to send admin opcodes, "
                         "comma separated (default: loopback and the master's address)")
     p.add_argument("--token", default="", help="shared token sent to the master")
+    p.add_argument("--max_conns", type=int_range(0, 1 << 20), default=0,
+                   help="client connections per worker (0: 10000, within the open-files "
+                        "limit); past it the oldest idle one is closed to make room")
+    p.add_argument("--max_conns_per_ip", type=int_range(0, 1 << 20), default=0,
+                   help="client connections per source address in one worker (0: 1000)")
+    p.add_argument("--idle_timeout", type=positive_float, default=300.0,
+                   help="seconds a connection may stay idle between requests")
+    p.add_argument("--mem_blocks_per_ip", type=int_range(0, MAX_MEM_BLOCKS), default=0,
+                   help="pool blocks one source address may hold in one worker "
+                        "(0: three quarters of --mem_blocks)")
     _common(p, "pid file of the supervisor (written at start, removed at exit)")
     return p
 

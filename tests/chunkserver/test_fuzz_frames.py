@@ -208,7 +208,7 @@ streams = st.one_of(
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("fuzzframes"), workers=2, chunk_size=32 * MiB,
-                        chunks=3, mem_blocks=8, env={"SPEEDY_IDLE_TIMEOUT": "2"}) as s:
+                        chunks=3, mem_blocks=8, env={"SPEEDY_STALL_TIMEOUT": "2"}) as s:
         yield s
         assert s.stop() == 0, s.log()[-2000:]
         assert s.shm_segments() == []

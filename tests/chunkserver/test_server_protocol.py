@@ -21,7 +21,7 @@ FIDS = itertools.count(1000)
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("proto"), workers=2, chunk_size=32 * MiB,
-                        chunks=2, mem_blocks=16, env={"SPEEDY_IDLE_TIMEOUT": "2"}) as s:
+                        chunks=2, mem_blocks=16, env={"SPEEDY_STALL_TIMEOUT": "2"}) as s:
         yield s
 
 
@@ -221,13 +221,13 @@ def test_stalled_upload_is_dropped_and_blocks_return(srv):
     try:
         with srv.client() as c:
             c.sock.sendall(struct.pack(">BI", Op.WRITE, 10 + 3 * MiB) + encode_file_key(1, 7)
-                           + b"\x01" * MiB)
-            wait_for(lambda: pool.in_use() == 3, timeout=10)
+                           + b"\x01" * (MiB + 100))
+            wait_for(lambda: pool.in_use() == 1, timeout=10)  # blocks only for bytes sent
             with srv.client() as q:
                 err, body = q.call(Op.QUERY_IO_STATUS)
                 assert err == Err.SUCCESS and decode_io_status(body) == (0, 1, 0)  # writing
                 assert decode_detail_info(q.call(Op.QUERY_DETAIL_INFOS)[1]).writing_count == 1
-            assert c.closed(timeout=15)  # SPEEDY_IDLE_TIMEOUT=2
+            assert c.closed(timeout=15)  # SPEEDY_STALL_TIMEOUT=2
         wait_for(lambda: pool.in_use() == 0, timeout=10)
     finally:
         pool.close()
@@ -240,8 +240,8 @@ def test_killed_workers_are_replaced_and_blocks_return(srv):
     stalled = srv.client()
     try:
         stalled.sock.sendall(struct.pack(">BI", Op.WRITE, 10 + 4 * MiB) + encode_file_key(1, 8)
-                             + b"\x02" * 100)
-        wait_for(lambda: pool.in_use() == 4, timeout=10)
+                             + b"\x02" * (2 * MiB + 16384))
+        wait_for(lambda: pool.in_use() == 3, timeout=10)
         old = {pid for pid, comm in srv.children().items() if comm.startswith("spy_worker")}
         assert len(old) == 2
         for pid in old:

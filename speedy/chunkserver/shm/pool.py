@@ -229,6 +229,21 @@ class BlockPool:
         finally:
             self._unlock()
 
+    def free_if_owned(self, blocks, owner: int) -> int:
+        """Return those of blocks that owner still holds; how many."""
+        owners, n = self._owners, self.nblocks
+        self._lock()
+        try:
+            freed = 0
+            for b in blocks:
+                if b < n and owners[b] == owner:
+                    owners[b] = 0
+                    freed += 1
+            self._add_in_use(-freed)
+            return freed
+        finally:
+            self._unlock()
+
     def claim_many(self, requests: list[tuple[list[int], int]],
                    new_owner: int = WRITER_OWNER) -> list[bool]:
         """Move each (blocks, owner) to new_owner under one lock; False (nothing changed)
@@ -249,18 +264,7 @@ class BlockPool:
 
     def free_owner(self, owner: int) -> int:
         """Return every block owner holds (a dead worker); returns how many."""
-        owners = self._owners
-        self._lock()
-        try:
-            freed = 0
-            for b in range(self.nblocks):
-                if owners[b] == owner:
-                    owners[b] = 0
-                    freed += 1
-            self._add_in_use(-freed)
-            return freed
-        finally:
-            self._unlock()
+        return self.free_if_owned(range(self.nblocks), owner)
 
     def owned_by(self, owner: int) -> int:
         """How many blocks owner holds."""
