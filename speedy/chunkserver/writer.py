@@ -46,7 +46,6 @@ SEND_TIMEOUT = 5.0
 STOP_GRACE = 30.0
 MAX_ROUND = 4096  # messages taken from one link per loop round
 IO_THREADS = 8  # at most this many chunks written at once (pwritev/fsync release the GIL)
-INLINE_BYTES = 64 << 10  # a commit under this (without fsync) is written by the loop itself
 
 
 @dataclass
@@ -444,12 +443,13 @@ class Writer:
         """Start a commit for every chunk with staged writes and none under way: its
         records, superblock and fsync are written by an I/O thread (one chunk's commits
         stay in order, different chunks' go in parallel). A small commit without fsync
-        is written here at once: a hand-off to a thread would cost more than its pwritev."""
+        of small records only is written here at once (as one pwritev: a hand-off to a
+        thread would cost more)."""
         store = self.store
         for ch in store.staged_chunks():  # type: ignore[union-attr]
             c = store.begin_commit(ch)  # type: ignore[union-attr]
             jobs = self.waiting.pop(ch.chunk_id, [])
-            if not c.sync and c.sb.current_offset - c.at < INLINE_BYTES:
+            if not c.sync and not c.large:
                 self.inflight[ch.chunk_id] = (None, jobs)
                 self.written.append(store.write_commit(c))  # type: ignore[union-attr]
                 continue

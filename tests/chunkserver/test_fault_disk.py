@@ -133,9 +133,9 @@ def test_failed_commit_is_never_acknowledged(tmp_path, masters, op):
 
 def test_data_write_error_inside_a_batch(tmp_path):
     """An I/O error on the pwritev of a chunk's commit: no write of that commit is
-    acknowledged, nothing after it is accepted; the writes the same batch put in other
-    chunks (committed in parallel, fsynced) may be acknowledged and then survive a crash."""
-    size = 40_000  # small records share a chunk up to 256 KiB: 7 per chunk, 4 chunks
+    acknowledged, nothing after it is accepted; writes committed in other chunks at the
+    same time (in parallel, fsynced) may be acknowledged and then survive a crash."""
+    size = 40_000  # small records: they share chunk 1 and its commit
     srv = make_server(tmp_path, "wr", sync=1, workers=2, mem_blocks=256,
                       env={"SPEEDY_FAULTS": "write:chunk_1_1.chunk:after=5"})
     try:

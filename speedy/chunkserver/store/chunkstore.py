@@ -79,6 +79,7 @@ class ChunkCommit:
     sb: Superblock  # the superblock that covers the records
     fids: list[tuple[int, int]]  # (fid, offset)
     sync: bool
+    large: int = 0  # large records among them
     error: OSError | None = None
 
 
@@ -103,6 +104,8 @@ class ChunkStore:
         self.staged: dict[int, tuple[int, int]] = {}
         self.flush_bytes = FLUSH_BYTES  # 0: stage() never writes; commits write everything
         self.busy: set[int] = set()  # chunk ids with a ChunkCommit under way
+        self.large_staged: dict[int, int] = {}  # chunk id -> large records staged there
+        self.large_writing: dict[int, int] = {}  # ... and in its ChunkCommit under way
         self.writing: set[int] = set()  # the fids of the ChunkCommits under way
         self.shadows: dict[int, list[tuple[int, int]]] = {}
         self.fsync_count = 0
@@ -224,35 +227,41 @@ class ChunkStore:
             self._ordered = [self.chunks[cid] for cid in sorted(self.chunks)]
         return self._ordered
 
+    def is_large(self, size: int) -> bool:
+        """Whether a record of size is large: its own chunk, written in parallel."""
+        return size >= (self.flush_bytes or FLUSH_BYTES)
+
+    def holds_large(self, cid: int) -> bool:
+        """Whether chunk cid has a large record staged or being committed."""
+        return bool(self.large_staged.get(cid) or self.large_writing.get(cid))
+
     def _pick(self, size: int) -> Chunk | None:
-        """The chunk a record goes to, among those with room: the lowest id that is free to
-        take it now (no commit under way, nothing staged yet; a record under flush_bytes
-        also joins one whose staged bytes are under flush_bytes: small records share a
-        chunk and its fsync). A large record leaves the last free chunk to the small ones
-        (unless a chunk takes them already) and otherwise queues behind the chunk with the fewest bytes not committed yet. So
-        large records are written in parallel and small ones do not wait behind them."""
-        limit = self.flush_bytes or FLUSH_BYTES
-        small = size < limit
+        """The chunk a record goes to, among those with room. A small record: the lowest id
+        that holds no large record (one commit and fsync for the small records of a round,
+        queued behind that chunk's commit under way: group commit). A large record: the
+        lowest id with no commit under way and nothing staged, unless it is the last chunk
+        the small records could use; else it queues behind the large record chunk with the
+        fewest bytes not committed yet. So large records are written in parallel and the
+        small ones do not wait behind them."""
+        large = self.is_large(size)
         free: list[Chunk] = []
-        lane = False  # a chunk takes small records now (not busy, staged under the limit)
+        smallable = 0  # chunks that hold no large record
         best, best_load = None, 0
         for ch in self.ordered_chunks():
             if not fits(ch.capacity - ch.tail, size):
                 continue
-            load = ch.tail - ch.sb.current_offset
-            if ch.chunk_id not in self.busy:
-                if not ch.staged:
-                    if small:
-                        return ch
+            cid = ch.chunk_id
+            if not self.holds_large(cid):
+                if not large:
+                    return ch
+                smallable += 1
+                if cid not in self.busy and not ch.staged:
                     free.append(ch)
-                    continue
-                if load < limit:
-                    if small:
-                        return ch
-                    lane = True
+                continue
+            load = ch.tail - ch.sb.current_offset
             if best is None or load < best_load:
                 best, best_load = ch, load
-        if len(free) > 1 or (free and (best is None or lane)):
+        if free and (smallable > 1 or best is None):
             return free[0]
         return best
 
@@ -306,6 +315,8 @@ class ChunkStore:
         ch.tail = off + RECORD_HEADER_SIZE + size
         ch.staged += 1
         self.staged[fid] = (ch.chunk_id, off)
+        if self.is_large(size):
+            self.large_staged[ch.chunk_id] = self.large_staged.get(ch.chunk_id, 0) + 1
 
     def commit(self) -> list[int]:
         """Superblocks, one fsync per touched chunk (sync), then index the staged fids."""
@@ -331,6 +342,7 @@ class ChunkStore:
             self._rollback(touched, written)
             log.error("commit of %d staged writes failed: %s; read-only now", len(self.staged), e)
             self.staged.clear()
+            self.large_staged.clear()
             self.read_only = True
             raise WriteFailed(f"commit failed: {e.strerror}") from None
         for ch in touched:
@@ -342,6 +354,7 @@ class ChunkStore:
         for fid, (cid, off) in self.staged.items():
             insert(fid, cid, off)
         self.staged.clear()
+        self.large_staged.clear()
         self._changed = True
         self.maybe_save_snapshot()
         return fids
@@ -358,7 +371,9 @@ class ChunkStore:
             del self.staged[fid]
             self.writing.add(fid)
         self.index.reserve(len(self.index) + len(fids) + len(self.staged))  # none after fsync
-        c = ChunkCommit(ch, ch.pending, ch.pending_at, ch.staged_superblock(), fids, self.sync)
+        c = ChunkCommit(ch, ch.pending, ch.pending_at, ch.staged_superblock(), fids, self.sync,
+                        self.large_staged.pop(ch.chunk_id, 0))
+        self.large_writing[ch.chunk_id] = c.large
         ch.pending = []
         ch.staged = 0
         self.busy.add(ch.chunk_id)
@@ -385,6 +400,7 @@ class ChunkStore:
         dropped (their commit must fail too: staged_fids() tells which)."""
         ch = c.chunk
         self.busy.discard(ch.chunk_id)
+        self.large_writing.pop(ch.chunk_id, None)
         self.writing.difference_update(fid for fid, _ in c.fids)
         c.bufs = []
         if c.error is not None:
@@ -419,6 +435,7 @@ class ChunkStore:
             del self.staged[fid]
         ch.pending = []
         ch.staged = 0
+        self.large_staged.pop(ch.chunk_id, None)
         return fids
 
     def _rollback(self, touched: list[Chunk], written: list[Chunk]) -> None:
@@ -509,6 +526,7 @@ class ChunkStore:
             log.warning("closing with %d uncommitted writes; dropped", len(self.staged))
             self._rollback([ch for ch in self.chunks.values() if ch.staged], [])
             self.staged.clear()
+            self.large_staged.clear()
         clean = True
         for ch in self.ordered_chunks():  # superblocks were written by commit() and delete()
             try:
