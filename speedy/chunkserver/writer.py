@@ -440,16 +440,16 @@ class Writer:
         self.reply(job.link, job.req_id, err)
 
     def submit(self) -> None:
-        """Start a commit for every chunk with staged writes and none under way: its
-        records, superblock and fsync are written by an I/O thread (one chunk's commits
-        stay in order, different chunks' go in parallel). A small commit without fsync
-        of small records only is written here at once (as one pwritev: a hand-off to a
-        thread would cost more)."""
+        """Start a commit for every chunk with staged writes and none under way. A commit
+        holding a large record is written by an I/O thread (records, superblock, fsync),
+        so large records go to disk in parallel, one chunk each, and the loop goes on; a
+        commit of small records only is written here at once, as before (a hand-off to a
+        thread would cost more than its pwritev, and its fsync is the group commit)."""
         store = self.store
         for ch in store.staged_chunks():  # type: ignore[union-attr]
             c = store.begin_commit(ch)  # type: ignore[union-attr]
             jobs = self.waiting.pop(ch.chunk_id, [])
-            if not c.sync and not c.large:
+            if not c.large:
                 self.inflight[ch.chunk_id] = (None, jobs)
                 self.written.append(store.write_commit(c))  # type: ignore[union-attr]
                 continue
