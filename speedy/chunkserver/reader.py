@@ -5,6 +5,7 @@ import logging
 import os
 import random
 import stat
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ CHECK_BLOCK = 4096
 FIRST_READ_MIN = 4096 - 30  # the first pread of a record: header + at least this much, or
 # the smaller size of the last two records read (one pread when sizes repeat; a mix of big
 # and small records costs a second pread for a big one, never a big read for a small one)
+RETIRE_SECONDS = 60.0  # a replaced chunk file's descriptor stays open this long (big reads)
+LOCATE_TRIES = 50  # a compaction swapping the chunk file under a read: look again
+OLD_PREFIX = ".speedy/tmp.old."  # a compacted chunk's old file while its entries move
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Record:
     size: int
     csum: int
     buf: bytearray | None
+    fd: int = -1  # the descriptor of the chunk file generation the record was read from
 
 
 class NotFound(Exception):
@@ -53,13 +58,21 @@ class ChunkReader:
         self.data_dir = os.path.abspath(data_dir)
         self.group_id = group_id
         self.index = index
-        self._fds: dict[int, int] = {}
+        self._fds: dict[int, int] = {}  # the current file of each chunk (CHECK_DISK)
+        self._files: dict[int, dict[int, int]] = {}  # chunk_id -> {file generation: fd}
+        self._retired: list[tuple[float, int]] = []
+        self._fd_gens: dict[int, int] = {}
         self._hints = (0, 0)  # sizes of the last two records read: the smaller is the guess
 
     def _fd(self, chunk_id: int) -> int:
-        """The read-only descriptor of a chunk, opened on first use."""
+        """The read-only descriptor of a chunk's current file, opened on first use."""
         fd = self._fds.get(chunk_id)
+        gen = self.index.chunk_state(chunk_id).gen if hasattr(self.index, "chunk_state") else 0
+        if fd is not None and self._fd_gens.get(chunk_id) != gen:
+            self._retired.append((time.monotonic(), self._fds.pop(chunk_id)))
+            fd = None
         if fd is None:
+            self._fd_gens[chunk_id] = gen
             path = os.path.join(self.data_dir, chunk_name(self.group_id, chunk_id))
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -68,13 +81,64 @@ class ChunkReader:
             self._fds[chunk_id] = fd
         return fd
 
+    def _locate(self, fid: int) -> tuple[int, int, int]:
+        """(chunk_id, offset, fd): fid's location and a descriptor of the chunk file
+        generation that location belongs to (store/compact.py swaps chunk files)."""
+        if not hasattr(self.index, "locate"):  # a plain fid -> (chunk_id, offset) map
+            loc2 = self.index.get(fid)
+            if loc2 is None:
+                raise NotFound(f"fid {fid} not found")
+            return loc2[0], loc2[1], self._fd(loc2[0])
+        for _ in range(LOCATE_TRIES):
+            loc = self.index.locate(fid)
+            if loc is None:
+                raise NotFound(f"fid {fid} not found")
+            chunk_id, offset, state = loc
+            gen = state.file_of(offset)
+            fd = self._files.get(chunk_id, {}).get(gen)
+            if fd is None:
+                fd = self._open_generation(chunk_id, state, gen)
+            if fd is not None:
+                return chunk_id, offset, fd
+            time.sleep(0.001)
+        raise ReadFailed(f"fid {fid}: its chunk file kept changing")
+
+    def _open_generation(self, chunk_id: int, state, gen: int) -> int | None:
+        """A descriptor of file generation gen of a chunk, or None when the chunk's state
+        changed meanwhile (look again)."""
+        name = chunk_name(self.group_id, chunk_id)
+        old = state.moving and gen == state.gen  # the old file, under its temporary name
+        path = os.path.join(self.data_dir, OLD_PREFIX + name if old else name)
+        if faults.ACTIVE:
+            try:
+                faults.check("read", name)
+            except OSError as e:
+                raise ReadFailed(f"cannot open {path}: {e.strerror}") from None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if self.index.chunk_state(chunk_id) != state:
+                return None
+            raise ReadFailed(f"cannot open {path}: not found") from None
+        except OSError as e:
+            raise ReadFailed(f"cannot open {path}: {e.strerror}") from None
+        if self.index.chunk_state(chunk_id) != state:  # renamed meanwhile: which file is it?
+            os.close(fd)
+            return None
+        files = self._files.setdefault(chunk_id, {})
+        keep = {state.gen, state.next} if state.moving else {state.gen}
+        now = time.monotonic()
+        for g in [g for g in files if g not in keep]:
+            self._retired.append((now, files.pop(g)))
+        while self._retired and now - self._retired[0][0] > RETIRE_SECONDS:
+            os.close(self._retired.pop(0)[1])
+        files[gen] = fd
+        return fd
+
     def _header(self, fid: int) -> tuple[int, int, int, int]:
         """(chunk_id, offset, size, checksum) of fid's live record, its header verified."""
-        loc = self.index.get(fid)
-        if loc is None:
-            raise NotFound(f"fid {fid} not found")
-        chunk_id, offset = loc
-        raw = self.read_at(chunk_id, offset, RECORD_HEADER_SIZE)
+        chunk_id, offset, fd = self._locate(fid)
+        raw = self.read_at(chunk_id, offset, RECORD_HEADER_SIZE, fd)
         return self._verify_header(fid, chunk_id, offset, raw)
 
     @staticmethod
@@ -106,17 +170,14 @@ class ChunkReader:
         index holds no sizes), a second one for the rest otherwise. Record.buf is exactly
         the header (30 bytes, free for the caller to overwrite) followed by the data.
         """
-        loc = self.index.get(fid)
-        if loc is None:
-            raise NotFound(f"fid {fid} not found")
-        chunk_id, offset = loc
+        chunk_id, offset, fd = self._locate(fid)
         first = min(max(min(self._hints), FIRST_READ_MIN), limit)
         buf = bytearray(RECORD_HEADER_SIZE + first)
-        got = self._read_into(chunk_id, offset, memoryview(buf))
+        got = self._read_into(chunk_id, offset, memoryview(buf), fd)
         _, _, size, csum = self._verify_header(fid, chunk_id, offset, buf)
         self._hints = (self._hints[1], size)
         if size > limit:
-            return Record(chunk_id, offset, size, csum, None)
+            return Record(chunk_id, offset, size, csum, None, fd)
         end = RECORD_HEADER_SIZE + size
         if end <= len(buf):
             del buf[end:]
@@ -126,15 +187,16 @@ class ChunkReader:
             whole[:at] = buf
             buf = whole
             if got == at:  # else the file ended before the data, which reads as zeros
-                self._read_into(chunk_id, offset + at, memoryview(buf)[at:])
+                self._read_into(chunk_id, offset + at, memoryview(buf)[at:], fd)
         if zlib.adler32(memoryview(buf)[RECORD_HEADER_SIZE:], 0) != csum:
             raise ReadFailed(f"fid {fid}: checksum mismatch in chunk {chunk_id} at {offset}")
-        return Record(chunk_id, offset, size, csum, buf)
+        return Record(chunk_id, offset, size, csum, buf, fd)
 
-    def _read_into(self, chunk_id: int, offset: int, view: memoryview) -> int:
-        """Fill view from a chunk at offset; returns the bytes read (fewer at end of file,
-        the rest of view is left as it was)."""
-        fd = self._fd(chunk_id)
+    def _read_into(self, chunk_id: int, offset: int, view: memoryview, fd: int = -1) -> int:
+        """Fill view from a chunk (through fd, by default its current file) at offset;
+        returns the bytes read (fewer at end of file, the rest of view is left as it was)."""
+        if fd < 0:
+            fd = self._fd(chunk_id)
         total = len(view)
         got = 0
         try:
@@ -158,10 +220,11 @@ class ChunkReader:
         """The stored adler32 of fid's data (to verify a streamed read at its end)."""
         return self._header(fid)[3]
 
-    def read_at(self, chunk_id: int, offset: int, size: int) -> bytearray:
-        """size bytes of a chunk at offset; past the end of a short file they are zeros."""
+    def read_at(self, chunk_id: int, offset: int, size: int, fd: int = -1) -> bytearray:
+        """size bytes of a chunk (through fd, a Record's, by default its current file) at
+        offset; past the end of a short file they are zeros."""
         buf = bytearray(size)
-        self._read_into(chunk_id, offset, memoryview(buf))
+        self._read_into(chunk_id, offset, memoryview(buf), fd)
         return buf
 
     def _own_chunks(self) -> list[int]:
@@ -211,9 +274,13 @@ class ChunkReader:
 
     def close(self) -> None:
         """Close every descriptor."""
-        for fd in self._fds.values():
+        fds = list(self._fds.values()) + [fd for _, fd in self._retired]
+        fds += [fd for files in self._files.values() for fd in files.values()]
+        for fd in fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds.clear()
+        self._files.clear()
+        self._retired.clear()

@@ -380,7 +380,7 @@ class Worker:
                 got = 0
                 for at in range(0, size, PIECE):
                     got = zlib.adler32(reader.read_at(chunk_id, offset + at,
-                                                      min(PIECE, size - at)), got)
+                                                      min(PIECE, size - at), rec.fd), got)
                 if got != csum:
                     raise ReadFailed(f"fid {fid}: checksum mismatch")
         except NotFound:
@@ -394,13 +394,13 @@ class Worker:
             RESPONSE_HEADER.pack_into(rec.buf, at, op, Err.SUCCESS, size)
             send_all(sock, memoryview(rec.buf)[at:])
         else:
-            self.stream_verified(sock, fid, chunk_id, offset, size, csum)
+            self.stream_verified(sock, fid, chunk_id, offset, size, csum, rec.fd)
         self.ws.add("read_count")
         self.ws.add("read_bytes", size)
         return Err.SUCCESS
 
     def stream_verified(self, sock, fid: int, chunk_id: int, offset: int, size: int,
-                        csum: int) -> None:
+                        csum: int, fd: int = -1) -> None:
         """Send a big record's data in pieces, checksummed again on the way: the last piece
         is held back until the sum matches, so bytes that changed on disk since the first
         check end in a closed connection (a short response), never in a wrong SUCCESS."""
@@ -408,7 +408,7 @@ class Worker:
         got = 0
         for at in range(0, size, PIECE):
             try:
-                piece = self.reader.read_at(chunk_id, offset + at, min(PIECE, size - at))
+                piece = self.reader.read_at(chunk_id, offset + at, min(PIECE, size - at), fd)
             except ReadFailed as e:
                 log.error("READ of fid %d failed half-way: %s; connection closed", fid, e)
                 raise Closed("read failed half-way") from None

@@ -176,7 +176,7 @@ def test_reader_attached_before_growth_follows_and_old_segments_go(index):
             index.insert(fid, 1, 55 + fid)
         assert reader.get(4999) == (1, 55 + 4999)
         now = shm_names(index.prefix)
-        assert len(now) == 2  # control + the current table only
+        assert len(now) == 3  # control, generations and the current table only
         assert set(now) != set(first_segments)
     finally:
         reader.close()
