@@ -46,6 +46,8 @@ class Chunk:
     staged: int = 0
     pending: list = field(default_factory=list)  # staged records' buffers not written yet,
     pending_at: int = 0  # from this offset up to tail
+    garbage_bytes: int = 0  # bytes of deleted, shadowed or damaged records (compact.py)
+    compacting: bool = False  # no appends while compact.py rewrites it
 
     def staged_superblock(self) -> Superblock:
         """The superblock that covers the staged records too."""

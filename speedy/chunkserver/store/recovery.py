@@ -56,8 +56,11 @@ def scan_chunk(store: "ChunkStore", ch: "Chunk", found: dict[int, int]) -> None:
     out = ScanEnd()
     records = live = 0
     setdefault, base = found.setdefault, ch.chunk_id << 32
-    for off, fid, ref, _size, ts in scan_records(ch.fd, SUPERBLOCK_SIZE, end, out):
+    ch.garbage_bytes = 0
+    for off, fid, ref, size, ts in scan_records(ch.fd, SUPERBLOCK_SIZE, end, out):
         records += 1
+        if not ref:
+            ch.garbage_bytes += RECORD_HEADER_SIZE + size
         if ref:
             live += 1
             loc = base | off
@@ -106,10 +109,20 @@ def settle_duplicate(store: "ChunkStore", ch: "Chunk", fid: int, off: int, ts: i
     else:
         win, lose = old, new
     store.shadows.setdefault(fid, []).append(lose)
+    add_garbage(store, *lose)
     log.warning("fid %d: two live records, %s offset %d and %s offset %d; the later one "
                 "(%s offset %d) wins, the other stays on disk", fid, store.chunk_file(lose[0]),
                 lose[1], store.chunk_file(win[0]), win[1], store.chunk_file(win[0]), win[1])
     return won
+
+
+def add_garbage(store: "ChunkStore", cid: int, off: int) -> None:
+    """Count the record at (cid, off) as its chunk's garbage (a shadowed duplicate)."""
+    try:
+        size = RECORD_HEADER.unpack(os.pread(store.chunks[cid].fd, RECORD_HEADER_SIZE, off))[2]
+    except (OSError, KeyError, struct.error):
+        return
+    store.chunks[cid].garbage_bytes += RECORD_HEADER_SIZE + size
 
 
 def timestamp_at(store: "ChunkStore", cid: int, off: int) -> int:
@@ -177,6 +190,7 @@ def snapshot_plan(store: "ChunkStore", meta: snapshot.SnapshotMeta) -> dict[int,
         stamp = meta.stamps.get(cid)
         if not ch.sb_valid:
             raise snapshot.SnapshotError(f"{ch.name} has a damaged superblock")
+        ch.garbage_bytes = stamp.garbage if stamp is not None else 0
         if stamp is None:  # a chunk created since: all its records are new
             knowns[cid] = Superblock.empty(cid, ch.capacity)
             continue
@@ -248,11 +262,11 @@ def redo_deletes(store: "ChunkStore", entries: list[journal.DeleteEntry],
         if ch is None:
             raise snapshot.SnapshotError(f"the delete journal names chunk {e.chunk_id}, "
                                          "which is gone")
-        hfid = ref = -1
+        hfid = ref = size = -1
         if SUPERBLOCK_SIZE <= e.offset <= ch.sb.current_offset - RECORD_HEADER_SIZE:
             try:
-                hfid, ref = RECORD_HEADER.unpack(
-                    os.pread(ch.fd, RECORD_HEADER_SIZE, e.offset))[:2]
+                hfid, ref, size = RECORD_HEADER.unpack(
+                    os.pread(ch.fd, RECORD_HEADER_SIZE, e.offset))[:3]
             except struct.error:
                 pass
         if hfid != e.fid or ref not in (REF_DELETED, REF_LIVE):
@@ -262,6 +276,8 @@ def redo_deletes(store: "ChunkStore", entries: list[journal.DeleteEntry],
             fixes.append((ch, e.offset))
         if live and (ch.chunk_id, e.offset) not in seen:
             deleted[ch.chunk_id] = deleted.get(ch.chunk_id, 0) + 1
+            if store.index.get(e.fid) == (ch.chunk_id, e.offset):  # a shadow was garbage
+                ch.garbage_bytes += RECORD_HEADER_SIZE + size
         seen.add((ch.chunk_id, e.offset))
     for ch, off in fixes:
         datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
@@ -300,9 +316,11 @@ def index_appended(store: "ChunkStore", ch: "Chunk", known: Superblock) -> int:
     """Index the records appended past the snapshot's current_offset; how many are live."""
     out = ScanEnd()
     records = live = 0
-    for off, fid, ref, _size, ts in scan_records(ch.fd, known.current_offset,
-                                                 ch.sb.current_offset, out):
+    for off, fid, ref, size, ts in scan_records(ch.fd, known.current_offset,
+                                                ch.sb.current_offset, out):
         records += 1
+        if not ref:
+            ch.garbage_bytes += RECORD_HEADER_SIZE + size
         if ref:
             live += 1
             index_record(store, ch, fid, off, ts)
