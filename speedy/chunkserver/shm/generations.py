@@ -119,6 +119,12 @@ class Generations:
         w[at + 2] = 0
         w[at + 3] = 0
 
+    def cancel(self, cid: int) -> None:
+        """The new file did not come: the chunk stays at its generation (lock held)."""
+        at = self._entry(cid)
+        self.words[at + 2] = 0
+        self.words[at + 3] = 0
+
     def release(self) -> None:
         """Release the view."""
         self.words.release()

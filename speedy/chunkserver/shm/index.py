@@ -349,11 +349,22 @@ class FidIndex:
         finally:
             self._unlock()
 
-    def end_move(self, cid: int) -> None:
-        """Every location of cid is in its new file now."""
+    def chunk_entries(self, cid: int, start: int, n: int) -> tuple[list[tuple[int, int]], int]:
+        """(offset, fid) of chunk cid's entries in slots start..start+n, and the table
+        generation they were read from (another one means the slots moved: start over)."""
+        slots = self._table.slots
+        out = []
+        for i in range(start, min(start + n, self._table.capacity)):
+            loc = slots[2 * i + 1]
+            if loc > TOMBSTONE and loc >> 32 == cid:
+                out.append((loc & 0xFFFFFFFF, slots[2 * i]))
+        return out, self._gen
+
+    def end_move(self, cid: int, cancel: bool = False) -> None:
+        """Every location of cid is in its new file now (cancel: none is, nor will be)."""
         self._lock()
         try:
-            self.gens.end(cid)
+            (self.gens.cancel if cancel else self.gens.end)(cid)
         finally:
             self._unlock()
 
