@@ -36,6 +36,7 @@ def build_report(cfg: Namespace, totals: dict) -> dict:
         "DataDir": cfg.data_dir,
         "TotalChunks": len(avail),
         "ConnectionsCount": totals["conn_count"],
+        "GarbageBytes": sum(totals.get("chunk_garbage_bytes", {}).values()),
     }
 
 

@@ -18,8 +18,10 @@ import struct
 import time
 import zlib
 from argparse import Namespace
+from functools import partial
 
 from speedy.format.chunkfile import RECORD_HEADER_SIZE, max_data_size
+from speedy.chunkserver.compaction_admin import handle_compact, handle_query_garbage
 from speedy.chunkserver.conn import AdminPolicy, Closed, Conn, TooSlow, idle_timeout, min_rate
 from speedy.chunkserver.shm.index import IndexReader
 from speedy.common.logs import reopen_logs
@@ -44,7 +46,7 @@ KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 60),
              (getattr(socket, "TCP_KEEPINTVL", None), 10),
              (getattr(socket, "TCP_KEEPCNT", None), 6))
 EMPTY_BODY = frozenset({Op.PING, Op.CHECK_DISK, Op.GET_STATUS, Op.KILL_PD_WR,
-                        Op.QUERY_IO_STATUS, Op.QUERY_DETAIL_INFOS})
+                        Op.QUERY_IO_STATUS, Op.QUERY_DETAIL_INFOS, Op.QUERY_GARBAGE})
 SERVER_ERRORS = frozenset({Err.WRITE_ERROR, Err.READ_ERROR, Err.INTERNAL_ERROR,
                            Err.CHUNK_UNAVAILABLE, Err.REACH_MEMORY_LIMIT, Err.KILLED,
                            Err.SERVER_READ_ONLY, Err.IO_JOB_UNAVAILABLE})
@@ -160,6 +162,8 @@ class Worker:
             Op.QUERY_IO_STATUS: self.handle_io_status,
             Op.QUERY_DETAIL_INFOS: self.handle_detail_infos,
             Op.DUMP_CHUNK: self.handle_dump_chunk,
+            Op.QUERY_GARBAGE: partial(handle_query_garbage, self),
+            Op.COMPACT: partial(handle_compact, self),
         }
 
     # ------------------------------------------------------------------ process

@@ -438,6 +438,11 @@ def chunkserver_families(totals: Mapping[str, Any]) -> list[Family]:
         for chunk, free in sorted(totals["chunk_free_bytes"].items(), key=lambda kv: str(kv[0])):
             f.add(free, {"chunk": chunk})
         fams.append(f)
+    if "chunk_garbage_bytes" in totals:
+        f = gauge("speedy_chunk_garbage_bytes", "Bytes of deleted records per chunk file.")
+        for chunk, g in sorted(totals["chunk_garbage_bytes"].items(), key=lambda kv: str(kv[0])):
+            f.add(g, {"chunk": chunk})
+        fams.append(f)
     return fams
 
 

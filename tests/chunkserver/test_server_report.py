@@ -14,7 +14,8 @@ from tests.support.server import servers, wait_for  # noqa: F401 (fixture)
 from speedy.wire.protocol import Err, Op
 
 KEYS = ["GroupId", "Ip", "Port", "Status", "TotalFreeSpace", "MaxFreeSpace", "PendingWrites",
-        "WritingCount", "ReadingCount", "DataDir", "TotalChunks", "ConnectionsCount"]
+        "WritingCount", "ReadingCount", "DataDir", "TotalChunks", "ConnectionsCount",
+        "GarbageBytes"]  # new: issue 13
 
 
 class FakeMaster:
@@ -68,7 +69,7 @@ def test_reports_arrive_with_the_protocol_fields(servers, master):
                     "TotalFreeSpace": 3 * chunk_free, "MaxFreeSpace": chunk_free,
                     "PendingWrites": 0, "WritingCount": 0, "ReadingCount": 0,
                     "DataDir": srv.data_dir, "TotalChunks": 3,
-                    "ConnectionsCount": body["ConnectionsCount"]}
+                    "ConnectionsCount": body["ConnectionsCount"], "GarbageBytes": 0}
     with srv.client() as c:  # the figures follow the server
         assert c.write(1, b"x" * 1000, group=7) == Err.SUCCESS
         assert c.call(Op.SET_STATUS, b"\x01") == (Err.SUCCESS, b"")
