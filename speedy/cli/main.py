@@ -407,6 +407,8 @@ def build_parser() -> Parser:
              "of a group", asub)
     sp.add_argument("group", type=group_id, metavar="GROUP")
     sp.add_argument("--dry-run", action="store_true", help="only report what is missing")
+    from speedy.cli import compact
+    compact.add_commands(cmd, asub)
 
     sp = cmd("bench", cmd_bench, "benchmark (speedy bench --help for its options)")
     sp.add_argument("args", nargs=argparse.REMAINDER)
