@@ -83,6 +83,7 @@ class ServerInfo:
     total_chunks: int = 0
     conns: int = 0
     data_dir: str = ""
+    garbage: int = 0
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     FIELDS = {"GroupId": "group_id", "Ip": "ip", "Port": "port", "Status": "status",
@@ -90,7 +91,7 @@ class ServerInfo:
               "MaxFreeSpace": "max_free", "PendingWrites": "pending",
               "WritingCount": "writing", "ReadingCount": "reading",
               "TotalChunks": "total_chunks", "ConnectionsCount": "conns",
-              "DataDir": "data_dir"}
+              "DataDir": "data_dir", "GarbageBytes": "garbage"}
 
     @classmethod
     def from_json(cls, obj: object) -> "ServerInfo":

@@ -108,13 +108,14 @@ def parse_report(obj: Any) -> mdb.Report:
         raise HTTPError(400, f"field DataDir must be a string of at most {MAX_DATA_DIR} chars")
     n = {name: get_int(obj, name, 0, INT64_MAX, 0) for name in (
         "TotalFreeSpace", "MaxFreeSpace", "PendingWrites", "WritingCount", "ReadingCount",
-        "TotalChunks", "ConnectionsCount")}
+        "TotalChunks", "ConnectionsCount", "GarbageBytes")}
     status = get_int(obj, "Status", 0, 1, 0)
     return mdb.Report(group_id, ip, port, read_only=status == 1,
                       total_free_space=n["TotalFreeSpace"], max_free_space=n["MaxFreeSpace"],
                       pending_writes=n["PendingWrites"], writing_count=n["WritingCount"],
                       reading_count=n["ReadingCount"], total_chunks=n["TotalChunks"],
-                      conn_count=n["ConnectionsCount"], data_dir=data_dir)
+                      conn_count=n["ConnectionsCount"], data_dir=data_dir,
+                      garbage_bytes=n["GarbageBytes"])
 
 
 def _reject_constant(name: str) -> Any:

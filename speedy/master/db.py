@@ -21,7 +21,7 @@ import sqlite_utils
 
 log = logging.getLogger("speedy.master.db")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FID_RANGE = 100          # fids per GET /v1/chunkmaster/fid
 FID_BLOCK = 10000        # fids reserved durably per database write
 FID_FIRST = 1
@@ -75,7 +75,9 @@ CREATE TABLE fid_state (
 );
 """
 SCHEMA = SCHEMA_V1
-MIGRATIONS: dict[int, str] = {1: SCHEMA_V1}  # version -> SQL that brings version-1 to it
+MIGRATIONS: dict[int, str] = {  # version -> SQL that brings version-1 to it
+    1: SCHEMA_V1,
+    2: "ALTER TABLE chunkserver ADD COLUMN garbage_bytes INTEGER NOT NULL DEFAULT 0"}
 OUR_TABLES = {"chunkserver", "fid_state"}
 
 
@@ -100,6 +102,7 @@ class Chunkserver:
     update_time: float = 0.0
     status_time: float = 0.0
     report_count: int = 0
+    garbage_bytes: int = 0  # schema 2: bytes of deleted records, as last reported
 
     @property
     def key(self) -> str:
@@ -113,7 +116,8 @@ class Chunkserver:
                 "TotalFreeSpace": self.total_free_space, "MaxFreeSpace": self.max_free_space,
                 "PendingWrites": self.pending_writes, "WritingCount": self.writing_count,
                 "ReadingCount": self.reading_count, "TotalChunks": self.total_chunks,
-                "ConnectionsCount": self.conn_count, "DataDir": self.data_dir}
+                "ConnectionsCount": self.conn_count, "DataDir": self.data_dir,
+                "GarbageBytes": self.garbage_bytes}
 
 
 COLUMNS = [f.name for f in fields(Chunkserver)]
@@ -135,6 +139,7 @@ class Report:
     total_chunks: int = 0
     conn_count: int = 0
     data_dir: str = ""
+    garbage_bytes: int = 0
 
 
 def _row(d: dict) -> Chunkserver:
@@ -387,11 +392,13 @@ def record_report(db: sqlite_utils.Database, r: Report, now: float | None = None
         c.execute(
             "UPDATE chunkserver SET total_free_space = ?, max_free_space = ?, "
             "pending_writes = ?, writing_count = ?, reading_count = ?, total_chunks = ?, "
-            "conn_count = ?, data_dir = ?, update_time = ?, report_count = report_count + 1,"
+            "conn_count = ?, data_dir = ?, garbage_bytes = ?, update_time = ?, "
+            "report_count = report_count + 1,"
             " status = ?, status_time = CASE WHEN status != ? THEN ? ELSE status_time END "
             "WHERE group_id = ? AND ip = ? AND port = ?",
             (r.total_free_space, r.max_free_space, r.pending_writes, r.writing_count,
-             r.reading_count, r.total_chunks, r.conn_count, r.data_dir, now, int(new),
+             r.reading_count, r.total_chunks, r.conn_count, r.data_dir, r.garbage_bytes, now,
+             int(new),
              int(new), now) + key)
     return old, new
 

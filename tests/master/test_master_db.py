@@ -24,7 +24,7 @@ def db(tmp_path):
 
 
 def test_schema_is_the_documented_interface(db, tmp_path):
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == mdb.SCHEMA_VERSION == 1
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == mdb.SCHEMA_VERSION == 2
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     cols = {r[1] for r in db.conn.execute("PRAGMA table_info(chunkserver)")}
@@ -35,8 +35,27 @@ def test_schema_is_the_documented_interface(db, tmp_path):
     # Opening again is not a migration and keeps the data.
     mdb.add_server(db, 1, "10.0.0.1", 8000)
     again = mdb.connect(str(tmp_path / "m.db"))
-    assert mdb.migrate(again) == 1 and len(mdb.list_servers(again)) == 1
+    assert mdb.migrate(again) == 2 and len(mdb.list_servers(again)) == 1
     again.conn.close()
+
+
+def test_a_version_1_database_gets_the_garbage_column(tmp_path):
+    import sqlite3
+    path = str(tmp_path / "v1.db")
+    c = sqlite3.connect(path)
+    c.executescript(mdb.SCHEMA_V1)
+    c.execute("INSERT INTO chunkserver (group_id, ip, port, create_time, update_time, "
+              "status_time) VALUES (1, '10.0.0.1', 8000, 0, 0, 0)")
+    c.execute("PRAGMA user_version = 1")
+    c.commit()
+    c.close()
+    db = mdb.connect(path)
+    try:
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        [cs] = mdb.list_servers(db)
+        assert cs.garbage_bytes == 0 and cs.to_json()["GarbageBytes"] == 0
+    finally:
+        db.conn.close()
 
 
 def test_registration_is_unique_and_idempotent(db):

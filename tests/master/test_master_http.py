@@ -9,7 +9,7 @@ from tests.support.master import masters, wait_for  # noqa: F401 (fixture)
 
 CS_FIELDS = {"GroupId", "Ip", "Port", "Status", "GlobalStatus", "TotalFreeSpace",
              "MaxFreeSpace", "PendingWrites", "WritingCount", "ReadingCount", "TotalChunks",
-             "ConnectionsCount", "DataDir"}
+             "ConnectionsCount", "DataDir", "GarbageBytes"}
 INIT, RW, RO, ERR = 0, 1, 2, 3
 
 
@@ -53,7 +53,7 @@ def test_route_and_groupinfo_json(masters, tmp_path):
         "GroupId": 1, "Ip": "10.0.0.1", "Port": 8000, "Status": RW, "GlobalStatus": 0,
         "TotalFreeSpace": 42949672960, "MaxFreeSpace": 2147483593, "PendingWrites": 4,
         "WritingCount": 1, "ReadingCount": 2, "TotalChunks": 20, "ConnectionsCount": 3,
-        "DataDir": "/data/speedy"}
+        "DataDir": "/data/speedy", "GarbageBytes": 0}
     assert route["1"][1]["Status"] == INIT and route["7"][0]["Port"] == 9000
     g = m.get("/v1/chunkserver/1/groupinfo")
     assert g.status == 200 and g.json() == route["1"]
