@@ -32,13 +32,15 @@ class Compactor:
     """Queue, pacing and figures of the writer's compactions."""
 
     def __init__(self, store: ChunkStore, stats: StatsView, threshold: float, rate: int,
-                 reply: Callable[[object, int, int], None]) -> None:
+                 reply: Callable[[object, int, int], None],
+                 keep_deleted: float = compact.KEEP_DELETED) -> None:
         self.store = store
         self.stats = stats
         self.threshold = threshold
         self.rate = max(1, rate)
         self.slice = max(64 << 10, min(SLICE, self.rate // 8))
         self.reply = reply
+        self.keep_deleted = keep_deleted
         self.queue: list[int] = []
         self.waiters: list[tuple[object, int, set[int]]] = []
         self.next_at = 0.0
@@ -127,7 +129,7 @@ class Compactor:
                           if now - self.failed.get(cid, -RETRY_AFTER) >= RETRY_AFTER][:1]
         while self.queue:
             cid = self.queue.pop(0)
-            c = compact.start(self.store, cid)
+            c = compact.start(self.store, cid, self.keep_deleted)
             if c is not None:
                 self.stats.set("compacting", cid)
                 return c

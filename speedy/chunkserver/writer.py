@@ -137,7 +137,8 @@ class Writer:
             return self._start_failed(f"writer start-up failed ({self.cfg.data_dir}): {e}")
         self.store = store
         self.compactor = Compactor(store, self.stats, getattr(self.cfg, "compact_threshold", 0.0),
-                                   getattr(self.cfg, "compact_rate", 64 << 20), self.reply)
+                                   getattr(self.cfg, "compact_rate", 64 << 20), self.reply,
+                                   getattr(self.cfg, "compact_keep_deleted", 7 * 86400))
         self.max_size = store.max_size()
         self.stats.set("writer_pid", os.getpid())
         self.stats.set("recovery_us", int(store.open_seconds * 1e6))

@@ -128,6 +128,9 @@ def server_parser() -> configargparse.ArgParser:
                         "(deleted records); 0 turns automatic compaction off")
     p.add_argument("--compact_rate", type=int_range(1 << 16), default=64 << 20,
                    help="bytes per second a compaction copies at most")
+    p.add_argument("--compact_keep_deleted", type=int_range(0), default=7 * 86400,
+                   help="seconds a compacted chunk keeps a tombstone of each deleted file "
+                        "(so that `speedy admin repair` propagates the delete); 0: none")
     _common(p)
     return p
 

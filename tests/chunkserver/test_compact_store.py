@@ -12,9 +12,10 @@ from speedy.format.chunkfile import RECORD_HEADER, RECORD_HEADER_SIZE, SUPERBLOC
 from tests.support.store import MiB, Harness, payload, read_superblock
 
 
-def run(store, chunk_id: int, budget: int = 64 << 10, each=None) -> compact.Result:
+def run(store, chunk_id: int, budget: int = 64 << 10, each=None,
+        keep_deleted: float = compact.KEEP_DELETED) -> compact.Result:
     """Compact one chunk to the end, a slice at a time; each(c) runs between slices."""
-    c = compact.start(store, chunk_id)
+    c = compact.start(store, chunk_id, keep_deleted)
     assert c is not None
     while not c.finished:
         c.step(budget)
@@ -70,7 +71,7 @@ def test_deleted_space_comes_back_and_the_file_is_the_originals_format(h):
     assert ch.garbage_bytes == deleted_bytes
     avail_before = dict(h.store.chunk_stats())[1]
     ino = os.stat(ch.path).st_ino
-    result = run(h.store, 1)
+    result = run(h.store, 1, keep_deleted=0)  # no tombstones: every byte comes back
     assert result.freed_bytes == deleted_bytes
     assert dict(h.store.chunk_stats())[1] == avail_before + deleted_bytes
     assert ch.garbage_bytes == 0 and os.stat(ch.path).st_ino != ino
@@ -101,7 +102,7 @@ def test_new_writes_use_the_freed_space(h):
         fid += 1
     assert not h.store.can_fit(200_000)
     h.store.delete_many([f for f in files if h.store.index.get(f)[0] == 1])
-    run(h.store, 1)
+    run(h.store, 1, keep_deleted=0)
     h.put(5000, payload(5000, 200_000))
     assert h.store.index.get(5000)[0] == 1
     assert h.reader.read(5000) == payload(5000, 200_000)
@@ -173,6 +174,39 @@ def test_a_reader_holding_the_old_file_reads_it_until_the_entry_moves(h):
         c.step(1 << 20)
     assert h.store.index.get(keep) != old_loc
     assert h.reader.read(keep) == files[keep]
+
+
+def test_deleted_files_leave_tombstones_until_they_expire(h, monkeypatch):
+    files = fill(h, n=30)
+    in_one = [f for f in files if h.store.index.get(f)[0] == 1]
+    gone = in_one[:10]
+    h.store.delete_many(gone)
+    deleted = sum(RECORD_HEADER_SIZE + len(files[f]) for f in gone)
+    result = run(h.store, 1)
+    assert result.freed_bytes == deleted - RECORD_HEADER_SIZE * len(gone)
+    ch = h.store.chunks[1]
+    assert ch.garbage_bytes == 0
+    raw = open(ch.path, "rb").read()
+    sb = Superblock.decode(raw[:SUPERBLOCK_SIZE])
+    assert sb.files_alloc == sb.files_count + len(gone)
+    heads, pos = [], SUPERBLOCK_SIZE
+    while pos < sb.current_offset:
+        head = RECORD_HEADER.unpack_from(raw, pos)
+        heads.append(head)
+        pos += RECORD_HEADER_SIZE + head[2]
+    assert pos == sb.current_offset
+    assert sorted(hd[0] for hd in heads if hd[1] == 0) == sorted(gone)
+    assert all(hd[2] == 0 for hd in heads if hd[1] == 0)
+    # a restart does not count tombstones as garbage; a later compaction keeps them ...
+    h.reopen(snapshot=False)
+    assert h.store.chunks[1].garbage_bytes == 0
+    assert run(h.store, 1).freed_bytes == 0
+    # ... until they are older than keep_deleted
+    monkeypatch.setattr(compact.time, "time", lambda: 2e9)
+    assert run(h.store, 1, keep_deleted=3600).freed_bytes == RECORD_HEADER_SIZE * len(gone)
+    for fid, data in files.items():
+        if fid not in gone:
+            assert h.reader.read(fid) == data
 
 
 def test_nothing_to_compact_is_cheap_and_harmless(h):

@@ -399,7 +399,7 @@ class ChunkStore:
                     datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
                     if i == 0:  # a shadow was garbage already
                         self.index.remove(fid)
-                        ch.garbage_bytes += RECORD_HEADER_SIZE + size
+                        ch.garbage_bytes += RECORD_HEADER_SIZE + size if size else 0
                         if self.compaction is not None:
                             self.compaction.note_delete(cid, off, size)
                     ch.sb.files_count -= 1

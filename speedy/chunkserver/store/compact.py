@@ -8,7 +8,11 @@ go to other chunks, or wait in the pending queue). Phases:
     copy     each record still indexed there (header and data as they are: same fid,
              timestamp, checksum) appended to ``.speedy/tmp.compact.<name>``, a file
              preallocated like the old one; a DELETE of a record already copied marks
-             its copy too
+             its copy too. A deleted record becomes a tombstone (its fid, ref 0, no data,
+             the compaction's time) kept for keep_deleted seconds, so that `speedy admin
+             repair` still sees the delete and never copies the file back from a replica
+             the DELETE missed; the headers between two live records are walked for them
+             (a damaged stretch is skipped)
     swap     the new superblock, fsync; the old file gets a second name
              ``.speedy/tmp.old.<name>`` (readers that must still read it open that);
              readers are told the chunk's entries start moving (shm/generations.py);
@@ -38,7 +42,8 @@ from typing import TYPE_CHECKING
 
 from speedy.chunkserver.store import datadir, snapshot
 from speedy.format.chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED,
-                                     REF_LIVE, REF_OFFSET, SUPERBLOCK_SIZE, Superblock)
+                                     REF_LIVE, REF_OFFSET, SUPERBLOCK_SIZE, Superblock,
+                                     encode_record_header)
 
 if TYPE_CHECKING:  # pragma: no cover
     from speedy.chunkserver.store.chunkstore import ChunkStore
@@ -56,6 +61,7 @@ MOVE_SLICE = 4096  # index entries moved per slice
 PIECE = 1 << 20  # bytes of a record read at once
 SYNC_EVERY = 64 << 20  # copied bytes between two fdatasyncs of the new file
 MIN_GARBAGE = 1 << 20  # automatic compaction: at least this much garbage (or 1/64 chunk)
+KEEP_DELETED = 7 * 86400  # seconds a tombstone of a deleted file is kept (default)
 
 
 def crash_point(name: str) -> None:
@@ -110,6 +116,7 @@ class Compaction:
 
     store: "ChunkStore"
     ch: "Chunk"
+    keep_deleted: float = KEEP_DELETED
     phase: str = "collect"
     records: list[tuple[int, int]] = field(default_factory=list)  # (old offset, fid)
     old_offs: array = field(default_factory=lambda: array("Q"))
@@ -126,6 +133,9 @@ class Compaction:
     old_tail: int = 0
     started: float = 0.0
     renamed: bool = False
+    prev_end: int = SUPERBLOCK_SIZE  # the old file's offset up to which records were seen
+    tombstones: int = 0
+    tombstoned: set = field(default_factory=set)
     result: Result | None = None
 
     def __post_init__(self) -> None:
@@ -226,6 +236,7 @@ class Compaction:
             self.pos += 1
             if index.get(fid) != (cid, off):  # deleted since it was collected
                 continue
+            self._walk_gap(self.prev_end, off)
             head = os.pread(ch.fd, RECORD_HEADER_SIZE, off)
             hfid, ref, size = RECORD_HEADER.unpack(head)[:3]
             if hfid != fid or ref != REF_LIVE:
@@ -242,6 +253,7 @@ class Compaction:
             self.new_offs.append(self.out)
             self.fids.append(fid)
             self.out += n
+            self.prev_end = off + n
             copied += n
         self.unsynced += copied
         if self.unsynced >= SYNC_EVERY:
@@ -250,15 +262,38 @@ class Compaction:
         self.result.moved_bytes += copied
         crash_point("copy")
         if self.pos >= len(self.records):
+            self._walk_gap(self.prev_end, self.old_tail)
             self.records = []
+            self.tombstoned = set()
             self.phase = "swap"
         return copied
+
+    def _walk_gap(self, start: int, end: int) -> None:
+        """The records between two live ones: a tombstone for each deleted fid that is not
+        live (fresh deletes, and tombstones younger than keep_deleted)."""
+        ch, index = self.ch, self.store.index
+        pos = start
+        now = int(time.time())
+        while self.keep_deleted > 0 and pos + RECORD_HEADER_SIZE <= end:
+            fid, ref, size, _csum, ts = RECORD_HEADER.unpack(
+                os.pread(ch.fd, RECORD_HEADER_SIZE, pos))
+            nxt = pos + RECORD_HEADER_SIZE + size
+            if nxt > end or ref not in (REF_DELETED, REF_LIVE):
+                return  # damage: the rest of this stretch is not records
+            if (ref == REF_DELETED and fid not in self.tombstoned and index.get(fid) is None
+                    and (size or ts + self.keep_deleted > now)):
+                self.tombstoned.add(fid)
+                datadir.pwrite_all(self.fd, encode_record_header(
+                    fid, 0, 0, ts if not size else now, REF_DELETED), self.out)
+                self.out += RECORD_HEADER_SIZE
+                self.tombstones += 1
+            pos = nxt
 
     def _swap(self) -> None:
         """Superblock, fsync, second name for the old file, rename the new one in."""
         ch, store = self.ch, self.store
         files = len(self.fids)
-        sb = Superblock(ch.chunk_id, files, files - self.deleted, self.out,
+        sb = Superblock(ch.chunk_id, files + self.tombstones, files - self.deleted, self.out,
                         ch.capacity - self.out)
         raw = sb.encode()
         datadir.pwrite_all(self.fd, raw, 0)
@@ -361,7 +396,8 @@ class Compaction:
             self.garbage += RECORD_HEADER_SIZE + size
 
 
-def start(store: "ChunkStore", chunk_id: int) -> Compaction | None:
+def start(store: "ChunkStore", chunk_id: int,
+          keep_deleted: float = KEEP_DELETED) -> Compaction | None:
     """Begin compacting a chunk (None if one is under way, writes are staged, or the store
     cannot write)."""
     if store.compaction is not None or store.staged or store.read_only:
@@ -369,5 +405,5 @@ def start(store: "ChunkStore", chunk_id: int) -> Compaction | None:
     ch = store.chunks.get(chunk_id)
     if ch is None or ch.pending:
         return None
-    store.compaction = Compaction(store, ch)
+    store.compaction = Compaction(store, ch, keep_deleted)
     return store.compaction

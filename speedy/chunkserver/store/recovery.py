@@ -59,7 +59,7 @@ def scan_chunk(store: "ChunkStore", ch: "Chunk", found: dict[int, int]) -> None:
     ch.garbage_bytes = 0
     for off, fid, ref, size, ts in scan_records(ch.fd, SUPERBLOCK_SIZE, end, out):
         records += 1
-        if not ref:
+        if not ref and size:  # a deleted record (an empty one is a tombstone: compact.py)
             ch.garbage_bytes += RECORD_HEADER_SIZE + size
         if ref:
             live += 1
@@ -276,7 +276,7 @@ def redo_deletes(store: "ChunkStore", entries: list[journal.DeleteEntry],
             fixes.append((ch, e.offset))
         if live and (ch.chunk_id, e.offset) not in seen:
             deleted[ch.chunk_id] = deleted.get(ch.chunk_id, 0) + 1
-            if store.index.get(e.fid) == (ch.chunk_id, e.offset):  # a shadow was garbage
+            if store.index.get(e.fid) == (ch.chunk_id, e.offset) and size:  # not a shadow
                 ch.garbage_bytes += RECORD_HEADER_SIZE + size
         seen.add((ch.chunk_id, e.offset))
     for ch, off in fixes:
@@ -319,7 +319,7 @@ def index_appended(store: "ChunkStore", ch: "Chunk", known: Superblock) -> int:
     for off, fid, ref, size, ts in scan_records(ch.fd, known.current_offset,
                                                 ch.sb.current_offset, out):
         records += 1
-        if not ref:
+        if not ref and size:
             ch.garbage_bytes += RECORD_HEADER_SIZE + size
         if ref:
             live += 1
