@@ -238,3 +238,44 @@ def test_qualifies():
     assert not compact.qualifies(0, 1000, MiB, 0.0)
     assert not compact.qualifies(300, 1000, 2 * MiB * 64, 0.3, automatic=True)
     assert read_superblock  # imported for the crash tests
+
+
+def test_compacted_original_chunk_files_stay_the_originals_format(tmp_path):
+    """The C vectors: compacting a chunk gives exactly the file the original would have
+    written without the deleted files (its records byte for byte, a right superblock)."""
+    from tests.chunkserver.test_vectors_store import CHUNK_SIZE, unpack
+    manifest = unpack(tmp_path)
+    path = str(tmp_path / "chunk_3_1.chunk")
+    before = open(path, "rb").read()
+    h = Harness(tmp_path, group_id=3, chunks=2, chunk_size=CHUNK_SIZE)
+    try:
+        h.open()
+        in_one = sorted(f for f in map(int, manifest["files"])
+                        if h.store.index.get(f)[0] == 1)
+        gone = set(in_one[::2])
+        h.store.delete_many(sorted(gone))
+        kept, pos = [], SUPERBLOCK_SIZE
+        sb0 = Superblock.decode(before[:SUPERBLOCK_SIZE])
+        while pos < sb0.current_offset:
+            fid, _ref, size = RECORD_HEADER.unpack_from(before, pos)[:3]
+            if fid not in gone:
+                kept.append(before[pos:pos + RECORD_HEADER_SIZE + size])
+            pos += RECORD_HEADER_SIZE + size
+        run(h.store, 1, keep_deleted=0)
+        after = open(path, "rb").read()
+        body = b"".join(kept)
+        sb = Superblock.decode(after[:SUPERBLOCK_SIZE])  # magic, adler32 from 0
+        assert sb == Superblock(1, len(kept), len(kept), SUPERBLOCK_SIZE + len(body),
+                                CHUNK_SIZE - SUPERBLOCK_SIZE - len(body))
+        assert after[SUPERBLOCK_SIZE:sb.current_offset] == body
+        assert original_view(path).keys() == {int(f) for f in in_one} - gone
+        assert len(after) == len(before)  # the same (short) file size
+        h.reopen(snapshot=False)
+        for fid_text, want in manifest["files"].items():
+            fid = int(fid_text)
+            if fid in gone:
+                assert h.store.index.get(fid) is None
+            else:
+                assert h.reader.read(fid) == payload(fid, want["size"])
+    finally:
+        h.shut()
