@@ -23,7 +23,7 @@ log = logging.getLogger("speedy.chunkserver.compactor")
 
 COMPACT_MSG = struct.Struct("=IBIB")  # req_id | kind | threshold ppm (DEFAULT_PPM) | wait
 DEFAULT_PPM = 0xFFFFFFFF  # the server's --compact_threshold (any garbage when that is 0)
-SLICE = 4 << 20  # bytes copied per slice at most
+SLICE = 1 << 20  # bytes copied per slice at most
 AUTO_CHECK = 1.0  # seconds between two looks for a chunk past the threshold
 RETRY_AFTER = 600.0  # seconds before a chunk whose compaction failed is tried again
 

@@ -59,7 +59,7 @@ OLD_TMP = "tmp.old."
 COLLECT_SLOTS = 1 << 16  # index slots looked at per collect slice
 MOVE_SLICE = 4096  # index entries moved per slice
 PIECE = 1 << 20  # bytes of a record read at once
-SYNC_EVERY = 64 << 20  # copied bytes between two fdatasyncs of the new file
+SYNC_EVERY = 8 << 20  # copied bytes between two fdatasyncs of the new file (a short last one)
 MIN_GARBAGE = 1 << 20  # automatic compaction: at least this much garbage (or 1/64 chunk)
 KEEP_DELETED = 7 * 86400  # seconds a tombstone of a deleted file is kept (default)
 
@@ -108,6 +108,7 @@ class Result:
     freed_bytes: int = 0
     seconds: float = 0.0
     max_slice: float = 0.0  # the longest slice: how long a request waited at most
+    max_slice_phase: str = ""
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Compaction:
     old_tail: int = 0
     started: float = 0.0
     renamed: bool = False
+    kernel_copy: bool = hasattr(os, "copy_file_range")
     prev_end: int = SUPERBLOCK_SIZE  # the old file's offset up to which records were seen
     tombstones: int = 0
     tombstoned: set = field(default_factory=set)
@@ -151,6 +153,7 @@ class Compaction:
     def step(self, budget: int) -> int:
         """One slice (up to budget bytes copied); the bytes copied. Raises OSError."""
         t0 = time.monotonic()
+        phase = self.phase
         copied = 0
         if self.phase == "collect":
             self._collect()
@@ -162,7 +165,9 @@ class Compaction:
             self._move()
         if self.phase == "done":
             self._finish()
-        self.result.max_slice = max(self.result.max_slice, time.monotonic() - t0)
+        took = time.monotonic() - t0
+        if took > self.result.max_slice:
+            self.result.max_slice, self.result.max_slice_phase = took, phase
         return copied
 
     @property
@@ -244,11 +249,7 @@ class Compaction:
                           "left out", ch.name, off, fid)
                 continue
             n = RECORD_HEADER_SIZE + size
-            for at in range(0, n, PIECE):
-                piece = os.pread(ch.fd, min(PIECE, n - at), off + at)
-                if len(piece) < min(PIECE, n - at):  # a short file reads as zeros
-                    piece += bytes(min(PIECE, n - at) - len(piece))
-                datadir.pwrite_all(self.fd, piece, self.out + at)
+            self._copy_bytes(off, n)
             self.old_offs.append(off)
             self.new_offs.append(self.out)
             self.fids.append(fid)
@@ -267,6 +268,26 @@ class Compaction:
             self.tombstoned = set()
             self.phase = "swap"
         return copied
+
+    def _copy_bytes(self, off: int, n: int) -> None:
+        """n bytes of the old file at off to the new one at out (in the kernel when it can;
+        past the end of a short old file they are zeros)."""
+        at = 0
+        while at < n and self.kernel_copy:
+            try:
+                got = os.copy_file_range(self.ch.fd, self.fd, n - at, off + at, self.out + at)
+            except OSError:
+                self.kernel_copy = False
+                break
+            if not got:
+                break
+            at += got
+        while at < n:
+            piece = os.pread(self.ch.fd, min(PIECE, n - at), off + at)
+            if len(piece) < min(PIECE, n - at):
+                piece += bytes(min(PIECE, n - at) - len(piece))
+            datadir.pwrite_all(self.fd, piece, self.out + at)
+            at += len(piece)
 
     def _walk_gap(self, start: int, end: int) -> None:
         """The records between two live ones: a tombstone for each deleted fid that is not
@@ -365,8 +386,8 @@ class Compaction:
         self.result.seconds = time.monotonic() - self.started
         r = self.result
         log.info("%s compacted: %d files, %d bytes moved in %.2fs, %d bytes freed "
-                 "(longest slice %.1f ms)", ch.name, r.files, r.moved_bytes, r.seconds,
-                 r.freed_bytes, r.max_slice * 1e3)
+                 "(longest slice %.1f ms, %s)", ch.name, r.files, r.moved_bytes, r.seconds,
+                 r.freed_bytes, r.max_slice * 1e3, r.max_slice_phase)
         crash_point("done")
         if save:
             store.save_snapshot()
