@@ -4,8 +4,8 @@ At most one chunk at a time. A chunk is compacted when an operator asks (COMPACT
 chunks whose garbage is at least the asked fraction of their used bytes) or, with
 --compact_threshold > 0, when its garbage passes that fraction (and MIN_GARBAGE); the
 copy is paced to --compact_rate bytes/s, a slice of at most SLICE bytes per writer loop
-round, so requests between slices wait at most one slice (its time is published as
-compact_max_slice_us).
+round, and to at most half of the writer's time, so requests between slices wait at most
+one slice (its time is published as compact_max_slice_us).
 """
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ class Compactor:
             if c is None:
                 return False
         cid = c.ch.chunk_id
+        t0 = time.monotonic()
         try:
             copied = c.step(self.slice)
         except OSError as e:
@@ -108,7 +109,8 @@ class Compactor:
             c.abort(f"{e.strerror or e}")
             self._settle(cid, Err.WRITE_ERROR)
             return True
-        self.next_at = max(now, self.next_at) + copied / self.rate
+        took = time.monotonic() - t0  # at most half of the writer's time goes to it
+        self.next_at = max(max(now, self.next_at) + copied / self.rate, now + 2 * took)
         if c.finished:
             r = c.result
             st = self.stats

@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import threading
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -135,6 +136,7 @@ class Compaction:
     started: float = 0.0
     renamed: bool = False
     kernel_copy: bool = hasattr(os, "copy_file_range")
+    syncer: threading.Thread | None = None
     prev_end: int = SUPERBLOCK_SIZE  # the old file's offset up to which records were seen
     tombstones: int = 0
     tombstoned: set = field(default_factory=set)
@@ -185,9 +187,15 @@ class Compaction:
         if self.phase == "done":
             self._finish(save=False)
 
+    def _join_syncer(self) -> None:
+        if self.syncer is not None:
+            self.syncer.join()
+            self.syncer = None
+
     def abort(self, why: str) -> None:
         """Give up before the swap: the old file stays the chunk, the copy is removed."""
         log.warning("%s: compaction given up: %s", self.ch.name, why)
+        self._join_syncer()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -257,8 +265,10 @@ class Compaction:
             self.prev_end = off + n
             copied += n
         self.unsynced += copied
-        if self.unsynced >= SYNC_EVERY:
-            os.fdatasync(self.fd)
+        if self.unsynced >= SYNC_EVERY and (self.syncer is None or not self.syncer.is_alive()):
+            self.syncer = threading.Thread(target=os.fdatasync, args=(self.fd,),
+                                           name="compact-sync", daemon=True)
+            self.syncer.start()  # written back meanwhile: the fsync at the swap is short
             self.unsynced = 0
         self.result.moved_bytes += copied
         crash_point("copy")
@@ -318,6 +328,7 @@ class Compaction:
                         ch.capacity - self.out)
         raw = sb.encode()
         datadir.pwrite_all(self.fd, raw, 0)
+        self._join_syncer()
         os.fsync(self.fd)
         crash_point("copied")
         try:
