@@ -5,17 +5,7 @@ import argparse
 import sys
 
 from speedy.client.chunkconn import ChunkError, format_addr
-
-
-def threshold_arg(text: str) -> float:
-    """A fraction in 0..1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is out of range (0..1)")
-    return value
+from speedy.common.config import fraction as threshold_arg
 
 
 def add_commands(cmd, asub) -> None:
@@ -93,6 +83,6 @@ def cmd_garbage(ns: argparse.Namespace) -> int:
                              human(c.used_bytes), human(c.avail_space), f"{pct:.1f}",
                              "compacting" if c.chunk_id == compacting else ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
+    for r in rows if len(rows) > 1 else []:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return EXIT_CLUSTER if failed else EXIT_OK
