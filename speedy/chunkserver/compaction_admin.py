@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import logging
 
-from speedy.chunkserver.compactor import COMPACT_MSG
+from speedy.chunkserver.compactor import COMPACT_MSG, KIND_COMPACT
 from speedy.chunkserver.store.compact import qualifies
 from speedy.format.chunkfile import SUPERBLOCK_SIZE
 from speedy.wire.protocol import (COMPACT_REQUEST, COMPACT_RESULT, SERVER_THRESHOLD, ChunkGarbage, Err, Op,
                                   ProtocolError, decode_compact_request, encode_garbage)
 
 log = logging.getLogger("speedy.chunkserver.worker")
-
-KIND_COMPACT = 4  # writer.KIND_COMPACT
 
 
 def handle_query_garbage(worker, conn, blen: int, peer: str) -> int:

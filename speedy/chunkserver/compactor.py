@@ -17,12 +17,12 @@ from typing import Callable
 from speedy.chunkserver.shm.counters import StatsView
 from speedy.chunkserver.store import compact
 from speedy.chunkserver.store.chunkstore import ChunkStore
-from speedy.wire.protocol import Err
+from speedy.wire.protocol import SERVER_THRESHOLD, Err
 
 log = logging.getLogger("speedy.chunkserver.compactor")
 
-COMPACT_MSG = struct.Struct("=IBIB")  # req_id | kind | threshold ppm (DEFAULT_PPM) | wait
-DEFAULT_PPM = 0xFFFFFFFF  # the server's --compact_threshold (any garbage when that is 0)
+COMPACT_MSG = struct.Struct("=IBIB")  # req_id | kind | threshold ppm (or SERVER_THRESHOLD) | wait
+KIND_COMPACT = 4  # the worker -> writer message kind (writer.py)
 SLICE = 1 << 20  # bytes copied per slice at most
 AUTO_CHECK = 1.0  # seconds between two looks for a chunk past the threshold
 RETRY_AFTER = 600.0  # seconds before a chunk whose compaction failed is tried again
@@ -63,7 +63,10 @@ class Compactor:
         except struct.error:
             self.reply(link, struct.unpack_from("=I", data)[0], Err.INTERNAL_ERROR)
             return
-        threshold = (self.threshold if ppm == DEFAULT_PPM else ppm / 1e6)
+        if self.store.read_only:
+            self.reply(link, req_id, Err.SERVER_READ_ONLY)
+            return
+        threshold = (self.threshold if ppm == SERVER_THRESHOLD else ppm / 1e6)
         chunks = self.candidates(threshold, automatic=False)
         for cid in chunks:
             if cid not in self.queue and not self._current(cid):
@@ -91,6 +94,11 @@ class Compactor:
         """Run one slice if one is due; True if the store changed (publish its figures)."""
         store = self.store
         now = time.monotonic()
+        if store.read_only and (self.queue or self.waiters):  # the disk failed: give up
+            self.queue = []
+            for link, req_id, _ in self.waiters:
+                self.reply(link, req_id, Err.WRITE_ERROR)
+            self.waiters = []
         if store.read_only or now < self.next_at:
             return False
         c = store.compaction

@@ -109,11 +109,6 @@ class ChunkReader:
         name = chunk_name(self.group_id, chunk_id)
         old = state.moving and gen == state.gen  # the old file, under its temporary name
         path = os.path.join(self.data_dir, OLD_PREFIX + name if old else name)
-        if faults.ACTIVE:
-            try:
-                faults.check("read", name)
-            except OSError as e:
-                raise ReadFailed(f"cannot open {path}: {e.strerror}") from None
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -36,7 +36,7 @@ import time
 from argparse import Namespace
 from dataclasses import dataclass, field
 
-from speedy.chunkserver.compactor import Compactor
+from speedy.chunkserver.compactor import KIND_COMPACT, Compactor
 from speedy.chunkserver.store.compact import used_bytes
 from speedy.chunkserver.shm.index import FidIndex
 from speedy.common.logs import reopen_logs
@@ -53,7 +53,7 @@ FID_MSG = struct.Struct("=IBQ")
 REPLY = struct.Struct("=IB")
 OWNER = struct.Struct("=H")
 FRAME = struct.Struct("=H")  # length of the message that follows, in a worker's packet
-KIND_WRITE, KIND_DELETE, KIND_KILL, KIND_COMPACT = 1, 2, 3, 4  # COMPACT: compactor.py
+KIND_WRITE, KIND_DELETE, KIND_KILL = 1, 2, 3  # and KIND_COMPACT (compactor.py)
 MAX_MSG = 65536
 PACKET_MAX = MAX_MSG  # bytes of framed messages a worker sends in one packet
 PENDING_MAX = 20

@@ -185,3 +185,21 @@ def test_a_crash_at_any_point_leaves_the_old_or_the_new_chunk(srv, point):
     compact_now(s, threshold=0.0)  # and it compacts fine afterwards
     check(s, files, gone)
     assert sum(garbage(s).values()) == 0
+
+
+def test_a_compaction_that_cannot_write_its_copy_fails_cleanly(srv):
+    s = srv()
+    files = store(s, range(1, 41))
+    delete(s, range(1, 21))
+    g = garbage(s)
+    # a directory where the copy of chunk 1 would go: creating the copy fails
+    os.makedirs(os.path.join(s.data_dir, ".speedy", "tmp.compact.chunk_1_1.chunk"))
+    with s.client(timeout=60) as c:
+        err, _ = c.call(Op.COMPACT, encode_compact_request(0.0, True))
+    assert err == Err.WRITE_ERROR
+    assert garbage(s)[1] == g[1]  # chunk 1 is still the old file
+    check(s, files, set(range(1, 21)))
+    assert "compaction given up" in s.log()
+    with s.client() as c:  # the server still writes, reads and answers
+        assert c.write(999, b"after") == Err.SUCCESS
+        assert c.read(999) == (Err.SUCCESS, b"after")

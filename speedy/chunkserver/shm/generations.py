@@ -97,6 +97,11 @@ class Generations:
                 return at
         raise OverflowError("no room for another compacted chunk's generation")
 
+    def has_room(self, cid: int) -> bool:
+        """Whether cid has an entry or one can be made."""
+        return self._find(cid) >= 0 or any(self.words[1 + ENTRY_WORDS * i] == 0
+                                           for i in range(MAX_ENTRIES))
+
     def begin(self, cid: int) -> int:
         """Start moving cid's entries to a new file; its generation (caller holds the lock)."""
         at = self._entry(cid)

@@ -41,6 +41,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from speedy.chunkserver.shm.generations import MAX_ENTRIES
 from speedy.chunkserver.store import datadir, snapshot
 from speedy.format.chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED,
                                      REF_LIVE, REF_OFFSET, SUPERBLOCK_SIZE, Superblock,
@@ -436,6 +437,9 @@ def start(store: "ChunkStore", chunk_id: int,
         return None
     ch = store.chunks.get(chunk_id)
     if ch is None or ch.pending:
+        return None
+    if not store.index.gens.has_room(chunk_id):
+        log.error("%s: not compacted: more than %d chunks to track", ch.name, MAX_ENTRIES)
         return None
     store.compaction = Compaction(store, ch, keep_deleted)
     return store.compaction
