@@ -80,8 +80,11 @@ def srv(tmp_path):
 
 
 def test_admin_compact_frees_the_deleted_bytes_while_reads_go_on(srv):
-    s = srv(compact_rate=1 << 20, workers=2)
+    s = srv(compact_rate=1 << 20, workers=2, chunks=3)
     files = store(s, range(1, 121))
+    with s.client() as c:  # a big file too: its READ is streamed in pieces
+        files[7777] = payload(7777, 3 << 20)
+        assert c.write(7777, files[7777]) == Err.SUCCESS
     gone = {f for f in files if f % 10 < 7}
     delete(s, sorted(gone))
     deleted = sum(RECORD_HEADER_SIZE + len(files[f]) for f in gone)
@@ -108,7 +111,7 @@ def test_admin_compact_frees_the_deleted_bytes_while_reads_go_on(srv):
             t.join()
     assert not errors, errors[0]
     freed_want = deleted - RECORD_HEADER_SIZE * len(gone)  # tombstones stay (7 days)
-    assert n == 2 and freed == freed_want
+    assert n >= 2 and freed == freed_want
     assert avail(s) == before + freed_want
     assert sum(garbage(s).values()) == 0
     check(s, files, gone)

@@ -209,6 +209,24 @@ def test_deleted_files_leave_tombstones_until_they_expire(h, monkeypatch):
             assert h.reader.read(fid) == data
 
 
+def test_a_reader_looks_again_when_the_chunk_changes_under_its_open(h, monkeypatch):
+    from speedy.chunkserver.shm.generations import ChunkState
+    files = fill(h, n=5)
+    real = h.ireader.chunk_state
+    calls = []
+
+    def flaky(cid):  # the first check after an open sees another generation
+        calls.append(cid)
+        return ChunkState(12345) if len(calls) == 1 else real(cid)
+
+    monkeypatch.setattr(h.ireader, "chunk_state", flaky)
+    assert h.reader.read(1) == files[1]
+    assert len(calls) >= 2
+    assert ChunkState(5, True, 100, 6).file_of(100) == 6
+    assert ChunkState(5, True, 100, 6).file_of(101) == 5
+    assert ChunkState(5).file_of(100) == 5
+
+
 def test_nothing_to_compact_is_cheap_and_harmless(h):
     files = fill(h, n=10)
     result = run(h.store, 1)
@@ -279,3 +297,27 @@ def test_compacted_original_chunk_files_stay_the_originals_format(tmp_path):
                 assert h.reader.read(fid) == payload(fid, want["size"])
     finally:
         h.shut()
+
+
+def test_generations_of_many_chunks(tmp_path):
+    from speedy.chunkserver.shm.generations import MAX_ENTRIES, SEGMENT_SIZE, Generations
+    buf = bytearray(SEGMENT_SIZE)
+    w, r = Generations(memoryview(buf)), Generations(memoryview(buf))  # writer, reader
+    w.init()
+    base = w.base()
+    assert r.state(7).gen == base and r.state(9).gen == base
+    gens = {}
+    for cid in range(1, MAX_ENTRIES + 1):
+        nxt = w.begin(cid)
+        assert r.state(cid).moving and r.state(cid).next == nxt
+        w.advance(cid, 1000)
+        assert r.state(cid).file_of(1000) == nxt and r.state(cid).file_of(1001) != nxt
+        w.end(cid)
+        gens[cid] = nxt
+    assert len(set(gens.values())) == MAX_ENTRIES  # every file generation is new
+    for cid, g in gens.items():
+        assert r.state(cid).gen == w.state(cid).gen == g and not r.state(cid).moving
+    assert not w.has_room(MAX_ENTRIES + 1) and w.has_room(3)
+    assert r.state(MAX_ENTRIES + 1).gen == base
+    w.release()
+    r.release()

@@ -49,6 +49,8 @@ class Generations:
     def __init__(self, buf: memoryview) -> None:
         self.words = buf.cast("B").cast("Q")[: 1 + ENTRY_WORDS * MAX_ENTRIES]
         self._slots: dict[int, int] = {}
+        self._misses: dict[int, int] = {}  # cid -> the first empty entry when it was absent
+        self._states: dict[tuple, ChunkState] = {}  # one object per distinct state
 
     def init(self) -> None:
         """A fresh random base, no entries (the writer, at create)."""
@@ -66,22 +68,33 @@ class Generations:
         w = self.words
         if at is not None and w[at] == cid:
             return at
-        for i in range(MAX_ENTRIES):
+        first = self._misses.get(cid, 0)  # entries are only added: no need to look again
+        if first and (first >= MAX_ENTRIES or w[1 + ENTRY_WORDS * first] == 0):
+            return -1
+        for i in range(first, MAX_ENTRIES):
             at = 1 + ENTRY_WORDS * i
             if w[at] == cid:
                 self._slots[cid] = at
                 return at
             if w[at] == 0:
+                if i:
+                    self._misses[cid] = i
                 return -1
+        self._misses[cid] = MAX_ENTRIES
         return -1
 
     def state(self, cid: int) -> ChunkState:
         """cid's generation (torn if read outside the seqlock: the caller checks it)."""
         at = self._find(cid)
-        if at < 0:
-            return ChunkState(self.words[0])
         w = self.words
-        return ChunkState(w[at + 1], bool(w[at + 2]), w[at + 3], w[at + 4])
+        key = (w[0],) if at < 0 else (w[at + 1], w[at + 2], w[at + 3], w[at + 4])
+        state = self._states.get(key)
+        if state is None:
+            if len(self._states) > 1024:
+                self._states.clear()
+            state = self._states[key] = ChunkState(key[0]) if at < 0 else ChunkState(
+                key[0], bool(key[1]), key[2], key[3])
+        return state
 
     def _entry(self, cid: int) -> int:
         """cid's entry, created at the base generation if it has none."""

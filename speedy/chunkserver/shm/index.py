@@ -546,6 +546,18 @@ class IndexReader:
 
     def locate(self, fid: int) -> tuple[int, int, ChunkState] | None:
         """(chunk_id, offset, the chunk's ChunkState) of fid, read together, or None."""
+        words = self._ctl.words
+        s1 = words[0]
+        if not s1 & 1 and words[1] == self._gen:  # the usual case, without a retry loop
+            loc = self._table.lookup(fid)  # type: ignore[union-attr]
+            if not loc:
+                if words[0] == s1:
+                    return None
+            else:
+                state = self._gens.state(loc >> 32)
+                if words[0] == s1:
+                    return loc >> 32, loc & 0xFFFFFFFF, state
+
         def read() -> tuple[int, int, ChunkState] | None:
             loc = self._table.lookup(fid)  # type: ignore[union-attr]
             if not loc:
