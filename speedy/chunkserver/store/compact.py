@@ -13,6 +13,7 @@ go to other chunks, or wait in the pending queue). Phases:
              repair` still sees the delete and never copies the file back from a replica
              the DELETE missed; the headers between two live records are walked for them
              (a damaged stretch is skipped)
+    seal     the new file fsynced by a helper thread while the writer goes on
     swap     the new superblock, fsync; the old file gets a second name
              ``.speedy/tmp.old.<name>`` (readers that must still read it open that);
              readers are told the chunk's entries start moving (shm/generations.py);
@@ -138,6 +139,7 @@ class Compaction:
     renamed: bool = False
     kernel_copy: bool = hasattr(os, "copy_file_range")
     syncer: threading.Thread | None = None
+    sealed: bool = False
     prev_end: int = SUPERBLOCK_SIZE  # the old file's offset up to which records were seen
     tombstones: int = 0
     tombstoned: set = field(default_factory=set)
@@ -162,6 +164,8 @@ class Compaction:
             self._collect()
         elif self.phase == "copy":
             copied = self._copy(budget)
+        elif self.phase == "seal":
+            self._seal()
         elif self.phase == "swap":
             self._swap()
         elif self.phase == "move":
@@ -277,7 +281,7 @@ class Compaction:
             self._walk_gap(self.prev_end, self.old_tail)
             self.records = []
             self.tombstoned = set()
-            self.phase = "swap"
+            self.phase = "seal"
         return copied
 
     def _copy_bytes(self, off: int, n: int) -> None:
@@ -321,6 +325,20 @@ class Compaction:
                 self.tombstones += 1
             pos = nxt
 
+    def _seal(self) -> None:
+        """The new file's records to the disk, by a helper thread (no step waits for it)."""
+        if self.syncer is not None and self.syncer.is_alive():
+            return
+        if not self.sealed:
+            self._join_syncer()
+            self.syncer = threading.Thread(target=os.fsync, args=(self.fd,),
+                                           name="compact-sync", daemon=True)
+            self.syncer.start()
+            self.sealed = True
+            return
+        self._join_syncer()
+        self.phase = "swap"
+
     def _swap(self) -> None:
         """Superblock, fsync, second name for the old file, rename the new one in."""
         ch, store = self.ch, self.store
@@ -329,8 +347,7 @@ class Compaction:
                         ch.capacity - self.out)
         raw = sb.encode()
         datadir.pwrite_all(self.fd, raw, 0)
-        self._join_syncer()
-        os.fsync(self.fd)
+        os.fsync(self.fd)  # the records were synced by _seal: short
         crash_point("copied")
         try:
             os.unlink(self.old_path)
@@ -418,7 +435,7 @@ class Compaction:
 
     def note_delete(self, cid: int, off: int, size: int) -> None:
         """A record of the chunk was deleted before the swap: mark its copy too."""
-        if cid != self.ch.chunk_id or self.phase not in ("copy", "swap"):
+        if cid != self.ch.chunk_id or self.phase not in ("copy", "seal", "swap"):
             return
         i = bisect.bisect_left(self.old_offs, off)
         if i < len(self.old_offs) and self.old_offs[i] == off:
