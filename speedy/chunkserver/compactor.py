@@ -4,7 +4,7 @@ At most one chunk at a time. A chunk is compacted when an operator asks (COMPACT
 chunks whose garbage is at least the asked fraction of their used bytes) or, with
 --compact_threshold > 0, when its garbage passes that fraction (and MIN_GARBAGE); the
 copy is paced to --compact_rate bytes/s, a slice of at most SLICE bytes per writer loop
-round, and to at most half of the writer's time, so requests between slices wait at most
+round, and to at most a third of the writer's time, so requests between slices wait at most
 one slice (its time is published as compact_max_slice_us).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ log = logging.getLogger("speedy.chunkserver.compactor")
 
 COMPACT_MSG = struct.Struct("=IBIB")  # req_id | kind | threshold ppm (or SERVER_THRESHOLD) | wait
 KIND_COMPACT = 4  # the worker -> writer message kind (writer.py)
-SLICE = 1 << 20  # bytes copied per slice at most
+SLICE = 512 << 10  # bytes copied per slice at most
 AUTO_CHECK = 1.0  # seconds between two looks for a chunk past the threshold
 RETRY_AFTER = 600.0  # seconds before a chunk whose compaction failed is tried again
 
@@ -117,8 +117,8 @@ class Compactor:
             c.abort(f"{e.strerror or e}")
             self._settle(cid, Err.WRITE_ERROR)
             return True
-        took = time.monotonic() - t0  # at most half of the writer's time goes to it
-        self.next_at = max(max(now, self.next_at) + copied / self.rate, now + 2 * took)
+        took = time.monotonic() - t0  # at most a third of the writer's time goes to it
+        self.next_at = max(max(now, self.next_at) + copied / self.rate, now + 3 * took)
         if c.finished:
             r = c.result
             st = self.stats
