@@ -321,3 +321,21 @@ def test_generations_of_many_chunks(tmp_path):
     assert r.state(MAX_ENTRIES + 1).gen == base
     w.release()
     r.release()
+
+
+def test_damage_between_live_records_is_left_behind(h):
+    from tests.support.store import patch
+    files = fill(h, n=20)
+    in_one = [f for f in files if h.store.index.get(f)[0] == 1]
+    victim, after = in_one[3], in_one[4:]
+    _, off = h.store.index.get(victim)
+    h.store.delete_many([victim, in_one[6]])
+    patch(h.store.chunks[1].path, off, b"\xff" * RECORD_HEADER_SIZE)  # its header: garbage
+    result = run(h.store, 1)
+    for fid in files:
+        if fid not in (victim, in_one[6]):
+            assert h.reader.read(fid) == files[fid]
+    assert result.freed_bytes > 0 and h.store.chunks[1].garbage_bytes == 0
+    h.reopen(snapshot=False)
+    assert all(h.reader.read(f) == files[f] for f in after if f != in_one[6])
+    assert h.store.index.get(victim) is None and h.store.index.get(in_one[6]) is None

@@ -47,6 +47,7 @@ from speedy.chunkserver.store import datadir, snapshot
 from speedy.format.chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED,
                                      REF_LIVE, REF_OFFSET, SUPERBLOCK_SIZE, Superblock,
                                      encode_record_header)
+from speedy.format.scan import read_padded
 
 if TYPE_CHECKING:  # pragma: no cover
     from speedy.chunkserver.store.chunkstore import ChunkStore
@@ -255,11 +256,11 @@ class Compaction:
             if index.get(fid) != (cid, off):  # deleted since it was collected
                 continue
             self._walk_gap(self.prev_end, off)
-            head = os.pread(ch.fd, RECORD_HEADER_SIZE, off)
-            hfid, ref, size = RECORD_HEADER.unpack(head)[:3]
+            hfid, ref, size = RECORD_HEADER.unpack(read_padded(ch.fd, off, RECORD_HEADER_SIZE))[:3]
             if hfid != fid or ref != REF_LIVE:
-                log.error("%s: compaction: the record at offset %d is not fid %d's; "
-                          "left out", ch.name, off, fid)
+                log.error("%s: compaction: the index pointed at offset %d for fid %d, which "
+                          "is not its live record; dropped", ch.name, off, fid)
+                index.remove(fid)
                 continue
             n = RECORD_HEADER_SIZE + size
             self._copy_bytes(off, n)
@@ -312,10 +313,10 @@ class Compaction:
         now = int(time.time())
         while self.keep_deleted > 0 and pos + RECORD_HEADER_SIZE <= end:
             fid, ref, size, _csum, ts = RECORD_HEADER.unpack(
-                os.pread(ch.fd, RECORD_HEADER_SIZE, pos))
+                read_padded(ch.fd, pos, RECORD_HEADER_SIZE))
             nxt = pos + RECORD_HEADER_SIZE + size
-            if nxt > end or ref not in (REF_DELETED, REF_LIVE):
-                return  # damage: the rest of this stretch is not records
+            if nxt > end or ref not in (REF_DELETED, REF_LIVE) or not ts:
+                return  # damage or zeros: the rest of this stretch is not records
             if (ref == REF_DELETED and fid not in self.tombstoned and index.get(fid) is None
                     and (size or ts + self.keep_deleted > now)):
                 self.tombstoned.add(fid)
