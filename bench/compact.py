@@ -6,6 +6,7 @@ Stores --files files of --size bytes, deletes 70% of them (random), then:
   1. a client load (PUT then GET of --load files of 4 KiB, -c connections) with no
      compaction running, --rounds times: the baseline;
   2. COMPACT (threshold 0, every chunk) and the same load rounds while it runs;
+  3. the baseline again after it (the spread of 1 and 3 is the machine's noise);
 and prints: bytes freed against the bytes deleted (with their 30-byte headers; the
 tombstones a compaction keeps for a week cost 30 bytes per deleted file), the live
 bytes moved per second (from the server log), the longest slice (how long a request
@@ -211,6 +212,7 @@ def main() -> int:
         time.sleep(0.05)
         puts, gets, fid = load_rounds(target, args, fid, 1000, until=lambda: not th.is_alive())
         th.join()
+        after_puts, after_gets, fid = load_rounds(target, args, fid, args.rounds)
         if result.get("err") != Err.SUCCESS:
             print(f"COMPACT failed: {result}")
             return 1
@@ -231,12 +233,15 @@ def main() -> int:
               f"{freed / MiB:.1f} MiB = {100 * freed / deleted_bytes:.2f}% of the deleted bytes "
               f"with headers; {moved / MiB:.1f} MiB live moved at {moved / MiB / secs:.1f} MiB/s "
               f"(rate limit {args.rate / MiB:.0f} MiB/s); longest slice {longest:.1f} ms ({phase})")
-        for name, base_r, during in (("PUT", base_puts, puts), ("GET", base_gets, gets)):
+        for name, base_r, during, after in (("PUT", base_puts, puts, after_puts),
+                                            ("GET", base_gets, gets, after_gets)):
             b_ops, b_p99, b_err = summary(base_r)
             d_ops, d_p99, d_err = summary(during)
-            print(f"{name} 4 KiB x {args.conns} conns: without compaction {b_ops:,.0f}/s "
-                  f"p99 {b_p99:.2f} ms ({b_err} errors); during {d_ops:,.0f}/s p99 "
-                  f"{d_p99:.2f} ms ({d_err} errors, {len(during)} rounds)")
+            a_ops, a_p99, a_err = summary(after)
+            print(f"{name} 4 KiB x {args.conns} conns: before compaction {b_ops:,.0f}/s "
+                  f"p99 {b_p99:.2f} ms; during {d_ops:,.0f}/s p99 {d_p99:.2f} ms "
+                  f"({len(during)} rounds); after {a_ops:,.0f}/s p99 {a_p99:.2f} ms; "
+                  f"errors {b_err}/{d_err}/{a_err}")
         return 0
     finally:
         try:
