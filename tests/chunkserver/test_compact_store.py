@@ -3,6 +3,7 @@ reads right in every phase, the snapshot and journal consistent, the original's 
 from __future__ import annotations
 
 import os
+import time
 import zlib
 
 import pytest
@@ -339,3 +340,54 @@ def test_damage_between_live_records_is_left_behind(h):
     h.reopen(snapshot=False)
     assert all(h.reader.read(f) == files[f] for f in after if f != in_one[6])
     assert h.store.index.get(victim) is None and h.store.index.get(in_one[6]) is None
+
+
+def _read_all(data_dir, index_name, fids, stop, result):
+    """Forked worker: every live fid reads back byte for byte while chunks are compacted."""
+    from speedy.chunkserver.reader import ChunkReader
+    from speedy.chunkserver.shm.index import IndexReader
+    ireader = IndexReader(index_name)
+    reader = ChunkReader(data_dir, 1, ireader)
+    bad, reads, moving = [], 0, 0
+    try:
+        while not stop.is_set() or reads == 0:
+            for fid, size in fids:
+                try:
+                    ok = reader.read(fid) == payload(fid, size)
+                except Exception as e:  # noqa: BLE001 - reported
+                    ok = False
+                    bad.append(f"{fid}: {e}")
+                if not ok and not bad:
+                    bad.append(f"{fid}: wrong bytes")
+                reads += 1
+            moving += ireader.chunk_state(1).moving
+    finally:
+        reader.close()
+        ireader.close()
+    result.put((reads, bad[:5], moving))
+
+
+def test_a_forked_reader_reads_every_file_through_two_compactions(h, monkeypatch):
+    import multiprocessing
+    files = fill(h, n=60, size=5000)
+    in_one = [f for f in files if h.store.index.get(f)[0] == 1]
+    h.store.delete_many(in_one[::2])
+    live = [(f, len(d)) for f, d in files.items() if f not in in_one[::2]]
+    monkeypatch.setattr(compact, "MOVE_SLICE", 3)
+    ctx = multiprocessing.get_context("fork")
+    stop, result = ctx.Event(), ctx.Queue()
+    child = ctx.Process(target=_read_all, args=(h.data_dir, h.index.name, live, stop, result))
+    child.start()
+    try:
+        def slow(c):
+            time.sleep(0.002)
+        run(h.store, 1, budget=8000, each=slow)
+        run(h.store, 1, budget=8000, each=slow)  # the same chunk again: a third file
+        stop.set()
+        reads, bad, moving = result.get(timeout=120)
+    finally:
+        stop.set()
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    assert reads > 0 and moving > 0 and not bad, bad
