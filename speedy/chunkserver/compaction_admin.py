@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from speedy.chunkserver.compactor import COMPACT_MSG, KIND_COMPACT
-from speedy.chunkserver.store.compact import qualifies
+from speedy.chunkserver.garbage import qualifies
+from speedy.chunkserver.messages import COMPACT_MSG, KIND_COMPACT
 from speedy.format.chunkfile import SUPERBLOCK_SIZE
 from speedy.wire.protocol import (COMPACT_REQUEST, COMPACT_RESULT, SERVER_THRESHOLD, ChunkGarbage, Err, Op,
                                   ProtocolError, decode_compact_request, encode_garbage)

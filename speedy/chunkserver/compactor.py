@@ -14,6 +14,8 @@ import struct
 import time
 from typing import Callable
 
+from speedy.chunkserver.garbage import qualifies
+from speedy.chunkserver.messages import COMPACT_MSG
 from speedy.chunkserver.shm.counters import StatsView
 from speedy.chunkserver.store import compact
 from speedy.chunkserver.store.chunkstore import ChunkStore
@@ -21,8 +23,6 @@ from speedy.wire.protocol import SERVER_THRESHOLD, Err
 
 log = logging.getLogger("speedy.chunkserver.compactor")
 
-COMPACT_MSG = struct.Struct("=IBIB")  # req_id | kind | threshold ppm (or SERVER_THRESHOLD) | wait
-KIND_COMPACT = 4  # the worker -> writer message kind (writer.py)
 SLICE = 512 << 10  # bytes copied per slice at most
 AUTO_CHECK = 1.0  # seconds between two looks for a chunk past the threshold
 RETRY_AFTER = 600.0  # seconds before a chunk whose compaction failed is tried again
@@ -82,8 +82,8 @@ class Compactor:
         """Chunk ids whose garbage reaches threshold, the most garbage first."""
         due = [(ch.garbage_bytes / max(1, compact.used_bytes(ch)), ch.chunk_id)
                for ch in self.store.ordered_chunks()
-               if compact.qualifies(ch.garbage_bytes, compact.used_bytes(ch), ch.capacity,
-                                    threshold, automatic)]
+               if qualifies(ch.garbage_bytes, compact.used_bytes(ch), ch.capacity,
+                            threshold, automatic)]
         return [cid for _, cid in sorted(due, reverse=True)]
 
     def _current(self, cid: int) -> bool:

@@ -252,10 +252,11 @@ def test_close_during_copy_drops_the_copy(h, tmp_path):
 
 
 def test_qualifies():
-    assert compact.qualifies(300, 1000, MiB, 0.3)
-    assert not compact.qualifies(299, 1000, MiB, 0.3)
-    assert not compact.qualifies(0, 1000, MiB, 0.0)
-    assert not compact.qualifies(300, 1000, 2 * MiB * 64, 0.3, automatic=True)
+    from speedy.chunkserver.garbage import qualifies
+    assert qualifies(300, 1000, MiB, 0.3)
+    assert not qualifies(299, 1000, MiB, 0.3)
+    assert not qualifies(0, 1000, MiB, 0.0)
+    assert not qualifies(300, 1000, 2 * MiB * 64, 0.3, automatic=True)
     assert read_superblock  # imported for the crash tests
 
 

@@ -10,12 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.support import free_port
-from tests.support.server import servers, wait_for  # noqa: F401 (fixture)
+from tests.support.server import wait_for
 from speedy.wire.protocol import Err, Op
 
 KEYS = ["GroupId", "Ip", "Port", "Status", "TotalFreeSpace", "MaxFreeSpace", "PendingWrites",
-        "WritingCount", "ReadingCount", "DataDir", "TotalChunks", "ConnectionsCount",
-        "GarbageBytes"]  # new: issue 13
+        "WritingCount", "ReadingCount", "DataDir", "TotalChunks", "ConnectionsCount"]
 
 
 class FakeMaster:
@@ -69,7 +68,7 @@ def test_reports_arrive_with_the_protocol_fields(servers, master):
                     "TotalFreeSpace": 3 * chunk_free, "MaxFreeSpace": chunk_free,
                     "PendingWrites": 0, "WritingCount": 0, "ReadingCount": 0,
                     "DataDir": srv.data_dir, "TotalChunks": 3,
-                    "ConnectionsCount": body["ConnectionsCount"], "GarbageBytes": 0}
+                    "ConnectionsCount": body["ConnectionsCount"]}
     with srv.client() as c:  # the figures follow the server
         assert c.write(1, b"x" * 1000, group=7) == Err.SUCCESS
         assert c.call(Op.SET_STATUS, b"\x01") == (Err.SUCCESS, b"")
@@ -123,14 +122,17 @@ def test_metrics_endpoint_sums_every_worker(servers):
         resp = conn.getresponse()
         text = resp.read().decode()
         conn.close()
-        lines = set(text.splitlines())
-        if 'speedy_requests_total{op="read"} 5' in lines or time.monotonic() > deadline:
+        got = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+        if got.get('speedy_requests_total{op="read"}') == 5 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert resp.status == 200
-    assert 'speedy_requests_total{op="write"} 4' in lines
-    assert 'speedy_requests_total{op="read"} 5' in lines
-    assert 'speedy_request_errors_total{op="read",code="file_not_found"} 1' in lines
-    assert "speedy_files 4" in lines and "speedy_write_bytes_total 400" in lines
-    assert "speedy_pool_blocks 8" in lines and "speedy_workers 2" in lines
-    assert 'speedy_request_duration_seconds_count{op="write"} 4' in lines
+    assert resp.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    assert got['speedy_requests_total{op="write"}'] == 4
+    assert got['speedy_requests_total{op="read"}'] == 5
+    assert got['speedy_request_errors_total{code="file_not_found",op="read"}'] == 1  # sorted
+    assert got["speedy_files"] == 4 and got["speedy_write_bytes_total"] == 400
+    assert got["speedy_pool_blocks"] == 8 and got["speedy_workers"] == 2
+    assert got['speedy_request_duration_seconds_count{op="write"}'] == 4
+    assert got["process_resident_memory_bytes"] > 0  # the supervisor's own, from the library

@@ -42,6 +42,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from speedy.chunkserver import diskio
 from speedy.chunkserver.shm.generations import MAX_ENTRIES
 from speedy.chunkserver.store import datadir, snapshot
 from speedy.format.chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED,
@@ -64,7 +65,6 @@ COLLECT_SLOTS = 1 << 14  # index slots looked at per collect slice (a few ms)
 MOVE_SLICE = 1024  # index entries moved per slice (readers wait for one)
 PIECE = 1 << 20  # bytes of a record read at once
 SYNC_EVERY = 8 << 20  # copied bytes between two fdatasyncs of the new file (a short last one)
-MIN_GARBAGE = 1 << 20  # automatic compaction: at least this much garbage (or 1/64 chunk)
 KEEP_DELETED = 7 * 86400  # seconds a tombstone of a deleted file is kept (default)
 
 
@@ -89,17 +89,6 @@ _PASSES: dict[str, int] = {}
 def used_bytes(ch: "Chunk") -> int:
     """Bytes of records in a chunk (live or not)."""
     return max(0, ch.sb.current_offset - SUPERBLOCK_SIZE)
-
-
-def qualifies(garbage: int, used: int, capacity: int, threshold: float,
-              automatic: bool = False) -> bool:
-    """Whether a chunk with that garbage is due for compaction at threshold (a fraction of
-    its used bytes); automatic runs also want MIN_GARBAGE (or 1/64 of the chunk)."""
-    if garbage <= 0 or used <= 0:
-        return False
-    if automatic and garbage < min(MIN_GARBAGE, capacity // 64):
-        return False
-    return garbage >= threshold * used
 
 
 @dataclass
@@ -240,7 +229,7 @@ class Compaction:
                           0o644)
         size = max(os.fstat(self.ch.fd).st_size, SUPERBLOCK_SIZE)
         try:
-            os.posix_fallocate(self.fd, 0, size)
+            diskio.posix_fallocate(self.fd, 0, size)
         except OSError as e:
             if e.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: a file system without it
                 raise
@@ -272,7 +261,7 @@ class Compaction:
             copied += n
         self.unsynced += copied
         if self.unsynced >= SYNC_EVERY and (self.syncer is None or not self.syncer.is_alive()):
-            self.syncer = threading.Thread(target=os.fdatasync, args=(self.fd,),
+            self.syncer = threading.Thread(target=diskio.fdatasync, args=(self.fd,),
                                            name="compact-sync", daemon=True)
             self.syncer.start()  # written back meanwhile: the fsync at the swap is short
             self.unsynced = 0
@@ -299,7 +288,7 @@ class Compaction:
                 break
             at += got
         while at < n:
-            piece = os.pread(self.ch.fd, min(PIECE, n - at), off + at)
+            piece = diskio.pread(self.ch.fd, min(PIECE, n - at), off + at)
             if len(piece) < min(PIECE, n - at):
                 piece += bytes(min(PIECE, n - at) - len(piece))
             datadir.pwrite_all(self.fd, piece, self.out + at)
@@ -332,7 +321,7 @@ class Compaction:
             return
         if not self.sealed:
             self._join_syncer()
-            self.syncer = threading.Thread(target=os.fsync, args=(self.fd,),
+            self.syncer = threading.Thread(target=diskio.fsync, args=(self.fd,),
                                            name="compact-sync", daemon=True)
             self.syncer.start()
             self.sealed = True
@@ -348,7 +337,7 @@ class Compaction:
                         ch.capacity - self.out)
         raw = sb.encode()
         datadir.pwrite_all(self.fd, raw, 0)
-        os.fsync(self.fd)  # the records were synced by _seal: short
+        diskio.fsync(self.fd)  # the records were synced by _seal: short
         crash_point("copied")
         try:
             os.unlink(self.old_path)
@@ -442,7 +431,7 @@ class Compaction:
         if i < len(self.old_offs) and self.old_offs[i] == off:
             datadir.pwrite_all(self.fd, REF.pack(REF_DELETED), self.new_offs[i] + REF_OFFSET)
             if self.store.sync:
-                os.fsync(self.fd)
+                diskio.fsync(self.fd)
             self.deleted += 1
             self.garbage += RECORD_HEADER_SIZE + size
 
