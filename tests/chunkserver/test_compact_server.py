@@ -131,6 +131,8 @@ def test_automatic_compaction_past_the_threshold_and_the_metric(srv):
     delete(s, sorted(gone))
     text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
     assert b"speedy_chunk_garbage_bytes{" in text
+    wait_for(lambda: b"speedy_compactions_total 1" in urllib.request.urlopen(
+        f"http://127.0.0.1:{mport}/metrics", timeout=10).read(), timeout=30)
     wait_for(lambda: sum(garbage(s).values()) < 0.3 * SIZE * 40, timeout=30)
     check(s, files, gone)
 

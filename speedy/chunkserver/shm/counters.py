@@ -216,6 +216,7 @@ class StatsView:
         chunks = self.chunks()
         out.update(
             status=int(self.status()), recovery_seconds=out["recovery_us"] / 1e6,
+            compact_max_slice_seconds=out["compact_max_slice_us"] / 1e6,
             chunks=chunks, requests=requests, errors=errors, latency=latency,
             files=out["file_count"], connections=out["conn_count"],
             read_only=int(self.status()), reads_in_flight=out["reading"],
