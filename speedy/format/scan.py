@@ -14,6 +14,9 @@ from speedy.format.chunkfile import (MAX_CHECKSUM, MAX_TIMESTAMP, RECORD_HEADER,
 WINDOW = 1 << 20  # bytes read at once; record data larger than that is checked piece by piece
 OVERLAP = 64  # bytes two search windows share, so that no header is split between them
 TS_AT = 22  # offset of the timestamp field inside a record header
+CHECK_BUDGET = 64 << 20  # a search checksums this much (+4x what it read) for places that
+CHAIN_HOPS = 16  # turn out to be no record; then a place needs this many sound headers
+# after it (or all up to the end) before its data is checksummed
 ZERO_RUN = re.compile(rb"\x00{4,}")
 
 
@@ -93,7 +96,7 @@ def scan_records(fd: int, start: int, end: int, out: ScanEnd, zeros_end: bool = 
             problem = f"{left} stray bytes, too short for a record header"
         else:
             rel = pos - win_off
-            if rel + RECORD_HEADER_SIZE > len(win):
+            if rel < 0 or rel + RECORD_HEADER_SIZE > len(win):  # (a resync may go back)
                 win = read_padded(fd, pos, min(WINDOW, left))
                 view = memoryview(win)
                 win_off, rel = pos, 0
@@ -181,13 +184,22 @@ def resync_point(fd: int, pos: int, end: int, problem: str, search: int) -> int 
     return find_record(fd, search, end)
 
 
-def record_at(fd: int, pos: int, end: int) -> bool:
-    """Whether a whole valid record starts at pos and ends by end."""
+def record_at(fd: int, pos: int, end: int, hops: int = 0) -> bool:
+    """Whether a whole valid record starts at pos and ends by end; with hops, the search's
+    cheap test first: that many records after it (or all up to end) have sound headers."""
     if end - pos < RECORD_HEADER_SIZE:
         return False
     fid, ref, size, csum, ts = RECORD_HEADER.unpack(read_padded(fd, pos, RECORD_HEADER_SIZE))
     if header_problem(fid, ref, size, csum, ts, end - pos - RECORD_HEADER_SIZE):
         return False
+    after = pos + RECORD_HEADER_SIZE + size
+    while hops and after < end:
+        nxt = RECORD_HEADER.unpack(read_padded(fd, after, RECORD_HEADER_SIZE))
+        if end - after < RECORD_HEADER_SIZE or header_problem(
+                *nxt, end - after - RECORD_HEADER_SIZE):
+            return False
+        after += RECORD_HEADER_SIZE + nxt[2]
+        hops -= 1
     return checksum_range(fd, pos + RECORD_HEADER_SIZE, size) == csum
 
 
@@ -198,10 +210,16 @@ def find_record(fd: int, start: int, end: int) -> int | None:
     low half: it ends a run of at least 4 zero bytes 4 to 7 bytes before a non-zero byte.
     The regex engine finds the runs of zeros, so random data and long zero stretches both
     go at C speed; the places that fit have their ref, checksum and size looked at in the
-    window, and only those that pass are checked as records (candidate()).
+    window, and only those that pass are checked as records (record_at()). A record of
+    more than WINDOW bytes is checksummed only when a sound header follows it, and once
+    CHECK_BUDGET is spent on places that were no record (data full of header-like places,
+    such as arrays of small integers) only a place with CHAIN_HOPS sound headers after it
+    is, so the search stays about linear: a record that is followed by damage that soon
+    can then be missed (and is skipped with it).
     """
     w0 = start
     last = start - 1  # the highest offset checked already
+    spent = 0  # bytes checksummed for places that were no record
     while w0 + RECORD_HEADER_SIZE <= end:
         n = min(WINDOW, end - w0)
         buf = read_padded(fd, w0, n)
@@ -219,31 +237,18 @@ def find_record(fd: int, start: int, end: int) -> int | None:
                     _fid, ref, size, csum, _ts = RECORD_HEADER.unpack_from(buf, t - TS_AT)
                     if ref > 1 or csum > MAX_CHECKSUM or size > end - at - RECORD_HEADER_SIZE:
                         continue
-                if candidate(fd, at, end):
+                size = RECORD_HEADER.unpack(read_padded(fd, at, RECORD_HEADER_SIZE))[2]
+                if spent > CHECK_BUDGET + 4 * (w0 - start):
+                    hops = CHAIN_HOPS  # data full of header-like places: a long chain first
+                else:
+                    hops = 1 if size > WINDOW else 0
+                if record_at(fd, at, end, hops):
                     return at
+                spent += size
         if final:
             return None
         w0 += n - OVERLAP
     return None
-
-
-def candidate(fd: int, pos: int, end: int) -> bool:
-    """record_at() for the search: a record of more than WINDOW bytes is checksummed only
-    when what follows it is end or a sound header (random data seldom passes that), so
-    that data full of header-like places costs no long checksum per place."""
-    if end - pos < RECORD_HEADER_SIZE:
-        return False
-    fid, ref, size, csum, ts = RECORD_HEADER.unpack(read_padded(fd, pos, RECORD_HEADER_SIZE))
-    room = end - pos - RECORD_HEADER_SIZE
-    if header_problem(fid, ref, size, csum, ts, room):
-        return False
-    after = pos + RECORD_HEADER_SIZE + size
-    if size > WINDOW and after < end:
-        nxt = RECORD_HEADER.unpack(read_padded(fd, after, RECORD_HEADER_SIZE))
-        if end - after < RECORD_HEADER_SIZE or header_problem(
-                *nxt, end - after - RECORD_HEADER_SIZE):
-            return False
-    return checksum_range(fd, pos + RECORD_HEADER_SIZE, size) == csum
 
 
 def zeros_from(fd: int, offset: int, end: int) -> bool:

@@ -103,10 +103,8 @@ def damage(rng: random.Random, layout, count: int) -> tuple[list[tuple[str, int,
     """Damage count random ranges before current_offset; (the ranges, the fids touched)."""
     hurt, touched = [], set()
     for _ in range(count):
-        path = rng.choice(sorted(layout))
+        path = rng.choice(sorted(p for p, recs in layout.items() if recs))
         recs = layout[path]
-        if not recs:
-            continue
         start = rng.randrange(SUPERBLOCK_SIZE, recs[-1][1])
         kind = rng.choice(["flip", "zeros", "random"])
         n = 1 if kind == "flip" else rng.randint(1, 64)
