@@ -83,6 +83,7 @@ def scan_records(fd: int, start: int, end: int, out: ScanEnd, zeros_end: bool = 
     rest of that record's data and its size field was damaged.
     """
     count = 0  # records yielded
+    max_ts, unpack_from, adler32 = MAX_TIMESTAMP, RECORD_HEADER.unpack_from, zlib.adler32
     held = None  # a length-ambiguous record, yielded once what follows it proves sound
     pos = start
     win = b""
@@ -91,19 +92,39 @@ def scan_records(fd: int, start: int, end: int, out: ScanEnd, zeros_end: bool = 
     reason = ""
     while pos < end:
         left = end - pos
-        problem = ""
-        if left < RECORD_HEADER_SIZE:
-            problem = f"{left} stray bytes, too short for a record header"
-        else:
+        if left >= RECORD_HEADER_SIZE:
             rel = pos - win_off
             if rel < 0 or rel + RECORD_HEADER_SIZE > len(win):  # (a resync may go back)
                 win = read_padded(fd, pos, min(WINDOW, left))
                 view = memoryview(win)
                 win_off, rel = pos, 0
-            fid, ref, size, csum, ts = RECORD_HEADER.unpack_from(win, rel)
-            # header_problem() inline: the clean scan pays for no call per record
-            if not (ref <= 1 and size <= left - RECORD_HEADER_SIZE and 0 < ts < MAX_TIMESTAMP
-                    and csum <= MAX_CHECKSUM):
+            fid, ref, size, csum, ts = unpack_from(win, rel)
+            # header_problem() inline, so that the clean scan pays for no call per record
+            # (a checksum field past 32 bits fails the checksum comparison below)
+            if ref <= 1 and size <= left - RECORD_HEADER_SIZE and ts and ts < max_ts:
+                total = RECORD_HEADER_SIZE + size
+                if rel + total > len(win) and total <= WINDOW:
+                    win = read_padded(fd, pos, min(WINDOW, left))
+                    view = memoryview(win)
+                    win_off, rel = pos, 0
+                if rel + total <= len(win):
+                    got = adler32(view[rel + RECORD_HEADER_SIZE:rel + total], 0)
+                else:
+                    got = checksum_range(fd, pos + RECORD_HEADER_SIZE, size)
+                if got == csum:
+                    if held is not None:
+                        yield held
+                        count += 1
+                        held = None
+                    if csum & 0xFFFF:  # not length_ambiguous(csum), inline
+                        yield pos, fid, ref, size, ts
+                        count += 1
+                    else:
+                        held = (pos, fid, ref, size, ts)
+                    pos += total
+                    continue
+                problem = f"checksum mismatch in the record of fid {fid} (size {size})"
+            else:
                 problem = header_problem(fid, ref, size, csum, ts, left - RECORD_HEADER_SIZE)
                 if zeros_end and not (fid or ref or size or csum or ts):
                     reason = problem
@@ -111,54 +132,32 @@ def scan_records(fd: int, start: int, end: int, out: ScanEnd, zeros_end: bool = 
                         yield held
                         held = None
                     break
-            else:
-                total = RECORD_HEADER_SIZE + size
-                if rel + total > len(win) and total <= WINDOW:
-                    win = read_padded(fd, pos, min(WINDOW, left))
-                    view = memoryview(win)
-                    win_off, rel = pos, 0
-                if rel + total <= len(win):
-                    got = zlib.adler32(view[rel + RECORD_HEADER_SIZE:rel + total], 0)
-                else:
-                    got = checksum_range(fd, pos + RECORD_HEADER_SIZE, size)
-                if got != csum:
-                    problem = f"checksum mismatch in the record of fid {fid} (size {size})"
-        if problem:
-            bad, kept = (pos, None) if held is None else (held[0], held)
-            held = None
-            after = resync_point(fd, pos, end, problem, bad + 1)
-            if after is None:
-                if kept is not None and (records is None or count + 1 < records) \
-                        and zeros_from(fd, pos, end):
-                    yield kept  # a torn tail of zeros after it; the superblock counts more
-                    count += 1
-                    bad = pos
-                elif kept is not None:
-                    problem += (f"; the record of fid {kept[1]} before it goes with it (its "
-                                "checksum does not vouch for its size)")
-                if out.skipped and out.skipped[-1].end == bad:  # nothing kept after it:
-                    bad = out.skipped.pop().start  # the skipped range is torn tail too
-                reason, pos = problem, bad
-                break
-            if kept is not None:
+        else:
+            problem = f"{left} stray bytes, too short for a record header"
+        bad, kept = (pos, None) if held is None else (held[0], held)
+        held = None
+        after = resync_point(fd, pos, end, problem, bad + 1)
+        if after is None:
+            if kept is not None and (records is None or count + 1 < records) \
+                    and zeros_from(fd, pos, end):
+                yield kept  # a torn tail of zeros after it; the superblock counts more
+                count += 1
+                bad = pos
+            elif kept is not None:
                 problem += (f"; the record of fid {kept[1]} before it goes with it (its "
                             "checksum does not vouch for its size)")
-            if out.skipped and out.skipped[-1].end == bad:  # what the last search found
-                out.skipped[-1].end = after  # was no record after all: one range
-            else:
-                out.skipped.append(Skip(bad, after, problem))
-            pos = after
-            continue
-        if held is not None:
-            yield held
-            count += 1
-            held = None
-        if csum & 0xFFFF:  # not length_ambiguous(csum), inline
-            yield pos, fid, ref, size, ts
-            count += 1
+            if out.skipped and out.skipped[-1].end == bad:  # nothing kept after it:
+                bad = out.skipped.pop().start  # the skipped range is torn tail too
+            reason, pos = problem, bad
+            break
+        if kept is not None:
+            problem += (f"; the record of fid {kept[1]} before it goes with it (its "
+                        "checksum does not vouch for its size)")
+        if out.skipped and out.skipped[-1].end == bad:  # what the last search found
+            out.skipped[-1].end = after  # was no record after all: one range
         else:
-            held = (pos, fid, ref, size, ts)
-        pos += total
+            out.skipped.append(Skip(bad, after, problem))
+        pos = after
     if held is not None:  # it ends exactly at end
         yield held
     out.offset = pos
