@@ -111,10 +111,11 @@ class ChunkReader:
         known = self._ends.get(chunk_id, 0)
         if want <= known:
             return known
+        fd = self._fd(chunk_id)
         for _ in range(2):  # a read racing the writer's rewrite may see it torn: once more
-            try:
-                current = Superblock.decode(self.read_at(chunk_id, 0, SUPERBLOCK_SIZE)).current_offset
-            except FormatError:
+            try:  # (metadata: not one of the record reads that faults count)
+                current = Superblock.decode(os.pread(fd, SUPERBLOCK_SIZE, 0)).current_offset
+            except (OSError, FormatError):
                 continue
             self._ends[chunk_id] = current
             return current
