@@ -207,3 +207,39 @@ def test_skipped_damage_is_garbage_and_logged(tmp_path, pristine, caplog):
         assert h.store.chunks[1].garbage_bytes == b - a + RECORD_HEADER_SIZE + SIZES[7]
     finally:
         h.shut()
+
+
+@pytest.mark.parametrize("snapshot", [True, False], ids=["snapshot", "scan"])
+@pytest.mark.parametrize("where_", ["middle", "last"])
+def test_all_zero_file_with_a_smaller_size_is_not_served_short(tmp_path, snapshot, where_):
+    """adler32 (from 0) of 4096 zeros is 0, as of 2048 or of none: a size field that lost
+    a bit must not serve 2048 or 0 zeros (the bytes after the record show the damage)."""
+    h = Harness(tmp_path, chunks=1, chunk_size=MiB)
+    try:
+        h.open()
+        h.put(1, payload(1, 500))
+        h.put(2, bytes(4096))
+        if where_ == "middle":
+            h.put(3, payload(3, 6000))
+        off = h.ireader.get(2)[1]
+        h.shut()
+        path = str(tmp_path / CHUNK)
+        for size in (2048, 0):
+            with open(path, "r+b") as f:
+                f.seek(off + 10)
+                f.write(size.to_bytes(4, "big"))
+            if not snapshot:
+                remove_snapshot(tmp_path)
+            h.open()
+            with pytest.raises((ReadFailed, NotFound)):
+                got = h.reader.read(2)
+                print(f"served {len(got)} bytes")  # (what the old reader did)
+            assert h.reader.read(1) == payload(1, 500)
+            if where_ == "middle":
+                assert h.reader.read(3) == payload(3, 6000)
+            h.shut()
+            with open(path, "r+b") as f:  # back to the written size for the next round
+                f.seek(off + 10)
+                f.write((4096).to_bytes(4, "big"))
+    finally:
+        h.shut()
