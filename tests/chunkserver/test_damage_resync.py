@@ -17,7 +17,8 @@ import pytest
 
 from speedy.chunkserver.reader import NotFound, ReadFailed
 from speedy.format.chunkfile import RECORD_HEADER, RECORD_HEADER_SIZE, length_ambiguous
-from tests.support.store import MiB, Harness, payload, read_superblock, remove_snapshot
+from tests.support.store import (MiB, Harness, patch, payload, read_superblock,
+                                 remove_snapshot)
 
 SIZES = [300, 0, 5000, 1, 700, 2048, 100, 4000, 64, 900, 6000]
 ZERO_FID = 7  # its body is all zeros: its checksum does not vouch for its size either
@@ -52,18 +53,15 @@ def span(where, fid: int) -> tuple[int, int]:
     return off, off + RECORD_HEADER_SIZE + size
 
 
-def flip(path: str, at: int, mask: int = 0xFF) -> None:
-    with open(path, "r+b") as f:
+def flip(path: str, at: int) -> None:
+    """Invert the byte at offset at."""
+    with open(path, "rb") as f:
         f.seek(at)
-        b = f.read(1)[0]
-        f.seek(at)
-        f.write(bytes([b ^ mask]))
+        patch(path, at, bytes([f.read(1)[0] ^ 0xFF]))
 
 
 def zero(path: str, start: int, end: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(start)
-        f.write(bytes(end - start))
+    patch(path, start, bytes(end - start))
 
 
 def run_case(tmp_path, pristine, hurt: list[tuple[int, int]], how: str, snapshot: bool) -> dict:
