@@ -280,10 +280,10 @@ def live_ends(h: Harness) -> dict[int, int]:
     ends: dict[int, int] = {}
     for fid, cid, _off in h.index.items():
         try:
-            _cid, data_at, size = h.reader.locate(fid)
+            rec = h.reader.fetch(fid, 0)
         except (ReadFailed, NotFound):  # damaged since the snapshot: never served
             continue
-        ends[cid] = max(ends.get(cid, 0), data_at + size)
+        ends[cid] = max(ends.get(cid, 0), rec.offset + RECORD_HEADER_SIZE + rec.size)
     return ends
 
 
