@@ -241,3 +241,34 @@ def test_all_zero_file_with_a_smaller_size_is_not_served_short(tmp_path, snapsho
                 f.write((4096).to_bytes(4, "big"))
     finally:
         h.shut()
+
+
+def test_garbage_bytes_agree_on_every_start_path(tmp_path, pristine):
+    """garbage_bytes after a snapshot + journal start and an incremental start (records
+    appended and deleted since) is what a full scan counts."""
+    src, where = pristine
+    shutil.copytree(src, tmp_path / "d")
+    h = Harness(tmp_path / "d", chunks=1, chunk_size=MiB)
+    try:
+        h.open()
+        assert h.store.chunks[1].garbage_bytes == 0
+        assert h.store.delete(3) and h.store.delete(9)
+        want = 2 * RECORD_HEADER_SIZE + SIZES[2] + SIZES[8]
+        h.crash()  # the deletes are in the journal only
+        h.open()
+        assert h.store.open_mode == "snapshot"
+        assert h.store.chunks[1].garbage_bytes == want
+        h.shut()  # a clean stop: a new snapshot
+        h.open()
+        h.put(NEW_FID, b"x" * 123)
+        h.put(NEW_FID + 1, b"y" * 45)
+        assert h.store.delete(NEW_FID)
+        want += RECORD_HEADER_SIZE + 123
+        h.crash()
+        h.open()
+        assert h.store.open_mode == "incremental"
+        assert h.store.chunks[1].garbage_bytes == want
+        h.reopen(snapshot=False)
+        assert h.store.open_mode == "scan" and h.store.chunks[1].garbage_bytes == want
+    finally:
+        h.shut()

@@ -1,10 +1,12 @@
 """Start-up recovery of a ChunkStore: fill the fid index from the snapshot or by a scan.
 
 Rules (CHUNKFILE.md): every live record up to current_offset is indexed, a deleted one
-(ref 0) is not; the first record whose header or checksum is wrong, or that runs past
-current_offset, ends the scan of its chunk (current_offset is cut back there, the
-superblock rewritten, the log says what was cut). A damaged superblock is rebuilt by
-scanning from offset 55 while the records are valid. Of two live records with one fid
+(ref 0) is not; at a record whose header or checksum is wrong, or that runs past
+current_offset, the scan resynchronizes at the next whole valid record (scan.py): the
+damaged range is logged, counted in the chunk's garbage_bytes and left alone; only a
+torn tail (no valid record after it) is cut (current_offset goes back there, the
+superblock is rewritten, the log says what was cut). A damaged superblock is rebuilt by
+scanning from offset 55 up to the first all-zero header. Of two live records with one fid
 the later one (timestamp, then position) wins; the other stays on disk, remembered as a
 "shadow" so that deleting the fid marks both.
 
@@ -16,7 +18,9 @@ entry's record still carrying its fid (ref set to 0 again where a crash came fir
 a later scan agrees), records appended since valid up to current_offset and as many as
 files_alloc says, and files_count what the snapshot, the journal and the appended records
 make it (higher only by the records of the last journal append, a delete the crash cut
-short: fixed then). Anything else means the full scan.
+short: fixed then). Anything else (damage among the appended records too) means the
+full scan. garbage_bytes comes from the snapshot's stamps plus the journaled deletes and
+the deleted records appended since.
 """
 from __future__ import annotations
 
