@@ -10,8 +10,10 @@ import zlib
 from dataclasses import dataclass
 
 from speedy.chunkserver import diskio
-from speedy.format.chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE, REF_DELETED, REF_LIVE,
-                        chunk_name, parse_chunk_name)
+from speedy.format.chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE,
+                                     REF_DELETED, SUPERBLOCK_SIZE, FormatError, Superblock,
+                                     chunk_name, header_problem, length_ambiguous,
+                                     parse_chunk_name)
 from speedy.wire.protocol import Err
 
 log = logging.getLogger("speedy.chunkserver.reader")
@@ -23,6 +25,8 @@ FIRST_READ_MIN = 4096 - 30  # the first pread of a record: header + at least thi
 RETIRE_SECONDS = 60.0  # a replaced chunk file's descriptor stays open this long (big reads)
 LOCATE_TRIES = 50  # a compaction swapping the chunk file under a read: look again
 OLD_PREFIX = ".speedy/tmp.old."  # a compacted chunk's old file while its entries move
+NEXT_CHECK_MAX = 64 << 10  # the record after a length-ambiguous one: its data is verified too
+# when it is at most this big (else its header only)
 
 
 @dataclass
@@ -63,6 +67,7 @@ class ChunkReader:
         self._retired: list[tuple[float, int]] = []
         self._fd_gens: dict[int, int] = {}
         self._hints = (0, 0)  # sizes of the last two records read: the smaller is the guess
+        self._ends: dict[int, int] = {}  # fd -> current_offset its superblock last said
 
     def _fd(self, chunk_id: int) -> int:
         """The read-only descriptor of a chunk's current file, opened on first use."""
@@ -126,26 +131,69 @@ class ChunkReader:
         for g in [g for g in files if g not in keep]:
             self._retired.append((now, files.pop(g)))
         while self._retired and now - self._retired[0][0] > RETIRE_SECONDS:
-            os.close(self._retired.pop(0)[1])
+            old = self._retired.pop(0)[1]
+            self._ends.pop(old, None)  # the number may name another file next
+            os.close(old)
         files[gen] = fd
         return fd
 
-    @staticmethod
-    def _verify_header(fid: int, chunk_id: int, offset: int,
-                       raw: bytes | bytearray) -> tuple[int, int, int, int]:
-        """(chunk_id, offset, size, checksum) from a record header, which must be fid's, live
-        and within bounds (NotFound for a deleted record, else ReadFailed)."""
-        hfid, ref, size, csum, _ts = RECORD_HEADER.unpack_from(raw)
+    def _verify_header(self, fid: int, chunk_id: int, offset: int,
+                       raw: bytes | bytearray, fd: int = -1) -> tuple[int, int, int, int]:
+        """(chunk_id, offset, size, checksum) of fid's live record from its header: what the
+        start-up scan checks (CHUNKFILE.md) holds, the record ends by current_offset, and a
+        record whose checksum does not vouch for its size is followed by a record or
+        current_offset. NotFound for a deleted record, else ReadFailed."""
+        hfid, ref, size, csum, ts = RECORD_HEADER.unpack_from(raw)
+        where = f"chunk {chunk_id} offset {offset}"
         if hfid != fid:
-            raise ReadFailed(f"fid {fid}: the record at chunk {chunk_id} offset {offset} "
-                             f"holds fid {hfid}")
+            raise ReadFailed(f"fid {fid}: the record at {where} holds fid {hfid}")
         if ref == REF_DELETED:
             raise NotFound(f"fid {fid} deleted")
-        if ref != REF_LIVE:
-            raise ReadFailed(f"fid {fid}: bad ref {ref} at chunk {chunk_id} offset {offset}")
-        if offset + RECORD_HEADER_SIZE + size > MAX_CHUNK_SIZE:
-            raise ReadFailed(f"fid {fid}: size {size} runs past the largest chunk")
+        end = offset + RECORD_HEADER_SIZE + size
+        fd = self._fd(chunk_id) if fd < 0 else fd  # the file the record was read from
+        current = self._current_offset(fd, end)
+        room = (MAX_CHUNK_SIZE if current is None else current) - offset - RECORD_HEADER_SIZE
+        problem = header_problem(hfid, ref, size, csum, ts, room)
+        if problem:
+            raise ReadFailed(f"fid {fid}: damaged header at {where}: {problem}"
+                             + ("" if current is None else f" (current_offset {current})"))
+        if length_ambiguous(csum) and end != current:
+            self._check_follows(fid, chunk_id, end, current, fd)
         return chunk_id, offset, size, csum
+
+    def _current_offset(self, fd: int, want: int) -> int | None:
+        """The chunk's current_offset, read again from its superblock when want lies past the
+        one known (a record written since); None when the superblock does not verify."""
+        known = self._ends.get(fd, 0)
+        if want <= known:
+            return known
+        for _ in range(2):  # a read racing the writer's rewrite may see it torn: once more
+            try:  # metadata, past the diskio seam: not one of the record reads it counts
+                current = Superblock.decode(os.pread(fd, SUPERBLOCK_SIZE, 0)).current_offset
+            except (OSError, FormatError):
+                continue
+            self._ends[fd] = current
+            return current
+        return None
+
+    def _check_follows(self, fid: int, chunk_id: int, end: int, current: int | None,
+                       fd: int) -> None:
+        """ReadFailed unless a sound record starts at end (fid's record, whose checksum
+        does not vouch for its size, claims to end there): a zeroed or damaged size field
+        must not pass for an empty or shorter file."""
+        raw = self.read_at(chunk_id, end, RECORD_HEADER_SIZE, fd)
+        nfid, nref, nsize, ncsum, nts = RECORD_HEADER.unpack_from(raw)
+        limit = MAX_CHUNK_SIZE if current is None else current
+        problem = header_problem(nfid, nref, nsize, ncsum, nts,
+                                 limit - end - RECORD_HEADER_SIZE)
+        if not problem and nsize <= NEXT_CHECK_MAX:
+            data = self.read_at(chunk_id, end + RECORD_HEADER_SIZE, nsize, fd)
+            if zlib.adler32(data, 0) != ncsum:
+                problem = "its checksum does not match"
+        if problem:
+            raise ReadFailed(f"fid {fid}: its size cannot be trusted (its checksum holds for "
+                             f"any number of zeros): no record follows it at chunk {chunk_id} "
+                             f"offset {end} ({problem})")
 
     def read(self, fid: int) -> bytes:
         """fid's data: stored fid, ref 1, size bounds and adler32 verified."""
@@ -163,7 +211,7 @@ class ChunkReader:
         first = min(max(min(self._hints), FIRST_READ_MIN), limit)
         buf = bytearray(RECORD_HEADER_SIZE + first)
         got = self._read_into(chunk_id, offset, memoryview(buf), fd)
-        _, _, size, csum = self._verify_header(fid, chunk_id, offset, buf)
+        _, _, size, csum = self._verify_header(fid, chunk_id, offset, buf, fd)
         self._hints = (self._hints[1], size)
         if size > limit:
             return Record(chunk_id, offset, size, csum, None, fd)
@@ -260,3 +308,4 @@ class ChunkReader:
         self._fds.clear()
         self._files.clear()
         self._retired.clear()
+        self._ends.clear()

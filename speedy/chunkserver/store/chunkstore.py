@@ -235,7 +235,8 @@ class ChunkStore:
         return self._live_size(fid, cid, off) >= 0
 
     def _live_size(self, fid: int, cid: int, off: int) -> int:
-        """The data size of fid's live record at (cid, off); -1 if the header is not that."""
+        """The data size of fid's live record at (cid, off); -1 when the header there is not
+        fid's or not live."""
         try:
             raw = os.pread(self.chunks[cid].fd, RECORD_HEADER_SIZE, off)
             hfid, ref, size = RECORD_HEADER.unpack(raw)[:3]
@@ -357,7 +358,7 @@ class ChunkStore:
         found: list[bool] = []
         groups: list[tuple[int, list[tuple[int, int]]]] = []
         doomed: set[int] = set()
-        sizes: list[int] = []
+        sizes: dict[tuple[int, int], int] = {}  # data size of each record to mark deleted
         for fid in fids:
             loc = None if fid in doomed else self.lookup(fid)
             size = -1 if loc is None else self._live_size(fid, *loc)
@@ -369,9 +370,14 @@ class ChunkStore:
             found.append(loc is not None)
             if loc is not None:
                 doomed.add(fid)
-                sizes.append(size)
-                groups.append((fid, [loc] + [l for l in self.shadows.pop(fid, [])
-                                             if self._live_header(fid, *l)]))
+                locs = [loc]
+                sizes[loc] = size
+                for shadow in self.shadows.pop(fid, []):
+                    size = self._live_size(fid, *shadow)
+                    if size >= 0:
+                        locs.append(shadow)
+                        sizes[shadow] = size
+                groups.append((fid, locs))
         if not groups:
             return found
         touched: dict[int, Chunk] = {}
@@ -379,16 +385,16 @@ class ChunkStore:
             if self._snapshot_on_disk and not (self.journal is not None and
                                                self.journal.try_append(groups, self.sync)):
                 self._drop_snapshot()  # no journal: the snapshot could not follow
-            for (fid, locs), size in zip(groups, sizes):
+            for fid, locs in groups:
                 for i, (cid, off) in enumerate(locs):
                     ch = self.chunks[cid]
                     datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
-                    if i == 0:  # a shadow was garbage already
+                    if i == 0:
                         self.index.remove(fid)
-                        ch.garbage_bytes += RECORD_HEADER_SIZE + size if size else 0
-                        if self.compaction is not None:
-                            self.compaction.note_delete(cid, off, size)
+                    if self.compaction is not None:
+                        self.compaction.note_delete(cid, off, sizes[(cid, off)])
                     ch.sb.files_count -= 1
+                    ch.add_dead_record(sizes[(cid, off)])
                     touched[cid] = ch
             for ch in touched.values():
                 ch.sb_raw = ch.sb.encode()

@@ -8,7 +8,7 @@
     stamps  n_chunks x (chunk_id u64 | capacity u64 | superblock[55] |
                         st_dev u64 | st_ino u64 | st_size u64 | st_mtime_ns u64 |
                         tail_crc32 u32 of the 4 KiB before current_offset |
-                        garbage_bytes u64)
+                        garbage u64: bytes of deleted records and skipped damage)
     shadows n_shadows x (fid u64 | chunk_id u32 | offset u32)   older live duplicates
     meta_crc32 u32 (of head, stamps and shadows)
     table   capacity x 16 bytes, the FidIndex slots in native byte order
@@ -31,7 +31,7 @@ from speedy.format.chunkfile import REF, REF_LIVE, REF_OFFSET, SUPERBLOCK_SIZE
 from speedy.chunkserver.shm.index import SLOT_BYTES, FidIndex
 
 MAGIC = b"SPYSNAP1"
-VERSION = 2  # 2: garbage_bytes per stamp
+VERSION = 2  # 2: the garbage count per chunk
 HEAD = struct.Struct(">8sIBHIQQQII")
 STAMP = struct.Struct(f">QQ{SUPERBLOCK_SIZE}sQQQQIQ")
 TAIL = 4096
@@ -62,7 +62,8 @@ class ChunkStamp:
     @classmethod
     def of(cls, chunk_id: int, capacity: int, superblock: bytes, fd: int,
            current_offset: int, garbage: int = 0) -> "ChunkStamp":
-        """The stamp of an open chunk file: its superblock bytes, fstat, tail checksum."""
+        """The stamp of an open chunk file: its superblock bytes, fstat, tail checksum,
+        garbage count."""
         st = os.fstat(fd)
         return cls(chunk_id, capacity, superblock, st.st_dev, st.st_ino, st.st_size,
                    st.st_mtime_ns, tail_crc(fd, current_offset), garbage)
