@@ -6,11 +6,13 @@ The messages it exchanges with the workers and the supervisor are in
 A WRITE carries the pool block numbers of a body the worker already received and
 checksummed, never the body. The writer first claims the blocks (owner worker ->
 WRITER_OWNER; a message of a worker that died meanwhile finds them gone and is dropped),
-stages the record straight from the blocks, frees them, and after one commit for the
-whole batch (superblocks, one fsync per touched chunk with --sync=1, index inserts)
-answers every write of the batch. The DELETEs of a round that no WRITE separates are one
-group too (one delete-journal append, one fsync per touched file). Nothing is
-acknowledged before the fsync covering it.
+stages the record straight from the blocks and, once per round, starts one commit per
+touched chunk (records, superblock, one fsync with --sync=1, index inserts); when a
+chunk's commit is done it frees the blocks and answers its writes. Commits of large
+records run in I/O threads, one chunk each, in parallel; those of small records only in
+the loop (see ChunkStore._pick for which chunk). The DELETEs of a round that no WRITE
+separates are one group too (after every commit under way; one delete-journal append,
+one fsync per touched file). Nothing is acknowledged before the fsync covering it.
 """
 from __future__ import annotations
 

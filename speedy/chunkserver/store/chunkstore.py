@@ -11,7 +11,10 @@ Only the writer process uses it. Layout of a data dir::
 Writes are staged (the record's buffers queued past the committed end) and made durable
 and visible by commit(): one pwritev per touched chunk for all its staged records,
 superblocks rewritten, one fsync per touched chunk when sync, then
-the fids go into the shared index. Chunk choice: first fit, the lowest chunk id with room.
+the fids go into the shared index; or, in the writer, one ChunkCommit per chunk
+(begin_commit / write_commit in any thread / end_commit), chunks committed in parallel.
+Chunk choice (_pick): small records share the lowest chunk holding no large one, large
+records take chunks of their own.
 A delete appends its records' places to the delete journal (fsynced with sync) before it
 sets their ref bytes to 0, so the snapshot stays usable; a snapshot save empties it.
 """
@@ -416,8 +419,8 @@ class ChunkStore:
 
     def end_commit(self, c: ChunkCommit) -> list[int]:
         """Make a written commit visible (superblock, index); its fids. After a failed one
-        (WriteFailed) the store is read-only and the chunk's later staged records are
-        dropped (their commit must fail too: staged_fids() tells which)."""
+        (WriteFailed) the store is read-only and the chunk's records staged since are
+        dropped too (the writer fails their writes with it)."""
         ch = c.chunk
         self.busy.discard(ch.chunk_id)
         self.large_writing.pop(ch.chunk_id, None)
@@ -427,13 +430,7 @@ class ChunkStore:
             self.read_only = True
             dropped = self._drop_staged(ch)
             ch.tail = ch.sb.current_offset
-            try:  # the old superblock back, in case the new one reached the file
-                datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
-                if self.sync:
-                    diskio.fsync(ch.fd)
-            except OSError as e:
-                log.error("%s: cannot restore the superblock after a failed commit: %s",
-                          ch.name, e.strerror)
+            self._restore_superblock(ch)  # in case the new one reached the file
             log.error("%s: commit of %d writes failed: %s; read-only now (%d staged dropped)",
                       ch.name, len(c.fids), c.error, len(dropped))
             raise WriteFailed(f"commit failed: {c.error.strerror}")
@@ -466,13 +463,17 @@ class ChunkStore:
             ch.pending = []
         self._write_failed = False
         for ch in written:
-            try:
-                datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
-                if self.sync:
-                    diskio.fsync(ch.fd)
-            except OSError as e:
-                log.error("%s: cannot restore the superblock after a failed commit: %s",
-                          ch.name, e.strerror)
+            self._restore_superblock(ch)
+
+    def _restore_superblock(self, ch: Chunk) -> None:
+        """Write the committed superblock back (fsynced with sync) after a failed commit."""
+        try:
+            datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
+            if self.sync:
+                diskio.fsync(ch.fd)
+        except OSError as e:
+            log.error("%s: cannot restore the superblock after a failed commit: %s",
+                      ch.name, e.strerror)
 
     @staticmethod
     def _write_pending(ch: Chunk) -> None:
