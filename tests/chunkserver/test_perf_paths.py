@@ -120,7 +120,7 @@ def test_a_flipped_byte_is_never_served(h, where):
     h.store.commit()
     loc = h.ireader.get(2)
     at = loc[1] + RECORD_HEADER_SIZE + (100 if where == "first read" else 150000)
-    path = os.path.join(h.data_dir, "chunk_1_1.chunk")
+    path = os.path.join(h.data_dir, h.store.chunk_file(loc[0]))  # a chunk of its own
     with open(path, "r+b") as f:
         f.seek(at)
         byte = f.read(1)

@@ -44,6 +44,7 @@ JOURNAL_FILE = "deletes.log"
 SNAPSHOT_INTERVAL = 300.0  # seconds between automatic snapshot saves while files change
 JOURNAL_LIMIT = 65536  # journaled deletes that make the next change save the snapshot
 FLUSH_BYTES = 256 << 10  # staged bytes of one chunk written at once, before the commit
+LARGE_BYTES = 64 << 10  # a record this large takes a chunk of its own (ChunkStore._pick)
 
 
 class StoreError(Exception):
@@ -247,7 +248,7 @@ class ChunkStore:
 
     def is_large(self, size: int) -> bool:
         """Whether a record of size is large: its own chunk, written in parallel."""
-        return size >= (self.flush_bytes or FLUSH_BYTES)
+        return size >= LARGE_BYTES
 
     def holds_large(self, cid: int) -> bool:
         """Whether chunk cid has a large record staged or being committed."""
