@@ -394,7 +394,8 @@ class ChunkStore:
         for fid, _ in fids:
             del self.staged[fid]
             self.writing.add(fid)
-        self.index.reserve(len(self.index) + len(fids) + len(self.staged))  # none after fsync
+        # room for every commit under way: no index growth after an fsync
+        self.index.reserve(len(self.index) + len(self.writing) + len(self.staged))
         c = ChunkCommit(ch, ch.pending, ch.pending_at, ch.staged_superblock(), fids, self.sync,
                         self.large_staged.pop(ch.chunk_id, 0))
         self.large_writing[ch.chunk_id] = c.large
