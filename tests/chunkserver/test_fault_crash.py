@@ -152,3 +152,11 @@ def test_kill9_fifty_trials(tmp_path):
     print("kill -9 trials:", totals)
     assert totals["trials"] == 50 and totals["acked"] > 1000
     assert totals["lost"] == 0 and totals["corrupt"] == 0, totals
+
+
+@pytest.mark.slow
+def test_kill9_thirty_trials_of_parallel_chunk_commits(tmp_path):
+    totals = run_trials(tmp_path, trials=30, seed=4, sizes_of=MIXED_SIZES, conns=6)
+    print("kill -9 trials, parallel chunk commits:", totals)
+    assert totals["trials"] == 30 and totals["acked"] > 300
+    assert totals["lost"] == 0 and totals["corrupt"] == 0, totals
