@@ -162,12 +162,17 @@ def run(conns: int, sources: int, checks: int, flags: list[str]) -> None:
             t_open = time.monotonic() - t0
             time.sleep(1.0)
             lat, failures = health_checks(port, checks)
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                t1 = time.perf_counter()
-                w = call(s, Op.WRITE, encode_file_key(1, 1) + b"x" * 4096)[0]
-                r = call(s, Op.READ, encode_file_key(1, 1))[0]
+            t1 = time.perf_counter()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    w = Err(call(s, Op.WRITE, encode_file_key(1, 1) + b"x" * 4096)[0]).name
+                    r = Err(call(s, Op.READ, encode_file_key(1, 1))[0]).name
+                    wr_ms = (time.perf_counter() - t1) * 1000
+                    held = decode_detail_info(call(s, Op.QUERY_DETAIL_INFOS)[1]).conn_count
+            except (OSError, EOFError) as e:
+                w = r = f"failed ({e})"
                 wr_ms = (time.perf_counter() - t1) * 1000
-                held = decode_detail_info(call(s, Op.QUERY_DETAIL_INFOS)[1]).conn_count
+                held = -1
             rss1 = [rss_kib(w) for w in workers]
             done.set()
             closed = sum(ready.get() for _ in procs)
@@ -180,7 +185,7 @@ def run(conns: int, sources: int, checks: int, flags: list[str]) -> None:
             print(f"  health check (connect + PING) x{len(lat) + failures}: p50 "
                   f"{pct(lat, 0.5):.1f} ms, p99 {pct(lat, 0.99):.1f} ms, max "
                   f"{max(lat) * 1000 if lat else float('nan'):.1f} ms, {failures} failed")
-            print(f"  WRITE + READ of 4 KiB on a new connection: {Err(w).name}, {Err(r).name}, "
+            print(f"  WRITE + READ of 4 KiB on a new connection: {w}, {r}, "
                   f"{wr_ms:.1f} ms")
             print(f"  worker RSS: {' + '.join(f'{a // 1024}' for a in rss0)} MiB before, "
                   f"{' + '.join(f'{b // 1024}' for b in rss1)} MiB with the flood")
