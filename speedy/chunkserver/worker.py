@@ -2,11 +2,12 @@
 
 gevent is imported and monkey-patched only in run_worker(), after the fork. The worker
 gets its link to the writer and the fid index's name over its control socket from the
-supervisor, at start and again whenever a new writer replaced a dead one (link.py). Each
-connection is one greenlet (bounded by a gevent Pool): requests are read and answered in
-order, so pipelined requests are answered in order. Upload bodies go straight from the
-socket into shared pool blocks (recv_into), checksummed on the way, and the writer gets
-the block numbers. Reads use the shared fid index and the worker's own read-only
+supervisor, at start and again whenever a new writer replaced a dead one (link.py). A
+connection is served by one greenlet at a time: requests are read and answered in order,
+so pipelined requests are answered in order; an idle connection is parked without one
+and counted against the connection limits (conns.py). Upload bodies go into shared pool blocks
+claimed as they arrive (upload.py), checksummed on the way, and the writer gets the
+block numbers. Reads use the shared fid index and the worker's own read-only
 descriptors. Admin opcodes (SET_STATUS, KILL_PD_WR, DUMP_CHUNK) are answered only to
 peers in --admin_allow; others get INTERNAL_ERROR.
 """
