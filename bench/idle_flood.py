@@ -26,32 +26,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from speedy.wire.protocol import (REQUEST_HEADER, RESPONSE_HEADER, Err, Op,  # noqa: E402
-                                  decode_detail_info, encode_file_key)
+from bench.scale import call  # noqa: E402  (one request, its error and body)
+from speedy.wire.protocol import Err, Op, decode_detail_info, encode_file_key  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def call(sock: socket.socket, op: int, body: bytes = b"") -> tuple[int, bytes]:
-    """One request, its (error, body)."""
-    sock.sendall(REQUEST_HEADER.pack(op, len(body)) + body)
-    head = recv_exact(sock, RESPONSE_HEADER.size)
-    _op, err, n = RESPONSE_HEADER.unpack(head)
-    return err, recv_exact(sock, n)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        got = sock.recv(n - len(out))
-        if not got:
-            raise EOFError("closed")
-        out += got
-    return out
 
 
 def flood(port: int, source: str, n: int, ready, done) -> None:
