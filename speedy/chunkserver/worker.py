@@ -387,12 +387,10 @@ class Worker:
             if result is None:
                 return Err.IO_JOB_UNAVAILABLE  # no writer: nothing was sent, nothing stored
             uploads.handed_over(up)
-            err = result.get()
-            uploads.answered(up)
-            return err
+            return result.get()
         finally:
             ws.add("writing", -1)
-            uploads.free(up)
+            uploads.done(up)
 
     def handle_read(self, conn: Conn, blen: int, peer: str) -> int:
         """READ: look the fid up, read and verify, send."""
