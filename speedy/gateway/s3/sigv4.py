@@ -8,7 +8,7 @@
     string to sign    = AWS4-HMAC-SHA256 \\n <amz date> \\n <scope> \\n hex(sha256(canonical))
     signing key       = HMAC(HMAC(HMAC(HMAC("AWS4" + secret, date), region), "s3"), "aws4_request")
 
-Pure functions: the caller passes the request's method, raw path, raw query string and
+Pure functions: the caller passes the request's method, decoded path, raw query string and
 headers (lower-case names) and a lookup of secret keys; nothing here does I/O.
 """
 from __future__ import annotations
@@ -100,9 +100,9 @@ def sign(key: bytes, string_to_sign: str) -> str:
     return hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
 
 
-def canonical_uri(raw_path: str) -> str:
-    """The path as S3 signs it: each byte outside A-Za-z0-9-._~/ percent-encoded, once."""
-    return quote(unquote(raw_path), safe="/~")
+def canonical_uri(path: str) -> str:
+    """The (decoded) path as S3 signs it: each byte outside A-Za-z0-9-._~/ percent-encoded."""
+    return quote(path, safe="/~")
 
 
 def canonical_query(raw_query: str, drop: str = "") -> list[str]:
@@ -163,16 +163,16 @@ def parse_authorization(value: str) -> tuple[Scope, list[str], str]:
     return Scope.parse(fields["Credential"]), fields["SignedHeaders"].split(";"), fields["Signature"]
 
 
-def _check(method: str, raw_path: str, queries: list[str], headers: Mapping[str, str],
+def _check(method: str, path: str, queries: list[str], headers: Mapping[str, str],
            signed: list[str], payload_hash: str, amz_date: str, scope: Scope, key: bytes,
            signature: str) -> None:
     """Raise SignatureDoesNotMatch unless one canonical form gives the signature."""
     hdrs = canonical_headers(headers, signed)
-    for uri in dict.fromkeys((canonical_uri(raw_path), raw_path)):
-        for query in queries:
-            cr = "\n".join([method, uri, query, hdrs, ";".join(signed), payload_hash])
-            if hmac.compare_digest(sign(key, string_to_sign(amz_date, scope, cr)), signature):
-                return
+    uri = canonical_uri(path)
+    for query in queries:
+        cr = "\n".join([method, uri, query, hdrs, ";".join(signed), payload_hash])
+        if hmac.compare_digest(sign(key, string_to_sign(amz_date, scope, cr)), signature):
+            return
     raise AuthError("SignatureDoesNotMatch",
                     "The request signature we calculated does not match the signature you provided. "
                     "Check your key and signing method.")
@@ -186,7 +186,7 @@ def _secret(secrets: Callable[[str], str | None], scope: Scope) -> bytes:
     return signing_key(secret, scope)
 
 
-def verify_header(method: str, raw_path: str, raw_query: str, headers: Mapping[str, str],
+def verify_header(method: str, path: str, raw_query: str, headers: Mapping[str, str],
                   secrets: Callable[[str], str | None], now: float | None = None) -> Verified:
     """Check an Authorization-header signature; headers have lower-case names."""
     scope, signed, signature = parse_authorization(headers["authorization"])
@@ -209,12 +209,12 @@ def verify_header(method: str, raw_path: str, raw_query: str, headers: Mapping[s
         raise AuthError("InvalidArgument", "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, "
                         "STREAMING-* or a lower-case hex SHA-256", 400)
     key = _secret(secrets, scope)
-    _check(method, raw_path, canonical_query(raw_query), headers, signed, payload_hash,
+    _check(method, path, canonical_query(raw_query), headers, signed, payload_hash,
            amz_date, scope, key, signature)
     return Verified(scope.access_key, payload_hash, amz_date, scope, signature, key)
 
 
-def verify_presigned(method: str, raw_path: str, raw_query: str, query: Mapping[str, str],
+def verify_presigned(method: str, path: str, raw_query: str, query: Mapping[str, str],
                      headers: Mapping[str, str], secrets: Callable[[str], str | None],
                      now: float | None = None) -> Verified:
     """Check a presigned URL (X-Amz-Algorithm, -Credential, -Date, -Expires, -Signature)."""
@@ -246,7 +246,7 @@ def verify_presigned(method: str, raw_path: str, raw_query: str, query: Mapping[
     payload_hash = headers.get("x-amz-content-sha256", UNSIGNED_PAYLOAD) \
         if "x-amz-content-sha256" in signed else UNSIGNED_PAYLOAD
     key = _secret(secrets, scope)
-    _check(method, raw_path, canonical_query(raw_query, drop="X-Amz-Signature"), headers,
+    _check(method, path, canonical_query(raw_query, drop="X-Amz-Signature"), headers,
            signed, payload_hash, amz_date, scope, key, query["X-Amz-Signature"])
     return Verified(scope.access_key, payload_hash, amz_date, scope, query["X-Amz-Signature"], key)
 
