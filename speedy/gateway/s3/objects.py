@@ -338,3 +338,42 @@ class S3Objects:
         with self.meta.txn() as c:
             return [r[0] for r in c.all("SELECT upload_id FROM s3_upload WHERE created < ? "
                                         "ORDER BY created LIMIT ?", (older_than, limit))]
+
+
+SCHEMA = """
+CREATE TABLE s3_bucket (
+    name        {path}   PRIMARY KEY,
+    created     {real}   NOT NULL,
+    public_read SMALLINT NOT NULL DEFAULT 0 CHECK (public_read IN (0, 1))
+);
+CREATE TABLE s3_object (
+    bucket       {path}   NOT NULL,
+    key          {path}   NOT NULL,
+    size         {bigint} NOT NULL CHECK (size >= 0),
+    etag         TEXT     NOT NULL,
+    content_type TEXT     NOT NULL,
+    meta         TEXT     NOT NULL DEFAULT '{{}}',
+    mtime        {real}   NOT NULL,
+    blobs        TEXT     NOT NULL DEFAULT '[]',
+    PRIMARY KEY (bucket, key)
+);
+CREATE TABLE s3_upload (
+    upload_id    TEXT     PRIMARY KEY,
+    bucket       {path}   NOT NULL,
+    key          {path}   NOT NULL,
+    content_type TEXT     NOT NULL,
+    meta         TEXT     NOT NULL DEFAULT '{{}}',
+    created      {real}   NOT NULL
+);
+CREATE INDEX s3_upload_key ON s3_upload (bucket, key, upload_id);
+CREATE INDEX s3_upload_created ON s3_upload (created);
+CREATE TABLE s3_part (
+    upload_id    TEXT     NOT NULL,
+    number       INTEGER  NOT NULL CHECK (number BETWEEN 1 AND 10000),
+    size         {bigint} NOT NULL CHECK (size >= 0),
+    etag         TEXT     NOT NULL,
+    blob         TEXT     NOT NULL,
+    mtime        {real}   NOT NULL,
+    PRIMARY KEY (upload_id, number)
+)
+"""
