@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 from speedy.client import Client, ClusterError, IntegrityError, MasterError, NotFoundError
-from speedy.client import KeyFormatError, SpeedyError, UploadError
+from speedy.client import KeyFormatError, SpeedyError
 from speedy.gateway import blobs
 from speedy.gateway.http import HTTPError, Request, Response, status_line
+from speedy.gateway.records import RecordStore
 from speedy.gateway.stats import GatewayStats
 
 log = logging.getLogger("speedy.gateway")
@@ -57,9 +59,12 @@ class GatewayApp:
 
     def __init__(self, client: Client, meta: Any = None, *, signing_key: str | None = None,
                  max_body: int = DEFAULT_MAX_BODY, stats: GatewayStats | None = None,
-                 metrics: Callable[[], bytes] | None = None):
+                 metrics: Callable[[], bytes] | None = None,
+                 records: RecordStore | None = None):
         self.client = client
         self.meta = meta
+        self.records = records
+        self.io = ThreadPoolExecutor(32, thread_name_prefix="gateway-io")
         self.signing_key = signing_key or None
         self.max_body = max_body
         self.stats = stats or GatewayStats()
@@ -95,15 +100,16 @@ class GatewayApp:
     def error_response(self, e: Exception) -> Response:
         """The answer for an exception a handler let out."""
         if isinstance(e, NotFoundError):
-            return Response.text(404, f"not found: {e}")
+            return Response.text(404, str(e))
         if isinstance(e, KeyFormatError):
             return Response.text(400, f"malformed key: {e}")
-        if isinstance(e, MasterError):
-            return Response.text(503, f"master unavailable: {e}")
         if isinstance(e, IntegrityError):
             return Response.text(502, f"stored bytes failed their check: {e}")
-        if isinstance(e, (UploadError, ClusterError)):
-            return Response.text(503 if "no group" in str(e).lower() else 502, str(e))
+        if isinstance(e, ClusterError):
+            text = str(e)
+            unavailable = isinstance(e, MasterError) or text.startswith("master ") or \
+                "no writable group" in text or "route is empty" in text
+            return Response.text(503 if unavailable else 502, text)
         if isinstance(e, SpeedyError):
             return Response.text(502, str(e))
         if isinstance(e, (OSError, TimeoutError)):
