@@ -9,6 +9,7 @@ other clients get a sniffed Content-Type and the key itself as their ETag.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from email.utils import formatdate, parsedate_to_datetime
 from typing import TYPE_CHECKING, Iterator
@@ -210,19 +211,21 @@ def http_date(value: str) -> int:
     return int(dt.timestamp())
 
 
+ETAG_ITEM_RE = re.compile(r'\s*(\*|(?:W/)?"[\x21\x23-\x7e\x80-\xff]*")\s*(,|$)')
+
+
 def etag_list(value: str) -> list[str]:
-    """The entity tags of an If-None-Match / If-Match value (weakness dropped)."""
-    tags = []
-    for raw in value.split(","):
-        tag = raw.strip()
-        if tag == "*":
-            tags.append(tag)
-            continue
-        if tag.startswith("W/"):
-            tag = tag[2:]
-        if len(tag) < 2 or tag[0] != '"' or tag[-1] != '"' or '"' in tag[1:-1]:
+    """The entity tags of an If-None-Match value (weakness dropped); 400 when malformed."""
+    tags, pos = [], 0
+    while pos < len(value):
+        m = ETAG_ITEM_RE.match(value, pos)
+        if not m or m.end() == pos:
             raise HTTPError(400, "malformed entity tag in If-None-Match")
-        tags.append(tag)
+        tag = m.group(1)
+        tags.append(tag[2:] if tag.startswith("W/") else tag)
+        pos = m.end()
+    if not tags:
+        raise HTTPError(400, "empty If-None-Match header")
     return tags
 
 
