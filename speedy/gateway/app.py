@@ -83,11 +83,12 @@ class GatewayApp:
             resp = e.response()
         except Exception as e:  # noqa: BLE001 (every error is an answer, never a traceback)
             resp = self.error_response(e)
+        route = req.route if req is not None and hasattr(req, "route") else \
+            route_of(environ.get("PATH_INFO", ""))
         if req is not None and req.method == "HEAD":
             resp = resp.without_body()
         if req is not None and resp.status >= 400 and req.has_body:
             req.drain()
-        route = getattr(req, "route", "other") if req is not None else "other"
         self.stats.observe(route, resp.status, time.monotonic() - t0)
         start_response(status_line(resp.status), resp.headers)
         body = resp.body
@@ -154,6 +155,17 @@ class GatewayApp:
         if path.startswith("/") and "," in path and len(path) < 64:
             raise HTTPError(404, f"malformed key {path[1:]!r} (expected like 3,10452)")
         raise HTTPError(404, f"no route for {method} {path[:100]}")
+
+
+def route_of(path: str) -> str:
+    """The metrics label of a request path."""
+    if path in ("/blobs", "/blobs/"):
+        return "upload"
+    if path == "/metrics":
+        return "metrics"
+    if path.startswith("/v1/"):
+        return "paths"
+    return "get" if KEY_RE.match(path) else "other"
 
 
 class _Body:

@@ -82,10 +82,10 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     def on_hup() -> None:
         reopen_logs()
 
+    server.start()
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(stop))
     gevent.signal_handler(signal.SIGHUP, on_hup)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
-    server.start()
     log.debug("worker %d serving", slot)
     done.wait()
     client.close()
