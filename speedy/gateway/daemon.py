@@ -70,7 +70,7 @@ class Supervisor:
         self.workers: dict[int, tuple[int, float]] = {}   # pid -> (slot, started)
         self.due: dict[int, float] = {}                   # slot -> respawn time
         self.queue: list[int] = []
-        self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.pipe = (-1, -1)   # the signal wake-up pipe, made after daemonizing
         self.stopping = False
         self.code = EXIT_OK
         self.metrics_server = None
@@ -115,6 +115,7 @@ class Supervisor:
                 log.warning("--daemonize=1 without --error_log: the log goes nowhere")
             daemonize(keep=[self.listener])
         write_pidfile(cfg.pidfile)
+        self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         for sig in WAKE_SIGNALS:
             signal.signal(sig, self.on_signal)
         for slot in range(cfg.workers):
@@ -146,6 +147,9 @@ class Supervisor:
 
     def wait(self, seconds: float) -> None:
         """Sleep until a signal or the time."""
+        if self.pipe[0] < 0:
+            time.sleep(seconds)
+            return
         try:
             if select.select([self.pipe[0]], [], [], seconds)[0]:
                 while os.read(self.pipe[0], 512):
