@@ -1,0 +1,1 @@
+"""The HTTP gateway: blobs by key, the original front end's path API, metadata database."""
