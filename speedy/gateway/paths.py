@@ -147,8 +147,11 @@ def parse_range(req: Request) -> tuple[int, int]:
 
 
 def cluster_failure(e: Exception, doing: str) -> HTTPError:
-    """The answer for a client library error: 503 without a master route, else 500."""
-    if isinstance(e, MasterError):
+    """The answer for a client library error: 503 without a master route, else 500.
+
+    The client library says "master HOST:PORT unreachable" (a ClusterError) when it has
+    never had a route; MasterError is an HTTP error from the master."""
+    if isinstance(e, MasterError) or str(e).startswith("master "):
         return fail(503, f"master unavailable: {e}")
     return fail(500, f"{doing}: {e}")
 
