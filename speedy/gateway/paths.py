@@ -321,11 +321,17 @@ def free_blobs(app: Any, blobs: list[Blob], queued: bool = True) -> None:
     for b in blobs:
         free_blob(app, b, queued)
     if blobs:
-        try:
-            for b in app.meta.garbage(GARBAGE_RETRY_AFTER, GARBAGE_SWEEP):
-                free_blob(app, b, True)
-        except MetaError as e:
-            log.warning("cannot sweep queued blobs: %s", e)
+        sweep_garbage(app, GARBAGE_SWEEP)
+
+
+def sweep_garbage(app: Any, limit: int = 100, older_than: float = GARBAGE_RETRY_AFTER) -> int:
+    """Retry freeing queued blobs (a daemon may call this periodically); how many are gone."""
+    try:
+        queued = app.meta.garbage(older_than, limit)
+    except MetaError as e:
+        log.warning("cannot read the garbage queue: %s", e)
+        return 0
+    return sum(free_blob(app, b, True) for b in queued)
 
 
 def free_blob(app: Any, blob: Blob, queued: bool) -> bool:

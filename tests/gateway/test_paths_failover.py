@@ -64,3 +64,27 @@ def test_no_master_is_503(tmp_path):
         assert http_call(addr, "POST", "/v1/_ping").status == 200
     client.close()
     meta.close()
+
+
+def test_bytes_of_a_delete_during_an_outage_are_freed_later(cluster, addr_app):
+    """DELETE with every replica down answers 204, queues the blob, and a sweep frees it."""
+    from speedy.gateway.paths import sweep_garbage
+    from speedy.wire.protocol import Err
+    addr, app = addr_app
+    assert put(addr, "/outage", b"bytes to free").status == 200
+    b = app.meta.get_fragment("/outage", 0).blob
+    servers = cluster.group(1)
+    for d in servers:
+        cluster.kill(d)
+    try:
+        a = http_call(addr, "DELETE", "/v1/file", {"Path": "/outage"})
+        assert a.status == 204
+        assert app.meta.garbage() == [b]
+    finally:
+        for d in servers:
+            cluster.restart(d)
+    assert all(cluster.read_direct(d, b.group_id, b.fid).ok for d in servers)
+    assert sweep_garbage(app, older_than=0) == 1
+    assert app.meta.garbage() == []
+    assert all(cluster.read_direct(d, b.group_id, b.fid).err == Err.FILE_NOT_FOUND
+               for d in servers)

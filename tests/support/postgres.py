@@ -44,7 +44,9 @@ class PostgresInstance:
     def __init__(self) -> None:
         self.bindir = find_bindir()
         self.port = free_port()
-        self.root = tempfile.mkdtemp(prefix="speedy-pg-")
+        # as root, in /tmp: the postgres user must reach it (a root-only TMPDIR would not do)
+        self.root = tempfile.mkdtemp(prefix="speedy-pg-",
+                                     dir="/tmp" if os.geteuid() == 0 else None)
         self.data = os.path.join(self.root, "data")
         self.log = os.path.join(self.root, "server.log")
         self.user: str | None = None
