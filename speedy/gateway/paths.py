@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 
 from speedy.client import ClusterError, MasterError, NotFoundError, SpeedyError
 from speedy.gateway.http import HTTPError, Request, Response
-from speedy.gateway.meta import MAX_PATH_BYTES, Blob, Fragment, MetaError
+from speedy.gateway.meta import MAX_PATH_BYTES, Fragment, Key, MetaError
+from speedy.wire.manifest import parse_key
 
 log = logging.getLogger("speedy.gateway.paths")
 
@@ -177,7 +178,9 @@ class FragmentBody:
         want = self.left if n is None or n < 0 else min(n, self.left)
         try:
             data = self.req.read(want)
-        except HTTPError:
+        except HTTPError as e:
+            if e.status != 400:      # 413 (over the gateway's body limit) stays
+                raise
             raise fail(400, BAD_LENGTH) from None
         if not data:
             raise fail(400, BAD_LENGTH)
@@ -195,12 +198,12 @@ def upload(app: Any, req: Request) -> Response:
     size = end - start
     if req.content_length is not None and req.content_length != size:
         raise fail(400, BAD_LENGTH)
-    blob: Blob | None = None
+    blob: Key | None = None
     if size == 0:
         FragmentBody(req, 0).read()
     else:
         try:
-            blob = Blob.from_key(app.client.put(FragmentBody(req, size), size=size))
+            blob = parse_key(app.client.put(FragmentBody(req, size), size=size))
         except SpeedyError as e:
             raise cluster_failure(e, "upload failed") from None
     try:
@@ -226,12 +229,12 @@ def download(app: Any, req: Request) -> Response:
         return Response.raw(200, b"", "", headers)
     try:
         if not f.blob.multipart:
-            data = app.client.get(f.blob.key)
+            data = app.client.get(f.blob)
             if len(data) != f.size:
-                raise fail(500, f"stored blob {f.blob.key} has {len(data)} bytes, "
+                raise fail(500, f"stored blob {f.blob} has {len(data)} bytes, "
                                 f"expected {f.size}")
             return Response.raw(200, data, "", headers)
-        pieces, stop = stream_blob(app.client, f.blob.key)
+        pieces, stop = stream_blob(app.client, str(f.blob))
     except SpeedyError as e:
         raise cluster_failure(e, "read failed") from None
     return Response.stream(200, pieces, f.size, headers, on_close=stop)
@@ -312,7 +315,7 @@ def handle(app: Any, req: Request) -> Response:
 # -- freeing blobs ----------------------------------------------------------------------
 
 
-def free_blobs(app: Any, blobs: list[Blob], queued: bool = True) -> None:
+def free_blobs(app: Any, blobs: list[Key], queued: bool = True) -> None:
     """Delete blobs no path refers to from every replica; failures stay queued for later.
 
     Also retries a few blobs whose earlier free failed. queued=False: the blob was never
@@ -334,10 +337,10 @@ def sweep_garbage(app: Any, limit: int = 100, older_than: float = GARBAGE_RETRY_
     return sum(free_blob(app, b, True) for b in queued)
 
 
-def free_blob(app: Any, blob: Blob, queued: bool) -> bool:
+def free_blob(app: Any, blob: Key, queued: bool) -> bool:
     """Delete one blob everywhere; True when it is gone (and dropped from the queue)."""
     try:
-        missed = app.client.delete(blob.key)
+        missed = app.client.delete(blob)
     except NotFoundError:
         missed = []
     except (SpeedyError, OSError) as e:
@@ -347,14 +350,14 @@ def free_blob(app: Any, blob: Blob, queued: bool) -> bool:
             if queued:
                 app.meta.forget_garbage(blob)
             return True
-        log.warning("blob %s not freed everywhere (%s): retried later", blob.key,
+        log.warning("blob %s not freed everywhere (%s): retried later", blob,
                     "; ".join(missed))
         if queued:
             app.meta.retry_garbage_later(blob)
         else:
             app.meta.queue_garbage(blob)
     except MetaError as e:
-        log.warning("blob %s: cannot update the garbage queue: %s", blob.key, e)
+        log.warning("blob %s: cannot update the garbage queue: %s", blob, e)
     return False
 
 

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from speedy.gateway.meta import Blob, Fragment, MetaError, open_meta
+from speedy.gateway.meta import Fragment, Key, MetaError, open_meta
+from speedy.wire.manifest import parse_key
 from speedy.gateway.meta.store import directory_entry, prefix_bound
 
 
@@ -19,7 +20,7 @@ def meta(meta_url):
 
 def frag(path: str, index: int = 0, start: int = 0, end: int = 10, fid: int = 1,
          last: bool = True, multipart: bool = False, mtime: float = 0.0) -> Fragment:
-    return Fragment(path, index, start, end, Blob(3, fid, multipart) if end > start else None,
+    return Fragment(path, index, start, end, Key(3, fid, multipart) if end > start else None,
                     last, mtime)
 
 
@@ -29,7 +30,7 @@ def test_schema_is_created_once_and_reopened(meta_url):
     m.put_fragment(frag("/a/b"))
     m.close()
     m = open_meta(meta_url)
-    assert m.version() == 1 and [f.blob for f in m.fragments("/a/b")] == [Blob(3, 1)]
+    assert m.version() == 1 and [f.blob for f in m.fragments("/a/b")] == [Key(3, 1)]
     m.close()
 
 
@@ -39,8 +40,8 @@ def test_put_get_and_fileinfo_order(meta):
     meta.put_fragment(frag("/f", 1, 10, 20, fid=2, last=False, mtime=101.0))
     meta.put_fragment(frag("/f", 2, 20, 25, fid=3, last=True, multipart=True, mtime=102.0))
     got = meta.get_fragment("/f", 2)
-    assert (got.start, got.end, got.is_last, got.blob) == (20, 25, True, Blob(3, 3, True))
-    assert got.blob.key == "3,3m" and Blob.from_key("3,3m") == got.blob
+    assert (got.start, got.end, got.is_last, got.blob) == (20, 25, True, Key(3, 3, True))
+    assert str(got.blob) == "3,3m" and parse_key("3,3m") == got.blob
     assert [f.index for f in meta.fragments("/f")] == [2, 1, 0]   # newest first
     assert meta.fragments("/f")[0].mtime == 102.0
 
@@ -56,17 +57,17 @@ def test_fragment_zero_last_replaces_the_path_and_frees_its_blobs(meta):
     meta.put_fragment(frag("/r", 0, 0, 10, fid=1, last=False))
     meta.put_fragment(frag("/r", 1, 10, 20, fid=2, last=True))
     freed = meta.put_fragment(frag("/r", 0, 0, 5, fid=3, last=True))
-    assert sorted(freed, key=lambda b: b.fid) == [Blob(3, 1), Blob(3, 2)]
+    assert sorted(freed, key=lambda b: b.fid) == [Key(3, 1), Key(3, 2)]
     assert [(f.index, f.blob.fid) for f in meta.fragments("/r")] == [(0, 3)]
     assert sorted(b.fid for b in meta.garbage()) == [1, 2]
-    assert not meta.is_referenced(Blob(3, 1)) and meta.is_referenced(Blob(3, 3))
+    assert not meta.is_referenced(Key(3, 1)) and meta.is_referenced(Key(3, 3))
 
 
 def test_other_fragment_replaces_only_its_index(meta):
     meta.put_fragment(frag("/p", 0, 0, 10, fid=1, last=False))
     meta.put_fragment(frag("/p", 1, 10, 20, fid=2, last=True))
-    assert meta.put_fragment(frag("/p", 1, 10, 20, fid=4, last=True)) == [Blob(3, 2)]
-    assert meta.put_fragment(frag("/p", 0, 0, 10, fid=5, last=False)) == [Blob(3, 1)]
+    assert meta.put_fragment(frag("/p", 1, 10, 20, fid=4, last=True)) == [Key(3, 2)]
+    assert meta.put_fragment(frag("/p", 0, 0, 10, fid=5, last=False)) == [Key(3, 1)]
     assert sorted(f.blob.fid for f in meta.fragments("/p")) == [4, 5]
 
 
@@ -74,14 +75,14 @@ def test_delete_frees_and_the_garbage_queue(meta):
     meta.put_fragment(frag("/d", 0, 0, 10, fid=7, last=False))
     meta.put_fragment(frag("/d", 1, 10, 20, fid=8, multipart=True))
     freed = meta.delete_path("/d")
-    assert sorted(freed, key=lambda b: b.fid) == [Blob(3, 7), Blob(3, 8, True)]
+    assert sorted(freed, key=lambda b: b.fid) == [Key(3, 7), Key(3, 8, True)]
     assert meta.fragments("/d") == [] and meta.delete_path("/d") == []
     assert meta.garbage(older_than=3600) == []         # queued just now
-    meta.retry_garbage_later(Blob(3, 7))
-    meta.forget_garbage(Blob(3, 8))
-    assert meta.garbage() == [Blob(3, 7)]
-    meta.queue_garbage(Blob(4, 9, True))
-    assert set(meta.garbage()) == {Blob(3, 7), Blob(4, 9, True)}
+    meta.retry_garbage_later(Key(3, 7))
+    meta.forget_garbage(Key(3, 8))
+    assert meta.garbage() == [Key(3, 7)]
+    meta.queue_garbage(Key(4, 9, True))
+    assert set(meta.garbage()) == {Key(3, 7), Key(4, 9, True)}
 
 
 def test_move(meta):
@@ -89,7 +90,7 @@ def test_move(meta):
     meta.put_fragment(frag("/dst", 0, 0, 10, fid=2))
     assert meta.move("/nothing", "/x") is None
     assert meta.move("/src", "/src") == []
-    assert meta.move("/src", "/dst") == [Blob(3, 2)]   # dst's old bytes are freed
+    assert meta.move("/src", "/dst") == [Key(3, 2)]   # dst's old bytes are freed
     assert meta.fragments("/src") == []
     assert [f.blob.fid for f in meta.fragments("/dst")] == [1]
     assert meta.move("/src", "/dst") is None
@@ -135,7 +136,7 @@ def test_prefix_bound_and_directory_entry():
 def test_concurrent_writers_to_one_path_free_every_replaced_blob(meta_url):
     """Two connections replace the same path 40 times: every blob but the survivor is freed."""
     stores = [open_meta(meta_url) for _ in range(2)]
-    freed: list[Blob] = []
+    freed: list[Key] = []
     lock = threading.Lock()
 
     def writer(n: int) -> None:

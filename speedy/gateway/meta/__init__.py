@@ -1,15 +1,16 @@
 """The gateway's path metadata: fragments, v1 directory entries and blobs to free.
 
     meta = open_meta("sqlite:///./speedy_gateway.db")        # or postgresql://user@host/db
-    meta.put_fragment(Fragment("/a/b", 0, 0, 5, Blob(3, 10452), is_last=True))
+    meta.put_fragment(Fragment("/a/b", 0, 0, 5, Key(3, 10452), is_last=True))
     meta.get_fragment("/a/b", 0)
 """
 from __future__ import annotations
 
-from speedy.gateway.meta.store import (MAX_PATH_BYTES, Blob, Fragment, MetaError, MetaStore,
+from speedy.gateway.meta.store import (MAX_PATH_BYTES, Fragment, MetaError, MetaStore,
                                        directory_entry)
+from speedy.wire.manifest import Key
 
-__all__ = ["open_meta", "Blob", "Fragment", "MetaError", "MetaStore", "directory_entry",
+__all__ = ["open_meta", "Key", "Fragment", "MetaError", "MetaStore", "directory_entry",
            "MAX_PATH_BYTES"]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from speedy.gateway.meta.store import MetaError, MetaStore, _Cursor, migrate
+from speedy.gateway.meta.store import MetaError, MetaStore, _Cursor, migrate, prepare_or_close
 
 CONNECT_TIMEOUT = 5          # seconds
 STATEMENT_TIMEOUT_MS = 10000
@@ -49,7 +49,7 @@ class PostgresMeta(MetaStore):
                               options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}")
         except pg.Error as e:
             raise MetaError(f"cannot connect to {where}: {' '.join(str(e).split())}") from None
-        try:
+        def prepare() -> None:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
                 tables = {r[0] for r in conn.execute(
@@ -57,13 +57,7 @@ class PostgresMeta(MetaStore):
                     "WHERE table_schema = current_schema()")}
                 migrate(_Cursor(conn, self._sql), self.dialect, tables, where)
             conn.commit()
-        except MetaError:
-            conn.close()
-            raise
-        except pg.Error as e:
-            conn.close()
-            raise MetaError(f"{where} cannot be used: {' '.join(str(e).split())}") from None
-        return conn
+        return prepare_or_close(conn, prepare, where, (pg.Error,))
 
     def _begin(self, conn: Any, write: bool, locks: tuple[str, ...]) -> None:
         # psycopg opens a transaction with the first statement (autocommit is off)

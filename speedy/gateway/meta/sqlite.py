@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from speedy.gateway.meta.store import MetaError, MetaStore, _Cursor, migrate
+from speedy.gateway.meta.store import MetaError, MetaStore, _Cursor, migrate, prepare_or_close
 
 BUSY_TIMEOUT = 5.0   # seconds a request waits for another writer's lock
 
@@ -41,7 +41,8 @@ class SQLiteMeta(MetaStore):
                                    check_same_thread=False)
         except sqlite3.Error as e:
             raise MetaError(f"cannot open database {path}: {e}") from None
-        try:
+
+        def prepare() -> None:
             if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise MetaError(f"database {path} is corrupt (quick_check failed)")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -59,13 +60,7 @@ class SQLiteMeta(MetaStore):
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-        except MetaError:
-            conn.close()
-            raise
-        except sqlite3.Error as e:
-            conn.close()
-            raise MetaError(f"database {path} cannot be used: {e}") from None
-        return conn
+        return prepare_or_close(conn, prepare, f"database {path}", (sqlite3.Error,))
 
     def _begin(self, conn: sqlite3.Connection, write: bool, locks: tuple[str, ...]) -> None:
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")

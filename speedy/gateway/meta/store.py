@@ -14,9 +14,10 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from speedy.gateway.meta import schema
+from speedy.wire.manifest import Key
 
 log = logging.getLogger("speedy.gateway.meta")
 
@@ -29,27 +30,6 @@ class MetaError(Exception):
     """The metadata database cannot be used or an operation on it failed."""
 
 
-@dataclass(frozen=True)
-class Blob:
-    """A blob of the cluster that holds one fragment's bytes."""
-
-    group_id: int
-    fid: int
-    multipart: bool = False
-
-    @property
-    def key(self) -> str:
-        """The client library's key: "3,10452" or "3,10460m"."""
-        return f"{self.group_id},{self.fid}{'m' if self.multipart else ''}"
-
-    @classmethod
-    def from_key(cls, key: str) -> "Blob":
-        """The Blob of a key string as Client.put returns it."""
-        g, _, f = str(key).partition(",")
-        multi = f.endswith("m")
-        return cls(int(g), int(f[:-1] if multi else f), multi)
-
-
 @dataclass
 class Fragment:
     """One row of table fragment: bytes [start, end) of the file at path."""
@@ -58,7 +38,7 @@ class Fragment:
     index: int
     start: int
     end: int
-    blob: Blob | None          # None for an empty fragment (no bytes stored anywhere)
+    blob: Key | None           # the blob's key; None for an empty fragment (no bytes stored)
     is_last: bool
     mtime: float = 0.0
 
@@ -92,7 +72,7 @@ FRAGMENT_COLUMNS = "path, frag_index, start_byte, end_byte, group_id, fid, multi
 
 def _fragment(row: tuple) -> Fragment:
     path, index, start, end, g, fid, multi, last, mtime = row
-    blob = Blob(int(g), int(fid), bool(multi)) if g else None
+    blob = Key(int(g), int(fid), bool(multi)) if g else None
     return Fragment(path, int(index), int(start), int(end), blob, bool(last), float(mtime))
 
 
@@ -178,7 +158,7 @@ class MetaStore:
 
     # -- writes --------------------------------------------------------------------------
 
-    def put_fragment(self, frag: Fragment, register_tag: bool = False) -> list[Blob]:
+    def put_fragment(self, frag: Fragment, register_tag: bool = False) -> list[Key]:
         """Store a fragment; the blobs no longer referenced (queued in garbage).
 
         Fragment 0 with is_last replaces every fragment of the path (and its directory
@@ -206,13 +186,13 @@ class MetaStore:
                       entry + (now,))
             return self._collect(c, old, now)
 
-    def delete_path(self, path: str) -> list[Blob]:
+    def delete_path(self, path: str) -> list[Key]:
         """Remove a path's fragments and directory entry; the blobs freed (queued in garbage)."""
         now = time.time()
         with self._txn(write=True, locks=(path,)) as c:
             return self._collect(c, self._remove_path(c, path), now)
 
-    def move(self, src: str, dst: str) -> list[Blob] | None:
+    def move(self, src: str, dst: str) -> list[Key] | None:
         """Rename src to dst (replacing dst); the blobs freed, or None when src is unknown."""
         now = time.time()
         with self._txn(write=True, locks=tuple(sorted({src, dst}))) as c:
@@ -232,7 +212,7 @@ class MetaStore:
                       entry + (now,))
             return self._collect(c, old, now)
 
-    def _remove_path(self, c: "_Cursor", path: str) -> list[Blob | None]:
+    def _remove_path(self, c: "_Cursor", path: str) -> list[Key | None]:
         """Delete a path's rows and directory entry; the blobs they referred to."""
         blobs = [_fragment(r).blob for r in c.all(
             f"SELECT {FRAGMENT_COLUMNS} FROM fragment WHERE path = ?", (path,))]
@@ -242,7 +222,7 @@ class MetaStore:
             c.run("DELETE FROM directory_entry WHERE dir = ? AND name = ?", entry)
         return blobs
 
-    def _collect(self, c: "_Cursor", blobs: list[Blob | None], now: float) -> list[Blob]:
+    def _collect(self, c: "_Cursor", blobs: list[Key | None], now: float) -> list[Key]:
         """Queue in garbage each blob that no fragment refers to any more; those blobs."""
         freed = []
         for b in dict.fromkeys(x for x in blobs if x is not None):
@@ -257,27 +237,27 @@ class MetaStore:
 
     # -- garbage -------------------------------------------------------------------------
 
-    def queue_garbage(self, blob: Blob) -> None:
+    def queue_garbage(self, blob: Key) -> None:
         """Queue a blob that no fragment refers to (an upload whose metadata failed)."""
         with self._txn(write=True) as c:
             c.run("INSERT INTO garbage (group_id, fid, multipart, since) VALUES (?, ?, ?, ?) "
                   "ON CONFLICT (group_id, fid) DO NOTHING",
                   (blob.group_id, blob.fid, int(blob.multipart), time.time()))
 
-    def garbage(self, older_than: float = 0.0, limit: int = 100) -> list[Blob]:
+    def garbage(self, older_than: float = 0.0, limit: int = 100) -> list[Key]:
         """Queued blobs waiting at least older_than seconds, oldest first."""
         with self._txn() as c:
             rows = c.all("SELECT group_id, fid, multipart FROM garbage WHERE since <= ? "
                          "ORDER BY since, group_id, fid LIMIT ?",
                          (time.time() - older_than, limit))
-        return [Blob(int(g), int(f), bool(m)) for g, f, m in rows]
+        return [Key(int(g), int(f), bool(m)) for g, f, m in rows]
 
-    def forget_garbage(self, blob: Blob) -> None:
+    def forget_garbage(self, blob: Key) -> None:
         """The blob's bytes are gone from every replica: drop it from the queue."""
         with self._txn(write=True) as c:
             c.run("DELETE FROM garbage WHERE group_id = ? AND fid = ?", (blob.group_id, blob.fid))
 
-    def retry_garbage_later(self, blob: Blob) -> None:
+    def retry_garbage_later(self, blob: Key) -> None:
         """A free failed: count the attempt and move the blob to the back of the queue."""
         with self._txn(write=True) as c:
             c.run("UPDATE garbage SET attempts = attempts + 1, since = ? "
@@ -317,7 +297,7 @@ class MetaStore:
             rows = c.all(q + " ORDER BY path, frag_index", args)
         return [r[0] for r in rows]
 
-    def is_referenced(self, blob: Blob) -> bool:
+    def is_referenced(self, blob: Key) -> bool:
         """True when some fragment refers to blob."""
         with self._txn() as c:
             return c.one("SELECT count(*) FROM fragment WHERE group_id = ? AND fid = ?",
@@ -347,6 +327,20 @@ def check_int(value: int, what: str) -> int:
     if not 0 <= value <= MAX_INT:
         raise ValueError(f"{what} {value} is out of range")
     return value
+
+
+def prepare_or_close(conn: Any, prepare: Callable[[], None], where: str,
+                     errors: tuple[type[BaseException], ...]) -> Any:
+    """Run prepare() on a new connection: the connection, or closed and MetaError."""
+    try:
+        prepare()
+    except MetaError:
+        conn.close()
+        raise
+    except errors as e:
+        conn.close()
+        raise MetaError(f"{where} cannot be used: {' '.join(str(e).split())}") from None
+    return conn
 
 
 def migrate(c: _Cursor, dialect: str, tables: set[str], where: str) -> int:
