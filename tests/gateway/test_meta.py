@@ -187,3 +187,24 @@ def test_postgres_unreachable_is_a_clear_error(postgres):
     with pytest.raises(MetaError, match="cannot connect") as e:
         open_meta(f"postgresql://postgres:secret@127.0.0.1:{free_port()}/x")
     assert "secret" not in str(e.value)
+
+
+def test_forked_child_opens_its_own_connection(meta_url):
+    """A worker forked after open_meta uses its own connection; the parent's keeps working."""
+    import os
+    m = open_meta(meta_url)
+    m.put_fragment(frag("/fork/parent", fid=1))
+    parents = m._connection()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            m.put_fragment(frag("/fork/child", fid=2))
+            code = 0 if len(m.list_descendants("/fork/")) == 2 else 2
+            code = code or (3 if m._connection() is parents else 0)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert m.list_descendants("/fork/") == ["/fork/child", "/fork/parent"]
+    m.close()

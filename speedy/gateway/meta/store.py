@@ -26,6 +26,9 @@ MAX_PATH_BYTES = 255       # the Path header's limit (IMAGESERVER-API.md)
 MAX_INT = 2 ** 63 - 1      # BIGINT / SQLite INTEGER
 
 
+_INHERITED: list[Any] = []   # connections a forked child inherited: kept open, never used
+
+
 class MetaError(Exception):
     """The metadata database cannot be used or an operation on it failed."""
 
@@ -105,8 +108,14 @@ class MetaStore:
         raise NotImplementedError
 
     def _connection(self) -> Any:
-        """This process's connection (a forked child opens its own)."""
-        if self._conn is None or self._pid != os.getpid():
+        """This process's connection (a forked child opens its own).
+
+        A connection inherited over fork() is kept, never used nor closed: closing it would
+        end the parent's PostgreSQL session (or touch SQLite's locks) from the child."""
+        if self._conn is not None and self._pid != os.getpid():
+            _INHERITED.append(self._conn)
+            self._conn = None
+        if self._conn is None:
             self._conn = self._connect()
             self._pid = os.getpid()
         return self._conn
