@@ -8,6 +8,7 @@ directory is private to the instance and removed at stop.
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import itertools
 import os
@@ -81,6 +82,7 @@ class PostgresInstance:
                 f"-c unix_socket_directories={self.root} -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
         self.started = True
+        atexit.register(self.stop)      # even when the test session dies
         self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-l", self.log,
                   "-o", opts, "-w", "-t", "60", "start")
         wait_port(self.port, 30.0)
