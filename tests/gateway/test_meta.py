@@ -164,9 +164,18 @@ def test_sqlite_refuses_foreign_and_newer_databases(tmp_path):
     newer = tmp_path / "newer.db"
     open_meta(f"sqlite:///{newer}").close()
     with sqlite3.connect(newer) as c:
-        c.execute("UPDATE schema_version SET version = 99")
+        c.execute("UPDATE gateway_schema SET version = 99")
     with pytest.raises(MetaError, match="newer than this gateway"):
         open_meta(f"sqlite:///{newer}")
+    master = tmp_path / "master.db"          # --metadb pointed at the master's database
+    from speedy.master import db as master_db
+    master_db.close(master_db.connect(str(master)))
+    with pytest.raises(MetaError, match="not a speedy gateway database"):
+        open_meta(f"sqlite:///{master}")
+    shared = tmp_path / "shared.db"          # the blob routes' records may come first
+    with sqlite3.connect(shared) as c:
+        c.execute("CREATE TABLE gateway_blob (key TEXT PRIMARY KEY)")
+    open_meta(f"sqlite:///{shared}").close()
     with pytest.raises(MetaError, match="is a directory"):
         open_meta(f"sqlite:///{tmp_path}")
     with pytest.raises(MetaError, match="unsupported database URL"):
@@ -178,7 +187,7 @@ def test_sqlite_is_wal_and_readable_while_open(tmp_path):
     m.put_fragment(frag("/w"))
     with sqlite3.connect(f"file:{tmp_path}/g.db?mode=ro", uri=True) as c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert c.execute("SELECT path, group_id, fid FROM fragment").fetchall() == [("/w", 3, 1)]
+        assert c.execute("SELECT path, group_id, fid FROM gateway_fragment").fetchall() == [("/w", 3, 1)]
     m.close()
 
 

@@ -1,6 +1,6 @@
 """The path metadata schema, written once for SQLite and PostgreSQL, and its migrations.
 
-The schema is a documented interface (README "Path API"); table schema_version holds
+The schema is a documented interface (README "Path API"); table gateway_schema holds
 its version (one row). Types differ per database only where they must: PostgreSQL gets
 BIGINT, DOUBLE PRECISION and the byte-order "C" collation for paths, so that prefix
 ranges and ORDER BY compare code points on both databases.
@@ -8,13 +8,16 @@ ranges and ORDER BY compare code points on both databases.
 from __future__ import annotations
 
 SCHEMA_VERSION = 1
-OUR_TABLES = {"schema_version", "fragment", "directory_entry", "garbage"}
+# Other tables of the gateway that may share the file (the blob routes' records): a
+# SQLite file holding any other table is refused as someone else's database.
+SIBLING_TABLES = {"gateway_blob"}
+OUR_TABLES = {"gateway_schema", "gateway_fragment", "gateway_directory", "gateway_garbage"}
 
 SCHEMA_V1 = """
-CREATE TABLE schema_version (
+CREATE TABLE gateway_schema (
     version     INTEGER NOT NULL
 );
-CREATE TABLE fragment (
+CREATE TABLE gateway_fragment (
     path        {path}   NOT NULL CHECK (length(path) BETWEEN 1 AND 255),
     frag_index  {bigint} NOT NULL CHECK (frag_index >= 0),
     start_byte  {bigint} NOT NULL CHECK (start_byte >= 0),
@@ -26,14 +29,14 @@ CREATE TABLE fragment (
     mtime       {real}   NOT NULL,
     PRIMARY KEY (path, frag_index)
 );
-CREATE INDEX fragment_blob ON fragment (group_id, fid);
-CREATE TABLE directory_entry (
+CREATE INDEX gateway_fragment_blob ON gateway_fragment (group_id, fid);
+CREATE TABLE gateway_directory (
     dir         {path}   NOT NULL,
     name        {path}   NOT NULL,
     mtime       {real}   NOT NULL,
     PRIMARY KEY (dir, name)
 );
-CREATE TABLE garbage (
+CREATE TABLE gateway_garbage (
     group_id    INTEGER  NOT NULL,
     fid         {bigint} NOT NULL,
     multipart   SMALLINT NOT NULL DEFAULT 0,

@@ -3,7 +3,7 @@
 A file is a path with fragments; each non-empty fragment is one blob of the cluster (its
 key "g,fid" or "g,fidm"). A blob belongs to exactly one fragment row; when a row goes
 (DELETE, a replacing upload, a move onto an existing path) and no row refers to its blob
-any more, the blob is queued in table garbage in the same transaction, so that the caller
+any more, the blob is queued in table gateway_garbage in the same transaction, so that the caller
 frees its bytes on the chunkservers and nothing is lost if that fails or the process dies.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ class MetaError(Exception):
 
 @dataclass
 class Fragment:
-    """One row of table fragment: bytes [start, end) of the file at path."""
+    """One row of table gateway_fragment: bytes [start, end) of the file at path."""
 
     path: str
     index: int
@@ -163,7 +163,7 @@ class MetaStore:
     def version(self) -> int:
         """The schema version of the database."""
         with self._txn() as c:
-            return int(c.one("SELECT version FROM schema_version")[0])
+            return int(c.one("SELECT version FROM gateway_schema")[0])
 
     # -- writes --------------------------------------------------------------------------
 
@@ -180,17 +180,17 @@ class MetaStore:
                 old = self._remove_path(c, frag.path)
             else:
                 old = [_fragment(r).blob for r in c.all(
-                    f"SELECT {FRAGMENT_COLUMNS} FROM fragment WHERE path = ? AND frag_index = ?",
+                    f"SELECT {FRAGMENT_COLUMNS} FROM gateway_fragment WHERE path = ? AND frag_index = ?",
                     (frag.path, frag.index))]
-                c.run("DELETE FROM fragment WHERE path = ? AND frag_index = ?",
+                c.run("DELETE FROM gateway_fragment WHERE path = ? AND frag_index = ?",
                       (frag.path, frag.index))
             b = frag.blob
-            c.run(f"INSERT INTO fragment ({FRAGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            c.run(f"INSERT INTO gateway_fragment ({FRAGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                   (frag.path, frag.index, frag.start, frag.end, b.group_id if b else 0,
                    b.fid if b else 0, int(bool(b and b.multipart)), int(frag.is_last), now))
             entry = directory_entry(frag.path) if register_tag else None
             if entry:
-                c.run("INSERT INTO directory_entry (dir, name, mtime) VALUES (?, ?, ?) "
+                c.run("INSERT INTO gateway_directory (dir, name, mtime) VALUES (?, ?, ?) "
                       "ON CONFLICT (dir, name) DO UPDATE SET mtime = excluded.mtime",
                       entry + (now,))
             return self._collect(c, old, now)
@@ -205,18 +205,18 @@ class MetaStore:
         """Rename src to dst (replacing dst); the blobs freed, or None when src is unknown."""
         now = time.time()
         with self._txn(write=True, locks=tuple(sorted({src, dst}))) as c:
-            if c.one("SELECT count(*) FROM fragment WHERE path = ?", (src,))[0] == 0:
+            if c.one("SELECT count(*) FROM gateway_fragment WHERE path = ?", (src,))[0] == 0:
                 return None
             if src == dst:
                 return []
             old = self._remove_path(c, dst)
-            c.run("UPDATE fragment SET path = ? WHERE path = ?", (dst, src))
+            c.run("UPDATE gateway_fragment SET path = ? WHERE path = ?", (dst, src))
             entry = directory_entry(src)
             if entry:
-                c.run("DELETE FROM directory_entry WHERE dir = ? AND name = ?", entry)
+                c.run("DELETE FROM gateway_directory WHERE dir = ? AND name = ?", entry)
             entry = directory_entry(dst)
             if entry:
-                c.run("INSERT INTO directory_entry (dir, name, mtime) VALUES (?, ?, ?) "
+                c.run("INSERT INTO gateway_directory (dir, name, mtime) VALUES (?, ?, ?) "
                       "ON CONFLICT (dir, name) DO UPDATE SET mtime = excluded.mtime",
                       entry + (now,))
             return self._collect(c, old, now)
@@ -224,21 +224,21 @@ class MetaStore:
     def _remove_path(self, c: "_Cursor", path: str) -> list[Key | None]:
         """Delete a path's rows and directory entry; the blobs they referred to."""
         blobs = [_fragment(r).blob for r in c.all(
-            f"SELECT {FRAGMENT_COLUMNS} FROM fragment WHERE path = ?", (path,))]
-        c.run("DELETE FROM fragment WHERE path = ?", (path,))
+            f"SELECT {FRAGMENT_COLUMNS} FROM gateway_fragment WHERE path = ?", (path,))]
+        c.run("DELETE FROM gateway_fragment WHERE path = ?", (path,))
         entry = directory_entry(path)
         if entry:
-            c.run("DELETE FROM directory_entry WHERE dir = ? AND name = ?", entry)
+            c.run("DELETE FROM gateway_directory WHERE dir = ? AND name = ?", entry)
         return blobs
 
     def _collect(self, c: "_Cursor", blobs: list[Key | None], now: float) -> list[Key]:
         """Queue in garbage each blob that no fragment refers to any more; those blobs."""
         freed = []
         for b in dict.fromkeys(x for x in blobs if x is not None):
-            if c.one("SELECT count(*) FROM fragment WHERE group_id = ? AND fid = ?",
+            if c.one("SELECT count(*) FROM gateway_fragment WHERE group_id = ? AND fid = ?",
                      (b.group_id, b.fid))[0]:
                 continue
-            c.run("INSERT INTO garbage (group_id, fid, multipart, since) VALUES (?, ?, ?, ?) "
+            c.run("INSERT INTO gateway_garbage (group_id, fid, multipart, since) VALUES (?, ?, ?, ?) "
                   "ON CONFLICT (group_id, fid) DO NOTHING",
                   (b.group_id, b.fid, int(b.multipart), now))
             freed.append(b)
@@ -249,14 +249,14 @@ class MetaStore:
     def queue_garbage(self, blob: Key) -> None:
         """Queue a blob that no fragment refers to (an upload whose metadata failed)."""
         with self._txn(write=True) as c:
-            c.run("INSERT INTO garbage (group_id, fid, multipart, since) VALUES (?, ?, ?, ?) "
+            c.run("INSERT INTO gateway_garbage (group_id, fid, multipart, since) VALUES (?, ?, ?, ?) "
                   "ON CONFLICT (group_id, fid) DO NOTHING",
                   (blob.group_id, blob.fid, int(blob.multipart), time.time()))
 
     def garbage(self, older_than: float = 0.0, limit: int = 100) -> list[Key]:
         """Queued blobs waiting at least older_than seconds, oldest first."""
         with self._txn() as c:
-            rows = c.all("SELECT group_id, fid, multipart FROM garbage WHERE since <= ? "
+            rows = c.all("SELECT group_id, fid, multipart FROM gateway_garbage WHERE since <= ? "
                          "ORDER BY since, group_id, fid LIMIT ?",
                          (time.time() - older_than, limit))
         return [Key(int(g), int(f), bool(m)) for g, f, m in rows]
@@ -264,12 +264,12 @@ class MetaStore:
     def forget_garbage(self, blob: Key) -> None:
         """The blob's bytes are gone from every replica: drop it from the queue."""
         with self._txn(write=True) as c:
-            c.run("DELETE FROM garbage WHERE group_id = ? AND fid = ?", (blob.group_id, blob.fid))
+            c.run("DELETE FROM gateway_garbage WHERE group_id = ? AND fid = ?", (blob.group_id, blob.fid))
 
     def retry_garbage_later(self, blob: Key) -> None:
         """A free failed: count the attempt and move the blob to the back of the queue."""
         with self._txn(write=True) as c:
-            c.run("UPDATE garbage SET attempts = attempts + 1, since = ? "
+            c.run("UPDATE gateway_garbage SET attempts = attempts + 1, since = ? "
                   "WHERE group_id = ? AND fid = ?", (time.time(), blob.group_id, blob.fid))
 
     # -- reads ---------------------------------------------------------------------------
@@ -277,27 +277,27 @@ class MetaStore:
     def get_fragment(self, path: str, index: int) -> Fragment | None:
         """The fragment (path, index), or None."""
         with self._txn() as c:
-            row = c.one(f"SELECT {FRAGMENT_COLUMNS} FROM fragment WHERE path = ? AND "
+            row = c.one(f"SELECT {FRAGMENT_COLUMNS} FROM gateway_fragment WHERE path = ? AND "
                         "frag_index = ?", (path, index))
         return _fragment(row) if row else None
 
     def fragments(self, path: str) -> list[Fragment]:
         """Every fragment of path, newest first."""
         with self._txn() as c:
-            rows = c.all(f"SELECT {FRAGMENT_COLUMNS} FROM fragment WHERE path = ? "
+            rows = c.all(f"SELECT {FRAGMENT_COLUMNS} FROM gateway_fragment WHERE path = ? "
                          "ORDER BY mtime DESC, frag_index DESC", (path,))
         return [_fragment(r) for r in rows]
 
     def list_directory(self, dir: str) -> list[str]:
         """The v1 directory entries (tag_... names) of dir, newest first."""
         with self._txn() as c:
-            rows = c.all("SELECT name FROM directory_entry WHERE dir = ? "
+            rows = c.all("SELECT name FROM gateway_directory WHERE dir = ? "
                          "ORDER BY mtime DESC, name", (dir,))
         return [r[0] for r in rows]
 
     def list_descendants(self, prefix: str) -> list[str]:
         """Every stored path that starts with prefix, once per fragment, in path order."""
-        q = "SELECT path FROM fragment WHERE path >= ?"
+        q = "SELECT path FROM gateway_fragment WHERE path >= ?"
         args: tuple = (prefix,)
         bound = prefix_bound(prefix)
         if bound is not None:
@@ -309,7 +309,7 @@ class MetaStore:
     def is_referenced(self, blob: Key) -> bool:
         """True when some fragment refers to blob."""
         with self._txn() as c:
-            return c.one("SELECT count(*) FROM fragment WHERE group_id = ? AND fid = ?",
+            return c.one("SELECT count(*) FROM gateway_fragment WHERE group_id = ? AND fid = ?",
                          (blob.group_id, blob.fid))[0] > 0
 
 
@@ -355,16 +355,17 @@ def prepare_or_close(conn: Any, prepare: Callable[[], None], where: str,
 def migrate(c: _Cursor, dialect: str, tables: set[str], where: str) -> int:
     """Create or upgrade the schema in an open write transaction; the version found."""
     ours = schema.OUR_TABLES & tables
-    if "schema_version" not in tables:
+    if "gateway_schema" not in tables:
         if ours:
             raise MetaError(f"{where}: tables {', '.join(sorted(ours))} exist without "
-                            "schema_version: not a speedy gateway database")
-        if dialect == "sqlite" and tables:
+                            "gateway_schema: not a speedy gateway database")
+        foreign = tables - schema.SIBLING_TABLES
+        if dialect == "sqlite" and foreign:
             raise MetaError(f"{where} is not a speedy gateway database "
-                            f"(tables: {', '.join(sorted(tables))})")
+                            f"(tables: {', '.join(sorted(foreign))})")
         found = 0
     else:
-        row = c.one("SELECT version FROM schema_version")
+        row = c.one("SELECT version FROM gateway_schema")
         found = int(row[0]) if row else 0
     if found > schema.SCHEMA_VERSION:
         raise MetaError(f"{where} has schema version {found}, newer than this gateway "
@@ -375,7 +376,7 @@ def migrate(c: _Cursor, dialect: str, tables: set[str], where: str) -> int:
     for v in range(found + 1, schema.SCHEMA_VERSION + 1):
         for stmt in schema.statements(v, dialect):
             c.run(stmt)
-        c.run("DELETE FROM schema_version")
-        c.run("INSERT INTO schema_version (version) VALUES (?)", (v,))
+        c.run("DELETE FROM gateway_schema")
+        c.run("INSERT INTO gateway_schema (version) VALUES (?)", (v,))
         log.info("%s: metadata schema migrated to version %d", where, v)
     return found
