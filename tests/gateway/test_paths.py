@@ -25,10 +25,10 @@ MODTIME = r'"ModTime":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"'
 
 
 class Gateway:
-    """The app, its address, and helpers speaking the path API."""
+    """A gateway's address, its metadata database (own connection), path API helpers."""
 
-    def __init__(self, app: GatewayApp, addr):
-        self.app, self.addr = app, addr
+    def __init__(self, addr, meta):
+        self.addr, self.meta = addr, meta
 
     def call(self, method: str, route: str, headers: dict | None = None,
              body: bytes | None = None):
@@ -46,18 +46,19 @@ class Gateway:
                                              "Bytes-Range": f"{start}-{end}"})
 
     def blob_of(self, path: str, index: int = 0):
-        return self.app.meta.get_fragment(path, index).blob
+        return self.meta.get_fragment(path, index).blob
 
 
 @pytest.fixture
 def gw(cluster, meta_url):
-    meta = open_meta(meta_url)
+    """The gateway app served in-process (to become the daemon with a PART part size)."""
+    meta, ours = open_meta(meta_url), open_meta(meta_url)
     client = Client(cluster.master_addr, part_size=PART)
-    app = GatewayApp(client, meta)
-    with serve_wsgi(app) as addr:
-        yield Gateway(app, addr)
+    with serve_wsgi(GatewayApp(client, meta)) as addr:
+        yield Gateway(addr, ours)
     client.close()
     meta.close()
+    ours.close()
 
 
 def stored_on(cluster, key_blob) -> list[bool]:
@@ -166,7 +167,7 @@ def test_delete_frees_the_bytes(gw, cluster):
     assert (a.status, a.body) == (204, b"")
     for b in blobs:
         assert stored_on(cluster, b) == [False, False]
-    assert gw.app.meta.garbage() == []
+    assert gw.meta.garbage() == []
     assert gw.call("GET", "/v1/fileinfo", {"Path": "/del/a"}).status == 404
     assert gw.call("DELETE", "/v1/file", {"Path": "/del/a"}).status == 204   # unknown: 204
 
@@ -252,5 +253,5 @@ def test_client_vanishing_mid_upload_leaves_no_metadata_and_no_blob(gw, cluster)
             break
     assert after.fid > before.fid + 1, "the vanished upload stored no part: test is void"
     assert held == [], f"orphaned fids {held}"
-    assert gw.app.meta.fragments("/gone") == []
+    assert gw.meta.fragments("/gone") == []
     assert gw.call("GET", "/v1/fileinfo", {"Path": "/gone"}).status == 404
