@@ -6,10 +6,10 @@ object or one part row; a blob that loses its row is queued in table garbage in 
 transaction, and the caller frees its bytes on the chunkservers (speedy.gateway.meta).
 The tables (schema version 3, README "S3"):
 
-    s3_bucket (name PK, created, public_read)
-    s3_object (bucket, key, size, etag, content_type, meta JSON, mtime, blobs JSON) PK (bucket, key)
-    s3_upload (upload_id PK, bucket, key, content_type, meta JSON, created)
-    s3_part   (upload_id, number, size, etag, blob, mtime) PK (upload_id, number)
+    gateway_s3_bucket (name PK, created, public_read)
+    gateway_s3_object (bucket, key, size, etag, content_type, meta JSON, mtime, blobs JSON) PK (bucket, key)
+    gateway_s3_upload (upload_id PK, bucket, key, content_type, meta JSON, created)
+    gateway_s3_part   (upload_id, number, size, etag, blob, mtime) PK (upload_id, number)
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from speedy.gateway.meta.store import Blob, MetaStore, prefix_bound
+from speedy.gateway.meta.store import MetaStore, prefix_bound
+from speedy.wire.manifest import Key, parse_key
 
 MAX_PARTS = 10000
 
@@ -82,14 +83,14 @@ def _object(row: tuple) -> ObjectInfo:
                       [(str(key), int(n)) for key, n in json.loads(blobs)])
 
 
-def _queue(meta: MetaStore, c, keys: list[str], now: float) -> list[Blob]:
-    """Queue blobs for freeing in the garbage table; the Blobs queued."""
+def _queue(meta: MetaStore, c, keys: list[str], now: float) -> list[Key]:
+    """Queue blobs for freeing in the garbage table; the keys queued."""
     out = []
     for key in keys:
         if not key:
             continue
-        blob = Blob.from_key(key)
-        c.run("INSERT INTO garbage (group_id, fid, multipart, since, attempts) "
+        blob = parse_key(key)
+        c.run("INSERT INTO gateway_garbage (group_id, fid, multipart, since, attempts) "
               "VALUES (?, ?, ?, ?, 0) ON CONFLICT (group_id, fid) DO NOTHING",
               (blob.group_id, blob.fid, int(blob.multipart), now))
         out.append(blob)
@@ -107,71 +108,71 @@ class S3Objects:
     def create_bucket(self, name: str, public_read: bool = False) -> bool:
         """Create a bucket; False when it exists already."""
         with self.meta.txn(write=True) as c:
-            if c.one("SELECT 1 FROM s3_bucket WHERE name = ?", (name,)):
+            if c.one("SELECT 1 FROM gateway_s3_bucket WHERE name = ?", (name,)):
                 return False
-            c.run("INSERT INTO s3_bucket (name, created, public_read) VALUES (?, ?, ?)",
+            c.run("INSERT INTO gateway_s3_bucket (name, created, public_read) VALUES (?, ?, ?)",
                   (name, time.time(), int(public_read)))
             return True
 
     def bucket(self, name: str) -> tuple[str, float, bool] | None:
         """(name, created, public_read) of a bucket, or None."""
         with self.meta.txn() as c:
-            row = c.one("SELECT name, created, public_read FROM s3_bucket WHERE name = ?", (name,))
+            row = c.one("SELECT name, created, public_read FROM gateway_s3_bucket WHERE name = ?", (name,))
         return (row[0], float(row[1]), bool(row[2])) if row else None
 
     def buckets(self) -> list[tuple[str, float]]:
         with self.meta.txn() as c:
             return [(r[0], float(r[1])) for r in
-                    c.all("SELECT name, created FROM s3_bucket ORDER BY name")]
+                    c.all("SELECT name, created FROM gateway_s3_bucket ORDER BY name")]
 
     def set_public_read(self, name: str, public: bool) -> None:
         with self.meta.txn(write=True) as c:
-            c.run("UPDATE s3_bucket SET public_read = ? WHERE name = ?", (int(public), name))
+            c.run("UPDATE gateway_s3_bucket SET public_read = ? WHERE name = ?", (int(public), name))
 
-    def delete_bucket(self, name: str) -> list[Blob]:
+    def delete_bucket(self, name: str) -> list[Key]:
         """Drop an empty bucket (its unfinished uploads aborted); the blobs to free."""
         with self.meta.txn(write=True, locks=(name,)) as c:
-            if not c.one("SELECT 1 FROM s3_bucket WHERE name = ?", (name,)):
+            if not c.one("SELECT 1 FROM gateway_s3_bucket WHERE name = ?", (name,)):
                 raise no_such_bucket(name)
-            if c.one("SELECT 1 FROM s3_object WHERE bucket = ? LIMIT 1", (name,)):
+            if c.one("SELECT 1 FROM gateway_s3_object WHERE bucket = ? LIMIT 1", (name,)):
                 raise S3Error("BucketNotEmpty", "The bucket you tried to delete is not empty", 409)
             keys = [r[0] for r in c.all(
-                "SELECT p.blob FROM s3_part p JOIN s3_upload u ON p.upload_id = u.upload_id "
+                "SELECT p.blob FROM gateway_s3_part p JOIN gateway_s3_upload u ON p.upload_id = u.upload_id "
                 "WHERE u.bucket = ?", (name,))]
-            c.run("DELETE FROM s3_part WHERE upload_id IN "
-                  "(SELECT upload_id FROM s3_upload WHERE bucket = ?)", (name,))
-            c.run("DELETE FROM s3_upload WHERE bucket = ?", (name,))
-            c.run("DELETE FROM s3_bucket WHERE name = ?", (name,))
+            c.run("DELETE FROM gateway_s3_part WHERE upload_id IN "
+                  "(SELECT upload_id FROM gateway_s3_upload WHERE bucket = ?)", (name,))
+            c.run("DELETE FROM gateway_s3_upload WHERE bucket = ?", (name,))
+            c.run("DELETE FROM gateway_s3_bucket WHERE name = ?", (name,))
             return _queue(self.meta, c, keys, time.time())
 
     # -- objects -------------------------------------------------------------------------
 
-    def put_object(self, obj: ObjectInfo) -> list[Blob]:
+    def put_object(self, obj: ObjectInfo) -> list[Key]:
         """Store (or replace) an object; the replaced object's blobs, queued for freeing."""
         with self.meta.txn(write=True, locks=(obj.bucket,)) as c:
-            if not c.one("SELECT 1 FROM s3_bucket WHERE name = ?", (obj.bucket,)):
+            if not c.one("SELECT 1 FROM gateway_s3_bucket WHERE name = ?", (obj.bucket,)):
                 raise no_such_bucket(obj.bucket)
             old = self._drop(c, obj.bucket, obj.key)
-            c.run(f"INSERT INTO s3_object ({OBJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            c.run(f"INSERT INTO gateway_s3_object ({OBJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                   (obj.bucket, obj.key, obj.size, obj.etag, obj.content_type,
                    json.dumps(obj.meta), obj.mtime or time.time(),
                    json.dumps([list(b) for b in obj.blobs])))
             return _queue(self.meta, c, old, time.time())
 
     def _drop(self, c, bucket: str, key: str) -> list[str]:
-        row = c.one("SELECT blobs FROM s3_object WHERE bucket = ? AND key = ?", (bucket, key))
+        row = c.one("SELECT blobs FROM gateway_s3_object WHERE bucket = ? AND key = ?", (bucket, key))
         if row is None:
             return []
-        c.run("DELETE FROM s3_object WHERE bucket = ? AND key = ?", (bucket, key))
+        c.run("DELETE FROM gateway_s3_object WHERE bucket = ? AND key = ?", (bucket, key))
         return [k for k, _ in json.loads(row[0])]
 
     def get_object(self, bucket: str, key: str) -> ObjectInfo | None:
         with self.meta.txn() as c:
-            row = c.one(f"SELECT {OBJECT_COLUMNS} FROM s3_object WHERE bucket = ? AND key = ?",
+            row = c.one(f"SELECT {OBJECT_COLUMNS} FROM gateway_s3_object WHERE bucket = ? AND key = ?",
                         (bucket, key))
         return _object(row) if row else None
 
-    def delete_object(self, bucket: str, key: str) -> list[Blob]:
+    def delete_object(self, bucket: str, key: str) -> list[Key]:
         """Remove an object (absent is fine, as in S3); its blobs, queued for freeing."""
         with self.meta.txn(write=True, locks=(bucket,)) as c:
             return _queue(self.meta, c, self._drop(c, bucket, key), time.time())
@@ -186,7 +187,7 @@ class S3Objects:
         inclusive = bool(prefix) and prefix > after
         bound = prefix_bound(prefix) if prefix else None
         while len(entries) + len(prefixes) < max_keys:
-            q = f"SELECT {OBJECT_COLUMNS} FROM s3_object WHERE bucket = ? AND key {'>=' if inclusive else '>'} ?"
+            q = f"SELECT {OBJECT_COLUMNS} FROM gateway_s3_object WHERE bucket = ? AND key {'>=' if inclusive else '>'} ?"
             args: list = [bucket, start]
             if bound is not None:
                 q += " AND key < ?"
@@ -222,7 +223,7 @@ class S3Objects:
 
     def _any_after(self, bucket: str, prefix: str, bound: str | None, start: str,
                    inclusive: bool) -> bool:
-        q = f"SELECT 1 FROM s3_object WHERE bucket = ? AND key {'>=' if inclusive else '>'} ?"
+        q = f"SELECT 1 FROM gateway_s3_object WHERE bucket = ? AND key {'>=' if inclusive else '>'} ?"
         args: list = [bucket, start]
         if bound is not None:
             q += " AND key < ?"
@@ -236,9 +237,9 @@ class S3Objects:
                       meta: dict[str, str]) -> str:
         upload_id = hashlib.sha256(os.urandom(32)).hexdigest()[:40]
         with self.meta.txn(write=True) as c:
-            if not c.one("SELECT 1 FROM s3_bucket WHERE name = ?", (bucket,)):
+            if not c.one("SELECT 1 FROM gateway_s3_bucket WHERE name = ?", (bucket,)):
                 raise no_such_bucket(bucket)
-            c.run("INSERT INTO s3_upload (upload_id, bucket, key, content_type, meta, created) "
+            c.run("INSERT INTO gateway_s3_upload (upload_id, bucket, key, content_type, meta, created) "
                   "VALUES (?, ?, ?, ?, ?, ?)",
                   (upload_id, bucket, key, content_type, json.dumps(meta), time.time()))
         return upload_id
@@ -246,29 +247,29 @@ class S3Objects:
     def upload(self, bucket: str, key: str, upload_id: str) -> Upload:
         """The upload, or NoSuchUpload."""
         with self.meta.txn() as c:
-            row = c.one("SELECT upload_id, bucket, key, content_type, meta, created FROM s3_upload "
+            row = c.one("SELECT upload_id, bucket, key, content_type, meta, created FROM gateway_s3_upload "
                         "WHERE upload_id = ?", (upload_id,))
         if row is None or row[1] != bucket or row[2] != key:
             raise S3Error("NoSuchUpload", "The specified upload does not exist. The upload ID "
                           "may be invalid, or the upload may have been aborted or completed.", 404)
         return Upload(row[0], row[1], row[2], row[3], json.loads(row[4]), float(row[5]))
 
-    def put_part(self, upload_id: str, part: Part) -> list[Blob]:
+    def put_part(self, upload_id: str, part: Part) -> list[Key]:
         """Store a part (replacing the same number); blobs to free. NoSuchUpload if gone."""
         with self.meta.txn(write=True, locks=(upload_id,)) as c:
-            if not c.one("SELECT 1 FROM s3_upload WHERE upload_id = ?", (upload_id,)):
+            if not c.one("SELECT 1 FROM gateway_s3_upload WHERE upload_id = ?", (upload_id,)):
                 raise S3Error("NoSuchUpload", "The specified upload does not exist.", 404)
-            old = c.one("SELECT blob FROM s3_part WHERE upload_id = ? AND number = ?",
+            old = c.one("SELECT blob FROM gateway_s3_part WHERE upload_id = ? AND number = ?",
                         (upload_id, part.number))
-            c.run("DELETE FROM s3_part WHERE upload_id = ? AND number = ?", (upload_id, part.number))
-            c.run("INSERT INTO s3_part (upload_id, number, size, etag, blob, mtime) "
+            c.run("DELETE FROM gateway_s3_part WHERE upload_id = ? AND number = ?", (upload_id, part.number))
+            c.run("INSERT INTO gateway_s3_part (upload_id, number, size, etag, blob, mtime) "
                   "VALUES (?, ?, ?, ?, ?, ?)",
                   (upload_id, part.number, part.size, part.etag, part.blob, part.mtime))
             return _queue(self.meta, c, [old[0]] if old else [], time.time())
 
     def parts(self, upload_id: str, after: int = 0, limit: int = MAX_PARTS) -> list[Part]:
         with self.meta.txn() as c:
-            rows = c.all("SELECT number, size, etag, blob, mtime FROM s3_part WHERE upload_id = ? "
+            rows = c.all("SELECT number, size, etag, blob, mtime FROM gateway_s3_part WHERE upload_id = ? "
                          "AND number > ? ORDER BY number LIMIT ?", (upload_id, after, limit))
         return [Part(int(n), int(s), e, b, float(t)) for n, s, e, b, t in rows]
 
@@ -276,7 +277,7 @@ class S3Objects:
                 limit: int) -> list[tuple[str, str, float]]:
         """(key, upload id, created) of uploads in progress, by key then id."""
         bound = prefix_bound(prefix) if prefix else None
-        q = ("SELECT key, upload_id, created FROM s3_upload WHERE bucket = ? AND "
+        q = ("SELECT key, upload_id, created FROM gateway_s3_upload WHERE bucket = ? AND "
              "(key > ? OR (key = ? AND upload_id > ?)) AND key >= ?")
         args: list = [bucket, key_marker, key_marker, id_marker, prefix]
         if bound is not None:
@@ -287,13 +288,13 @@ class S3Objects:
         return [(k, u, float(t)) for k, u, t in rows]
 
     def complete_upload(self, upload: Upload, chosen: list[tuple[int, str]],
-                        min_part: int) -> tuple[ObjectInfo, list[Blob]]:
+                        min_part: int) -> tuple[ObjectInfo, list[Key]]:
         """Turn the chosen parts into the object; (object, blobs to free)."""
         with self.meta.txn(write=True, locks=(upload.bucket,)) as c:
-            if not c.one("SELECT 1 FROM s3_upload WHERE upload_id = ?", (upload.upload_id,)):
+            if not c.one("SELECT 1 FROM gateway_s3_upload WHERE upload_id = ?", (upload.upload_id,)):
                 raise S3Error("NoSuchUpload", "The specified upload does not exist.", 404)
             stored = {int(n): Part(int(n), int(s), e, b, float(t)) for n, s, e, b, t in c.all(
-                "SELECT number, size, etag, blob, mtime FROM s3_part WHERE upload_id = ?",
+                "SELECT number, size, etag, blob, mtime FROM gateway_s3_part WHERE upload_id = ?",
                 (upload.upload_id,))}
             numbers = [n for n, _ in chosen]
             if numbers != sorted(set(numbers)):
@@ -316,37 +317,37 @@ class S3Objects:
             used = {p.blob for p in parts}
             unused = [p.blob for p in stored.values() if p.blob not in used]
             old = self._drop(c, upload.bucket, upload.key)
-            c.run(f"INSERT INTO s3_object ({OBJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            c.run(f"INSERT INTO gateway_s3_object ({OBJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                   (obj.bucket, obj.key, obj.size, obj.etag, obj.content_type, json.dumps(obj.meta),
                    obj.mtime, json.dumps([list(b) for b in obj.blobs])))
-            c.run("DELETE FROM s3_part WHERE upload_id = ?", (upload.upload_id,))
-            c.run("DELETE FROM s3_upload WHERE upload_id = ?", (upload.upload_id,))
+            c.run("DELETE FROM gateway_s3_part WHERE upload_id = ?", (upload.upload_id,))
+            c.run("DELETE FROM gateway_s3_upload WHERE upload_id = ?", (upload.upload_id,))
             return obj, _queue(self.meta, c, unused + old, time.time())
 
-    def abort_upload(self, upload_id: str) -> list[Blob]:
+    def abort_upload(self, upload_id: str) -> list[Key]:
         """Drop an upload and its parts; the blobs to free."""
         with self.meta.txn(write=True, locks=(upload_id,)) as c:
-            if not c.one("SELECT 1 FROM s3_upload WHERE upload_id = ?", (upload_id,)):
+            if not c.one("SELECT 1 FROM gateway_s3_upload WHERE upload_id = ?", (upload_id,)):
                 raise S3Error("NoSuchUpload", "The specified upload does not exist.", 404)
-            keys = [r[0] for r in c.all("SELECT blob FROM s3_part WHERE upload_id = ?", (upload_id,))]
-            c.run("DELETE FROM s3_part WHERE upload_id = ?", (upload_id,))
-            c.run("DELETE FROM s3_upload WHERE upload_id = ?", (upload_id,))
+            keys = [r[0] for r in c.all("SELECT blob FROM gateway_s3_part WHERE upload_id = ?", (upload_id,))]
+            c.run("DELETE FROM gateway_s3_part WHERE upload_id = ?", (upload_id,))
+            c.run("DELETE FROM gateway_s3_upload WHERE upload_id = ?", (upload_id,))
             return _queue(self.meta, c, keys, time.time())
 
     def stale_uploads(self, older_than: float, limit: int = 100) -> list[str]:
         """Ids of uploads started before older_than (Unix seconds)."""
         with self.meta.txn() as c:
-            return [r[0] for r in c.all("SELECT upload_id FROM s3_upload WHERE created < ? "
+            return [r[0] for r in c.all("SELECT upload_id FROM gateway_s3_upload WHERE created < ? "
                                         "ORDER BY created LIMIT ?", (older_than, limit))]
 
 
 SCHEMA = """
-CREATE TABLE s3_bucket (
+CREATE TABLE gateway_s3_bucket (
     name        {path}   PRIMARY KEY,
     created     {real}   NOT NULL,
     public_read SMALLINT NOT NULL DEFAULT 0 CHECK (public_read IN (0, 1))
 );
-CREATE TABLE s3_object (
+CREATE TABLE gateway_s3_object (
     bucket       {path}   NOT NULL,
     key          {path}   NOT NULL,
     size         {bigint} NOT NULL CHECK (size >= 0),
@@ -357,7 +358,7 @@ CREATE TABLE s3_object (
     blobs        TEXT     NOT NULL DEFAULT '[]',
     PRIMARY KEY (bucket, key)
 );
-CREATE TABLE s3_upload (
+CREATE TABLE gateway_s3_upload (
     upload_id    TEXT     PRIMARY KEY,
     bucket       {path}   NOT NULL,
     key          {path}   NOT NULL,
@@ -365,9 +366,9 @@ CREATE TABLE s3_upload (
     meta         TEXT     NOT NULL DEFAULT '{{}}',
     created      {real}   NOT NULL
 );
-CREATE INDEX s3_upload_key ON s3_upload (bucket, key, upload_id);
-CREATE INDEX s3_upload_created ON s3_upload (created);
-CREATE TABLE s3_part (
+CREATE INDEX gateway_s3_upload_key ON gateway_s3_upload (bucket, key, upload_id);
+CREATE INDEX gateway_s3_upload_created ON gateway_s3_upload (created);
+CREATE TABLE gateway_s3_part (
     upload_id    TEXT     NOT NULL,
     number       INTEGER  NOT NULL CHECK (number BETWEEN 1 AND 10000),
     size         {bigint} NOT NULL CHECK (size >= 0),
