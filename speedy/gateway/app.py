@@ -87,8 +87,6 @@ class GatewayApp:
             route_of(environ.get("PATH_INFO", ""))
         if req is not None and req.method == "HEAD":
             resp = resp.without_body()
-        if req is not None and resp.status >= 400 and req.has_body:
-            req.drain()
         self.stats.observe(route, resp.status, time.monotonic() - t0)
         start_response(status_line(resp.status), resp.headers)
         body = resp.body
