@@ -93,7 +93,7 @@ class GatewayApp:
         if isinstance(body, (bytes, bytearray)):
             if resp.on_close is not None:
                 resp.on_close()
-            return [bytes(body)]
+            return [body]  # bytes, or the bytearray the client read (no copy)
         return _Body(body, resp.on_close)
 
     def error_response(self, e: Exception) -> Response:
