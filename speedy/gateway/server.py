@@ -251,6 +251,8 @@ class HTTPServer:
         try:
             while True:
                 i = conn.buf.find(b"\r\n\r\n", start)
+                if i > MAX_HEAD:
+                    raise BadRequest(431, "request head larger than 64 KiB")
                 if i >= 0:
                     head = bytes(conn.buf[:i])
                     del conn.buf[:i + 4]
