@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import time
 from argparse import Namespace
 
 from speedy.gateway.stats import GatewayStats
@@ -63,8 +64,12 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     done = gevent.event.Event()
 
     def stop() -> None:
-        server.stop(timeout=STOP_TIMEOUT)
-        done.set()
+        t0 = time.monotonic()
+        try:
+            server.stop(timeout=STOP_TIMEOUT)
+        finally:
+            log.debug("worker %d stopped serving in %.3f s", slot, time.monotonic() - t0)
+            done.set()
 
     def on_hup() -> None:
         reopen_logs()
