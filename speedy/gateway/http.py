@@ -85,6 +85,7 @@ class Request:
             raise HTTPError(413, f"body of {self.content_length} bytes is larger than the "
                                  f"limit of {max_body}")
         self.max_body = max_body
+        self.route = "other"   # the metrics label the app gives this request
         self._input = environ.get("wsgi.input")
         self._left = self.content_length       # None: read to the end (chunked)
         self._got = 0
