@@ -214,12 +214,12 @@ def server_cmd(port: int, group: int, data_dir: str, log: str, master_port: int,
             f"--error_log={log}"]
 
 
-def gateway_cmd(port: int, master_port: int, metadb: str, log: str,
+def gateway_cmd(port: int, master_port: int, metadb: str, log: str, workers: int = 1,
                 python: str = sys.executable) -> list[str]:
     """The `speedy gateway` command line (one worker: a local cluster is for trying)."""
     return [python, *GATEWAY_MODULE, f"--ip={HOST}", f"--port={port}",
-            f"--master={HOST}:{master_port}", f"--metadb=sqlite:///{metadb}", "--workers=1",
-            f"--error_log={log}"]
+            f"--master={HOST}:{master_port}", f"--metadb=sqlite:///{metadb}",
+            f"--workers={workers}", f"--error_log={log}"]
 
 
 def route_statuses(master: Master) -> dict[tuple[str, int], int]:
