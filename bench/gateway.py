@@ -57,7 +57,7 @@ def main() -> int:
             os.makedirs(f"{root}/cs{i}/data")
             master.init_server(1, "127.0.0.1", sport)
             procs.append(local.spawn(local.server_cmd(
-                sport, 1, f"{root}/cs{i}/data", f"{root}/cs{i}/s.log", mport, chunks=4,
+                sport, 1, f"{root}/cs{i}/data", f"{root}/cs{i}/s.log", mport, chunks=8,
                 chunk_size=256 << 20, mem_blocks=64), f"{root}/out.log"))
             addrs.append(("127.0.0.1", sport))
         local.wait_until(lambda: local.all_rw(master, addrs), 60, "the chunkservers")

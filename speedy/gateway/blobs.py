@@ -8,6 +8,7 @@ other clients get a sniffed Content-Type and the key itself as their ETag.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -153,7 +154,7 @@ def download(app: "GatewayApp", req: Request, key: str) -> Response:
     etag = f'"{rec.etag}"' if rec else f'"{key}"'
     headers = [("ETag", etag), ("Cache-Control", CACHE_CONTROL), ("Accept-Ranges", "bytes")]
     if rec is not None:
-        headers.append(("Last-Modified", formatdate(rec.mtime, usegmt=True)))
+        headers.append(("Last-Modified", http_date_text(rec.mtime)))
     if not_modified(req, etag, rec.mtime if rec else None):
         return Response(304, headers)
     headers.insert(0, ("Content-Type", ctype))
@@ -214,6 +215,12 @@ def stream_parts(app: "GatewayApp", k: Key, m: Manifest, start: int, end: int,
     finally:
         if nxt is not None:
             nxt.cancel()
+
+
+@functools.lru_cache(maxsize=4096)
+def http_date_text(seconds: int) -> str:
+    """An HTTP-date (IMF-fixdate) for unix seconds."""
+    return formatdate(seconds, usegmt=True)
 
 
 def http_date(value: str) -> int:

@@ -72,7 +72,7 @@ class Request:
         self.query_string: str = environ.get("QUERY_STRING", "")
         try:
             pairs = parse_qsl(self.query_string, keep_blank_values=True,
-                              strict_parsing=False, errors="strict")
+                              strict_parsing=False, errors="strict") if self.query_string else []
         except (UnicodeDecodeError, ValueError):
             raise HTTPError(400, "malformed query string") from None
         self.query: dict[str, str] = dict(pairs)
