@@ -22,6 +22,7 @@ CONNECTION_TIMEOUT = 60.0
 MAX_CONNECTIONS = 10000
 PART_SIZE = 4 << 20
 UPLOAD_PARALLEL = 2     # parts in flight per upload: bounds an upload's memory
+IDLE_CHUNK_CONNECTIONS = 64  # per chunkserver, per worker
 
 
 def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
@@ -55,6 +56,8 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     client = Client(cfg.master, token=cfg.token or None, timeout=cfg.timeout,
                     connect_timeout=min(3.0, cfg.timeout), part_size=PART_SIZE,
                     parallel=UPLOAD_PARALLEL)
+    # many HTTP connections at once: keep enough idle chunkserver connections to reuse
+    client.pool.max_idle = max(client.pool.max_idle, IDLE_CHUNK_CONNECTIONS)
     app = GatewayApp(client, meta, signing_key=cfg.signing_key, max_body=cfg.max_body,
                      stats=stats, metrics=stats.render, records=records)
 
