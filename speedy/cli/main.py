@@ -1,4 +1,4 @@
-"""The `speedy` command: put/get/rm/stat/status/admin/bench/local/gateway/url on top of speedy.client.
+"""The `speedy` command: put/get/rm/stat/status/admin/bench/local/gateway/url over the client.
 
 Exit codes: 0 success, 1 not found (a key or a local file), 2 usage error, 3 cluster
 error. Errors are one line on stderr, never a traceback.

@@ -136,7 +136,8 @@ class Body:
 
     def drain(self, limit: int = DRAIN_LIMIT) -> bool:
         """Read and drop the unread body; True when it ended within limit bytes."""
-        self.on_first_read = None  # no 100 Continue for a body nobody wants
+        if self.on_first_read is not None and not self.done:
+            return False  # the client waits for a 100 Continue nobody sent: just close
         try:
             while not self.done and limit > 0:
                 limit -= len(self.read(min(RECV, limit)) or b"")
