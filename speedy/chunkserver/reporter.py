@@ -97,6 +97,9 @@ class Reporter(threading.Thread):
 
     def _failed(self, target: str, reason: str) -> None:
         if reason != self._failure:
-            log.warning("cannot report to master %s: %s (still serving; will keep trying "
-                        "every %gs)", target, reason, self.interval)
+            how = (f"; register it with: speedy --master {target} admin add-server "
+                   f"{self.cfg.group_id} {self.cfg.ip}:{self.cfg.port}"
+                   if "not registered" in reason else "")  # logged once, like the failure
+            log.warning("cannot report to master %s: %s%s (still serving; will keep trying "
+                        "every %gs)", target, reason, how, self.interval)
         self._failure = reason

@@ -18,7 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from speedy.client.client import RW, ClusterError, Master
+from speedy.client.client import RW, ClusterError, Master, MasterError
+from speedy.common.config import MAX_CHUNKS, MAX_MEM_BLOCKS, int_range, positive_float
+from speedy.format.chunkfile import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 MASTER_MODULE = ["-m", "speedy.master"]       # spy_master, from any directory
 SERVER_MODULE = ["-m", "speedy.chunkserver"]  # spy_server
@@ -212,12 +214,12 @@ def server_cmd(port: int, group: int, data_dir: str, log: str, master_port: int,
             f"--error_log={log}"]
 
 
-def gateway_cmd(port: int, master_port: int, metadb: str, log: str,
+def gateway_cmd(port: int, master_port: int, metadb: str, log: str, workers: int = 1,
                 python: str = sys.executable) -> list[str]:
     """The `speedy gateway` command line (one worker: a local cluster is for trying)."""
     return [python, *GATEWAY_MODULE, f"--ip={HOST}", f"--port={port}",
-            f"--master={HOST}:{master_port}", f"--metadb=sqlite:///{metadb}", "--workers=1",
-            f"--error_log={log}"]
+            f"--master={HOST}:{master_port}", f"--metadb=sqlite:///{metadb}",
+            f"--workers={workers}", f"--error_log={log}"]
 
 
 def route_statuses(master: Master) -> dict[tuple[str, int], int]:
@@ -305,11 +307,58 @@ def fresh_state(root: str, base_port: int, n_servers: int) -> State:
                  Daemon("gateway", gw_port))
 
 
+def describe(state: State) -> str:
+    """"master on port P, servers on ports A, B"."""
+    return (f"master on port {state.master.port}, servers on ports "
+            f"{', '.join(str(s.port) for s in state.servers)}" +
+            (f", gateway on port {state.gateway.port}" if state.gateway else ""))
+
+
+def chosen_state(ns: argparse.Namespace, root: str) -> State:
+    """The saved cluster, or a new layout when none runs and the options differ."""
+    base = DEFAULT_BASE_PORT if ns.base_port is None else ns.base_port
+    servers = 3 if ns.servers is None else ns.servers
+    state = State.load(root)
+    if state is None:
+        return fresh_state(root, base, servers)
+    other_port = ns.base_port is not None and ns.base_port != state.master.port
+    other_count = ns.servers is not None and ns.servers != len(state.servers)
+    if not (other_port or other_count):
+        return state
+    if any(running(d, root) for d in state.daemons()):
+        raise LocalError(f"a local cluster already runs in {root}: {describe(state)}; "
+                         f"stop it first (speedy local down --dir {root}) or use another "
+                         f"--dir")
+    return fresh_state(root, base if ns.base_port is not None else state.master.port,
+                       servers if ns.servers is not None else len(state.servers))
+
+
+def drop_stale(master: Master, state: State) -> list[str]:
+    """Remove the master's registrations of servers this cluster no longer has (a run
+    with another --base-port or --servers); the "host:port" of each one removed."""
+    want = {(s.group, HOST, s.port) for s in state.servers}
+    try:
+        listed = master.all_servers() or []
+    except ClusterError:
+        return []
+    dropped = []
+    for s in listed:
+        if (s.group_id, s.ip, s.port) in want:
+            continue
+        try:
+            master.request("POST", "/v1/chunkserver/removeserver",
+                           {"GroupId": s.group_id, "Ip": s.ip, "Port": s.port})
+        except MasterError:
+            continue
+        dropped.append(f"{s.ip}:{s.port}")
+    return dropped
+
+
 def up(ns: argparse.Namespace) -> int:
     """Start what is not running, register, wait until every server is RW."""
     root = os.path.abspath(ns.dir)
     os.makedirs(root, exist_ok=True)
-    state = State.load(root) or fresh_state(root, ns.base_port, ns.servers)
+    state = chosen_state(ns, root)
     todo = [d for d in state.daemons() if not running(d, root)]
     busy = [d.port for d in todo if not port_free(d.port)]
     if busy:
@@ -355,6 +404,11 @@ def start(ns: argparse.Namespace, state: State, todo: list[Daemon],
         if d is m or d is state.gateway:
             wait_until(lambda: listening(d.port), ns.wait, f"the {d.name} on port {d.port}",
                        died(procs[d.name], d, root))
+        if d is m:
+            dropped = drop_stale(master, state)
+            if dropped:
+                print(f"dropped the registrations of servers this cluster no longer runs: "
+                      f"{', '.join(dropped)}", file=sys.stderr)
     addrs = [(HOST, s.port) for s in state.servers]
 
     def any_died() -> str | None:
@@ -383,6 +437,8 @@ def print_usage(state: State, already: bool) -> None:
     m = f"{HOST}:{state.master.port}"
     servers = " ".join(f"{HOST}:{s.port}" for s in state.servers)
     flag = "" if state.master.port == DEFAULT_BASE_PORT else f" --master {m}"
+    if len(state.servers) < 2:  # the client's default needs 2 RW servers per group
+        flag += f" --min-replicas {len(state.servers)}"
     print(f"speedy local cluster {'is already' if already else 'is'} up: master {m}, "
           f"group 1 = {servers}\ndata and logs in {state.dir}\n\n"
           f"  key=$(python -m speedy{flag} put FILE)\n"
@@ -443,17 +499,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--dir", default=os.environ.get("SPEEDY_LOCAL_DIR", DEFAULT_DIR),
                    help="where data, logs and pids go (default %(default)s)")
-    p.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
-                   help="the master's port; chunkservers use the next ones "
-                        "(default %(default)s)")
-    p.add_argument("--servers", type=int, choices=range(1, 10), default=3, metavar="N",
-                   help="chunkservers in the group (default %(default)s)")
-    p.add_argument("--chunks", type=int, default=4, help="chunk files per server (4)")
-    p.add_argument("--chunk-size", type=int, default=64 << 20,
-                   help="bytes per chunk file (64 MiB)")
-    p.add_argument("--mem-blocks", type=int, default=64,
-                   help="upload memory blocks of 1 MiB per server (64)")
-    p.add_argument("--wait", type=float, default=60.0,
+    p.add_argument("--base-port", type=int_range(1, 65535), default=None,
+                   help=f"the master's port; chunkservers use the next ones "
+                        f"(default {DEFAULT_BASE_PORT}, or the running cluster's)")
+    p.add_argument("--servers", type=int_range(1, 9), default=None, metavar="N",
+                   help="chunkservers in the group, 1..9 (default 3, or the running "
+                        "cluster's); with 1, print commands use --min-replicas 1")
+    p.add_argument("--chunks", type=int_range(1, MAX_CHUNKS), default=4,
+                   help=f"chunk files per server, 1..{MAX_CHUNKS} (default 4)")
+    p.add_argument("--chunk-size", type=int_range(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
+                   default=64 << 20, help="bytes per chunk file (default 64 MiB)")
+    p.add_argument("--mem-blocks", type=int_range(1, MAX_MEM_BLOCKS), default=64,
+                   help="upload memory blocks of 1 MiB per server (default 64)")
+    p.add_argument("--wait", type=positive_float, default=60.0,
                    help="seconds to wait for start or stop (default %(default)s)")
 
 

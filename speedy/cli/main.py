@@ -1,4 +1,4 @@
-"""The `speedy` command: put/get/rm/stat/status/admin/bench/local/gateway/url on top of speedy.client.
+"""The `speedy` command: put/get/rm/stat/status/admin/bench/local/gateway/url over the client.
 
 Exit codes: 0 success, 1 not found (a key or a local file), 2 usage error, 3 cluster
 error. Errors are one line on stderr, never a traceback.
@@ -17,9 +17,10 @@ import configargparse
 
 from speedy import __version__
 from speedy.client.chunkconn import format_addr, parse_addr
-from speedy.common.config import int_range, positive_float as positive
+from speedy.common.config import ConfigFileParser, HelpFormatter, int_range, spellings
+from speedy.common.config import positive_float as positive
 from speedy.client.client import (DEFAULT_MASTER, DEFAULT_PART_SIZE, Client, NotFoundError, ServerInfo,
-                     SpeedyError)
+                     SpeedyError, master_address)
 from speedy.wire.manifest import KeyFormatError, parse_key
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_CLUSTER = 0, 1, 2, 3
@@ -43,7 +44,18 @@ class UsageError(Exception):
 
 
 class Parser(configargparse.ArgParser):
-    """An ArgParser whose errors are exceptions (one line, exit 2), not usage dumps."""
+    """An ArgParser whose errors are exceptions (one line, exit 2), not usage dumps;
+    both spellings of each long option (--part-size, --part_size); config-file keys
+    checked (an unknown one names the file and the line)."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kw)
+        self._config_file_parser = ConfigFileParser(self)
+
+    def add_argument(self, *names: str, **kw):
+        """add_argument with the other spelling of each long option as an alias."""
+        return super().add_argument(*spellings(names), **kw)
 
     def error(self, message: str) -> None:
         where = self.prog.split(" ", 1)[1] if " " in self.prog else ""
@@ -51,9 +63,9 @@ class Parser(configargparse.ArgParser):
 
 
 def master_addr(text: str) -> str:
-    """An argparse type: HOST:PORT of the master."""
+    """An argparse type: HOST:PORT (or http://HOST:PORT/) of the master."""
     try:
-        return format_addr(parse_addr(text, 8099))
+        return master_address(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -102,8 +114,16 @@ def human(n: int | float) -> str:
     return str(n)
 
 
+def duration(seconds: float) -> str:
+    """1m05s / 12.3s style."""
+    if seconds >= 60:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{seconds:.1f}s"
+
+
 class ProgressLine:
-    """A progress line on stderr, only on a terminal and only past PROGRESS_MIN bytes."""
+    """A progress line on stderr (bytes, %, rate, ETA), only on a terminal and only past
+    PROGRESS_MIN bytes; finish() ends it with the total, the time and the mean rate."""
 
     def __init__(self, label: str, total: int | None = None, stream=None):
         self.label = label
@@ -112,32 +132,45 @@ class ProgressLine:
         self.enabled = self.stream.isatty()
         self.shown = False
         self.last = 0.0
+        self.start = time.monotonic()
+        self.done = 0
 
     def __call__(self, done: int, total: int | None = None) -> None:
         total = total or self.total
+        self.done = done
         if not self.enabled or max(done, total or 0) < PROGRESS_MIN:
             return
         now = time.monotonic()
         if now - self.last < 0.1 and (total is None or done < total):
             return
         self.last = now
+        elapsed = max(now - self.start, 1e-6)
+        rate = done / elapsed
         pct = f" {100 * done // total:3d}%" if total else ""
         of = f"/{human(total)}" if total else ""
-        self.stream.write(f"\r{self.label}: {human(done)}{of}{pct}  ")
+        eta = f" ETA {duration((total - done) / rate)}" if total and rate and done < total \
+            else ""
+        self.stream.write(f"\r{self.label}: {human(done)}{of}{pct} {human(rate)}/s{eta}  ")
         self.stream.flush()
         self.shown = True
 
-    def finish(self) -> None:
-        """End the line if one was drawn."""
-        if self.shown:
+    def finish(self, ok: bool = True) -> None:
+        """End the line: the total, the time and the mean rate (after a success)."""
+        if not self.enabled:
+            return
+        if ok and max(self.done, self.total or 0) >= PROGRESS_MIN:
+            elapsed = max(time.monotonic() - self.start, 1e-6)
+            self.stream.write(f"\r{self.label}: {human(self.done)} in {duration(elapsed)}, "
+                              f"{human(self.done / elapsed)}/s" + " " * 12 + "\n")
+        elif self.shown:
             self.stream.write("\n")
-            self.stream.flush()
+        self.stream.flush()
 
 
 def make_client(ns: argparse.Namespace) -> Client:
     """A Client from the global options."""
     return Client(ns.master, token=ns.token or None, timeout=ns.timeout,
-                  part_size=ns.part_size, parallel=ns.parallel)
+                  part_size=ns.part_size, parallel=ns.parallel, min_replicas=ns.min_replicas)
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -160,16 +193,20 @@ def cmd_put(ns: argparse.Namespace) -> int:
         for path in ns.files:
             if path == "-":
                 bar = ProgressLine("put stdin")
+                ok = False
                 try:
                     key = client.put(sys.stdin.buffer, progress=bar)
+                    ok = True
                 finally:
-                    bar.finish()
+                    bar.finish(ok)
             else:
                 bar = ProgressLine(f"put {path}", os.path.getsize(path))
+                ok = False
                 try:
                     key = client.put_file(path, progress=bar)
+                    ok = True
                 finally:
-                    bar.finish()
+                    bar.finish(ok)
             sys.stdout.write(key + "\n")
             sys.stdout.flush()
     return EXIT_OK
@@ -178,12 +215,17 @@ def cmd_put(ns: argparse.Namespace) -> int:
 def cmd_get(ns: argparse.Namespace) -> int:
     """get KEY [-o FILE]: the bytes to stdout or FILE (written whole, or not at all)."""
     key = parse_key(ns.key)
+    if not ns.output and sys.stdout.isatty():
+        raise UsageError(f"get: refusing to write the bytes of {key} to a terminal; "
+                         f"use -o FILE, a pipe, or -o - to force it")
     with make_client(ns) as client:
         bar = ProgressLine(f"get {key}")
+        ok = False
         try:
             if not ns.output or ns.output == "-":
                 client.get_to(key, sys.stdout.buffer, progress=bar)
                 sys.stdout.buffer.flush()
+                ok = True
                 return EXIT_OK
             target = os.path.abspath(ns.output)
             if os.path.isdir(target):
@@ -200,11 +242,12 @@ def cmd_get(ns: argparse.Namespace) -> int:
                     client.get_to(key, out, progress=bar)
                 os.chmod(tmp, 0o666 & ~umask())
                 os.replace(tmp, target)
+                ok = True
             except BaseException:
                 os.unlink(tmp)
                 raise
         finally:
-            bar.finish()
+            bar.finish(ok)
     return EXIT_OK
 
 
@@ -317,8 +360,7 @@ def cmd_remove_server(ns: argparse.Namespace) -> int:
     """admin remove-server GROUP HOST:PORT."""
     host, port = ns.server
     with make_client(ns) as client:
-        client.master.request("POST", "/v1/chunkserver/removeserver",
-                              {"GroupId": ns.group, "Ip": host, "Port": port})
+        client.remove_server(ns.group, host, port)
     print(f"removed {format_addr((host, port))} from group {ns.group}", file=sys.stderr)
     return EXIT_OK
 
@@ -358,6 +400,13 @@ def cmd_url(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_completion(ns: argparse.Namespace) -> int:
+    """completion bash|zsh: the completion script, generated from this parser."""
+    from speedy.cli.completion import SHELLS
+    sys.stdout.write(SHELLS[ns.shell](build_parser()))
+    return EXIT_OK
+
+
 def cmd_local(ns: argparse.Namespace) -> int:
     """local up|down|status."""
     from speedy.cli import local
@@ -371,12 +420,12 @@ def build_parser() -> Parser:
     """The whole command line."""
     p = Parser(prog="speedy", default_config_files=config_files(),
                description="speedy blob store client. Exit codes: 0 ok, 1 not found, "
-                           "2 usage error, 3 cluster error.",
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+                           "2 usage error, 3 cluster error.")
     p.add_argument("-c", "--config", is_config_file=True,
                    help="config file (key = value lines; default ~/.config/speedy/client.conf)")
     p.add_argument("--master", type=master_addr, default=DEFAULT_MASTER,
-                   env_var="SPEEDY_MASTER", help="master HOST:PORT (default %(default)s)")
+                   env_var="SPEEDY_MASTER",
+                   help="master HOST:PORT or http://HOST:PORT (default %(default)s)")
     p.add_argument("--token", default="", env_var="SPEEDY_TOKEN",
                    help="token for the master's write routes (X-Speedy-Token)")
     p.add_argument("--timeout", type=positive, default=10.0, env_var="SPEEDY_TIMEOUT",
@@ -386,6 +435,9 @@ def build_parser() -> Parser:
                    help="files larger than this are stored in parts (default 4M)")
     p.add_argument("--parallel", type=count, default=4, env_var="SPEEDY_PARALLEL",
                    help="parts uploaded at once (default %(default)s)")
+    p.add_argument("--min-replicas", type=count, default=2, env_var="SPEEDY_MIN_REPLICAS",
+                   help="a put needs a group with at least this many RW servers "
+                        "(default %(default)s; 1 for a one-server cluster)")
     p.add_argument("--version", action="version", version=f"speedy {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -400,7 +452,8 @@ def build_parser() -> Parser:
     sp.add_argument("files", nargs="+", metavar="FILE")
     sp = cmd("get", cmd_get, "write a key's bytes to stdout or a file")
     sp.add_argument("key", metavar="KEY")
-    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    sp.add_argument("-o", "--output", metavar="FILE",
+                    help="write to FILE instead of stdout (- : stdout, even a terminal)")
     sp = cmd("rm", cmd_rm, "delete keys from every replica")
     sp.add_argument("keys", nargs="+", metavar="KEY")
     sp = cmd("stat", cmd_stat, "size, parts and replicas of a key")
@@ -444,6 +497,9 @@ def build_parser() -> Parser:
     from speedy.cli import local
     sp = cmd("local", cmd_local, "a local cluster: up, down or status")
     local.add_arguments(sp)
+    sp = cmd("completion", cmd_completion, "print a shell completion script: "
+             "eval \"$(speedy completion bash)\"")
+    sp.add_argument("shell", choices=["bash", "zsh"])
     return p
 
 

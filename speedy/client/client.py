@@ -19,11 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
-from speedy.client.chunkconn import ChunkError, ConnPool, Reply
+from speedy.client.chunkconn import ChunkError, ConnPool, Reply, format_addr, parse_addr
+from speedy.wire.manifest import MAGIC as MANIFEST_MAGIC
 from speedy.wire.manifest import (Key, KeyFormatError, Manifest, ManifestError, Part, as_key,
                        digest, parse_key)
-from speedy.wire.protocol import Err
-from speedy.client.master import (DEFAULT_MASTER, ERR, INIT, RO, RW,
+from speedy.wire.protocol import Err, WriteOutcome, write_outcome
+from speedy.client.master import (DEFAULT_MASTER, DEFAULT_MASTER_PORT, ERR, INIT, RO, RW,
                       STATUS_CODES, STATUS_NAMES, ClusterError, FidAllocator,
                       IntegrityError, Master, MasterError, NotFoundError, Route,
                       ServerInfo, SpeedyError, UploadError, choose_group,
@@ -36,6 +37,8 @@ __all__ = ["Client", "Stat", "ServerInfo", "Route", "Master", "FidAllocator",
            "DEFAULT_PART_SIZE", "INIT", "RW", "RO", "ERR", "STATUS_NAMES", "STATUS_CODES"]
 
 DEFAULT_PART_SIZE = 4 << 20
+UNDO_ATTEMPTS = 4          # DELETEs of a failed put's fid per server, at most
+UNDO_BACKOFF = 0.25        # seconds before the 2nd attempt, doubled after each
 Progress = Callable[[int, "int | None"], None]
 
 
@@ -50,6 +53,42 @@ class Stat:
     replicas: list[str]          # servers that hold the (manifest) blob
     missing: list[str]           # servers of the group that do not, or did not answer
     part_keys: list[str] = field(default_factory=list)
+
+
+def not_multipart(key: Key) -> NotFoundError:
+    """The error for a multi-part key whose blob is a plain file."""
+    return NotFoundError(f"{key} is not a multi-part file ({key.blob()} is a plain file: "
+                         f"use the key without the m)")
+
+
+def master_address(text: str) -> str:
+    """"host:port" of the master from HOST[:PORT] or http://HOST[:PORT][/]; ValueError."""
+    t = text.strip()
+    low = t.lower()
+    if low.startswith(("http://", "https://")):
+        if low.startswith("https://"):
+            raise ValueError(f"{text!r}: the master speaks plain HTTP (http://)")
+        t = t[len("http://"):].rstrip("/")
+        if "/" in t:
+            raise ValueError(f"{text!r}: give the master's address, not a path")
+    return format_addr(parse_addr(t, DEFAULT_MASTER_PORT))
+
+
+def upload_error(message: str, cleaned: list[str], orphans: dict[str, str]) -> UploadError:
+    """The UploadError of a failed put; names the keys that may be partially stored.
+
+    orphans: {"key@host:port": why its DELETE failed}.
+    """
+    text = message
+    if orphans:
+        keys = sorted({o.split("@", 1)[0] for o in orphans})
+        text += (f"; {'key' if len(keys) == 1 else 'keys'} {', '.join(keys)} may be "
+                 f"partially stored: could not delete "
+                 + "; ".join(f"{o} ({why})" for o, why in orphans.items())
+                 + " (remove it later with `speedy rm KEY`)")
+    err = UploadError(text, cleaned, list(orphans))
+    err.message, err.reasons = message, dict(orphans)  # type: ignore[attr-defined]
+    return err
 
 
 def read_full(f: BinaryIO, n: int) -> bytes:
@@ -71,10 +110,10 @@ class Client:
                  timeout: float = 10.0, connect_timeout: float = 3.0,
                  master_timeout: float = 5.0, part_size: int = DEFAULT_PART_SIZE,
                  parallel: int = 4, min_replicas: int = 2, route_ttl: float = 5.0,
-                 write_attempts: int = 3):
+                 write_attempts: int = 3, undo_attempts: int = UNDO_ATTEMPTS):
         if part_size < 1:
             raise ValueError("part_size must be >= 1")
-        self.master = Master(master, token, master_timeout)
+        self.master = Master(master_address(master), token, master_timeout)
         self.pool = ConnPool(timeout, connect_timeout)
         self.fids = FidAllocator(self.master.fid_range)
         self.part_size = part_size
@@ -82,6 +121,7 @@ class Client:
         self.min_replicas = min_replicas
         self.route_ttl = route_ttl
         self.write_attempts = max(1, write_attempts)
+        self.undo_attempts = max(1, undo_attempts)
         self._route: Route | None = None
         self._route_lock = threading.Lock()
         self._pools_lock = threading.Lock()
@@ -215,7 +255,7 @@ class Client:
         size = len(data)
         failed: set[int] = set()
         cleaned: list[str] = []
-        orphans: list[str] = []
+        orphans: dict[str, str] = {}
         last: SpeedyError | None = None
         for attempt in range(self.write_attempts):
             if attempt:
@@ -225,28 +265,56 @@ class Client:
             if g is None and failed:
                 g = choose_group(route.groups, size, self.min_replicas)
             if g is None:
-                last = ClusterError(explain_no_group(route.groups, size, self.min_replicas))
+                why = explain_no_group(route.groups, size, self.min_replicas)
+                if f"need {self.min_replicas}" in why:
+                    why += " (fewer replicas: --min-replicas, Client(min_replicas=))"
+                last = ClusterError(why)
                 continue
             servers = [s for s in route.groups[g] if s.status == RW]
             fid = self.fids.take()
             replies = self._fan_out(lambda s: self.pool.write(s.addr, g, fid, data), servers)
             if all(isinstance(r, Reply) and r.ok for r in replies):
                 return Key(g, fid)
-            why = "; ".join(f"{s.name}: {r if isinstance(r, ChunkError) else r.err_name}"
+            why = "; ".join(str(r) if isinstance(r, ChunkError) else f"{s.name}: {r.err_name}"
                             for s, r in zip(servers, replies)
                             if not (isinstance(r, Reply) and r.ok))
-            # Delete where the write may have landed: SUCCESS, or no answer. An error code
-            # means nothing was stored (and FILE_EXISTS is someone else's file: keep it).
-            mine = [s for s, r in zip(servers, replies)
-                    if isinstance(r, ChunkError) or r.ok]
-            orphans += [f"{g},{fid}@{n}" for n in self._delete_quietly(Key(g, fid), mine)]
+            # Delete wherever the write may have landed: SUCCESS, or an "unknown" outcome
+            # (WRITE_ERROR, INTERNAL_ERROR, no answer). Refused-before-I/O answers stored
+            # nothing (and FILE_EXISTS is someone else's file: keep it).
+            maybe = [s for s, r in zip(servers, replies)
+                     if write_outcome(r.err if isinstance(r, Reply) else None)
+                     != WriteOutcome.NOT_STORED]
+            left = self._undo_write(Key(g, fid), maybe)
+            orphans.update({f"{g},{fid}@{name}": reason for name, reason in left.items()})
             cleaned.append(f"{g},{fid}")
             failed.add(g)
             self.invalidate_route()
             last = UploadError(f"write of {size} bytes to group {g} failed ({why})")
         msg = str(last) + (f" after {self.write_attempts} attempts"
                            if self.write_attempts > 1 else "")
-        raise UploadError(msg, cleaned, orphans)
+        raise upload_error(msg, cleaned, orphans)
+
+    def _undo_write(self, key: Key, servers: list[ServerInfo]) -> dict[str, str]:
+        """DELETE key on servers until each answers SUCCESS or FILE_NOT_FOUND (at most
+        undo_attempts rounds, no new round after one socket timeout's worth of time);
+        {server: last reason} of those where it may still be readable."""
+        left: dict[str, str] = {}
+        t0 = time.monotonic()
+        for attempt in range(self.undo_attempts):
+            if attempt and time.monotonic() - t0 > self.pool.timeout:
+                break
+            if attempt:
+                time.sleep(UNDO_BACKOFF * 2 ** (attempt - 1))
+            replies = self._fan_out(
+                lambda s: self.pool.delete(s.addr, key.group_id, key.fid), servers)
+            left = {s.name: (str(r).removeprefix(f"{s.name}: ") if isinstance(r, ChunkError)
+                             else r.err_name)
+                    for s, r in zip(servers, replies)
+                    if not (isinstance(r, Reply) and r.err in (Err.SUCCESS, Err.FILE_NOT_FOUND))}
+            servers = [s for s in servers if s.name in left]
+            if not servers:
+                break
+        return left
 
     def _put_part(self, data: bytes | memoryview) -> Part:
         key = self._put_blob(data)
@@ -284,14 +352,22 @@ class Client:
                 except BaseException:
                     pass
             cleaned = [str(p.key) for p in parts]
-            orphans = [f"{p.key}@{n}" for p in parts for n in self._delete_quietly(p.key)]
+            orphans = {f"{p.key}@{name}": why for p in parts
+                       for name, why in self._undo_write(p.key, self._members(p.key)).items()}
             if isinstance(e, UploadError):
-                e.cleaned = cleaned + e.cleaned
-                e.orphans = orphans + e.orphans
-                raise
+                orphans.update(getattr(e, "reasons", dict.fromkeys(e.orphans, "unknown")))
+                raise upload_error(getattr(e, "message", str(e)), cleaned + e.cleaned,
+                                   orphans) from None
             if isinstance(e, SpeedyError):
-                raise UploadError(f"multi-part upload failed: {e}", cleaned, orphans) from e
+                raise upload_error(f"multi-part upload failed: {e}", cleaned, orphans) from e
             raise
+
+    def _members(self, key: Key) -> list[ServerInfo]:
+        """The servers of key's group ([] when the route does not know it)."""
+        try:
+            return self._group(key.group_id)
+        except SpeedyError:
+            return []
 
     def _delete_quietly(self, key: Key, servers: list[ServerInfo] | None = None) -> list[str]:
         """DELETE a blob wherever possible; the servers it may still be on."""
@@ -332,14 +408,26 @@ class Client:
         raise cls(f"cannot read {key}: {'; '.join(errors)}")
 
     def _read_manifest(self, key: Key) -> Manifest:
-        """The manifest of a multi-part key."""
+        """The manifest of a multi-part key (NotFoundError naming key, with its m)."""
+        plain: list[bool] = []
+
         def valid(body: bytes) -> bool:
             try:
                 Manifest.decode(body)
                 return True
             except ManifestError:
+                plain.append(bytes(body[:len(MANIFEST_MAGIC)]) != MANIFEST_MAGIC)
                 return False
-        return Manifest.decode(self._read_blob(key.blob(), valid))
+        try:
+            return Manifest.decode(self._read_blob(key.blob(), valid))
+        except NotFoundError as e:
+            text, blob = str(e), f"{key.blob()} not found"
+            raise NotFoundError(f"{key} not found" + text[len(blob):]
+                                if text.startswith(blob) else text) from None
+        except IntegrityError:
+            if plain and all(plain):
+                raise not_multipart(key) from None
+            raise
 
     def _read_part(self, key: Key, i: int, part: Part) -> bytes:
         """One part, verified against its size and sha256."""
@@ -418,6 +506,8 @@ class Client:
         try:
             m = Manifest.decode(body)
         except ManifestError as e:
+            if not bytes(body[:len(MANIFEST_MAGIC)]) == MANIFEST_MAGIC:
+                raise not_multipart(k) from None
             raise IntegrityError(f"{k}: {e}") from None
         return Stat(str(k), m.total_size, True, len(m.parts), [s.name for s, _ in have],
                     missing, [str(p.key) for p in m.parts])
@@ -474,6 +564,18 @@ class Client:
     def add_server(self, group_id: int, host: str, port: int) -> None:
         """Register a chunkserver with the master (status INIT until it reports)."""
         self.master.init_server(group_id, host, port)
+        self.invalidate_route()
+
+    def remove_server(self, group_id: int, host: str, port: int) -> None:
+        """Drop a chunkserver from the master's registry; NotFoundError if it is not there."""
+        try:
+            self.master.request("POST", "/v1/chunkserver/removeserver",
+                                {"GroupId": group_id, "Ip": host, "Port": port})
+        except MasterError as e:
+            if e.status == 404:
+                raise NotFoundError(f"{format_addr((host, port))} is not registered in "
+                                    f"group {group_id}") from None
+            raise
         self.invalidate_route()
 
     def set_server_status(self, host: str, port: int, status: int | str) -> None:

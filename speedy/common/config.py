@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import io
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -29,8 +32,115 @@ SERVER_USAGE = """spy_server
 [--daemonize=<1 or 0>]
 --master_ip=<chunkmaster ip addr>
 --master_port=<chunkmaster port>
---group_id=<unique group id>
-(see --help for every option)"""
+--group_id=<unique group id>"""
+USAGE_HINT = "(see --help for every option)"
+CLI_ONLY = frozenset({"help", "version", "config", "print_config"})  # no env, no file key
+SECRETS = frozenset({"token", "signing_key"})  # and every option named *_key or *_token
+EPILOG = ("Every option can also be set in the --config file (key = value, one a line) "
+          "or in the environment variable shown; the command line wins over the "
+          "environment, the environment over the file, the file over the defaults.")
+CONFIG_LINE = re.compile(r"^\s*([^:=;#\s]+)")
+
+
+def spellings(names: Sequence[str]) -> list[str]:
+    """names plus the other spelling of each long option (--data_dir <-> --data-dir)."""
+    out = list(names)
+    for n in names:
+        if n.startswith("--"):
+            for alt in ("--" + n[2:].replace("_", "-"), "--" + n[2:].replace("-", "_")):
+                if alt not in out:
+                    out.append(alt)
+    return out
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once and only when there is one; one spelling per option."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if action.required or d is None or d is False or d == "" or d == argparse.SUPPRESS \
+                or "default" in text or not action.option_strings or action.dest in CLI_ONLY:
+            return text
+        return text + " (default: %(default)s)"
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        strings = action.option_strings
+        names = [o for i, o in enumerate(strings)  # the first spelling of each
+                 if not any(alt in strings[:i] for alt in spellings([o])[1:])]
+        if not names:
+            return super()._format_action_invocation(action)
+        if action.nargs == 0:
+            return ", ".join(names)
+        return f"{', '.join(names)} {self._format_args(action, action.dest.upper())}"
+
+
+class ConfigFileParser(configargparse.DefaultConfigFileParser):
+    """key = value lines; an unknown key is an error naming the file and the line."""
+
+    def __init__(self, parser: configargparse.ArgParser | None = None):
+        super().__init__()
+        self.parser = parser
+
+    def parse(self, stream):
+        """The items of a config file; ConfigFileParserException for an unknown key."""
+        text = stream.read()
+        name = getattr(stream, "name", "config file")
+        known = self.known_keys()
+        for number, line in enumerate(text.splitlines(), 1):
+            m = CONFIG_LINE.match(line)
+            if known is None or not m or line.strip()[:1] in ("#", ";", "[") \
+                    or line.strip().startswith("---"):
+                continue
+            key = m.group(1)
+            if key.lstrip("-") not in known:
+                near = difflib.get_close_matches(key.lstrip("-"), sorted(known), 1)
+                raise configargparse.ConfigFileParserException(
+                    f"{name}, line {number}: unknown option {key!r}"
+                    + (f" (did you mean {near[0]!r}?)" if near else ""))
+        body = io.StringIO(text)
+        body.name = name
+        return super().parse(body)
+
+    def known_keys(self) -> set[str] | None:
+        """The keys a config file may set (None: no parser to ask)."""
+        if self.parser is None:
+            return None
+        return {key.lstrip("-") for a in self.parser._actions if a.dest not in CLI_ONLY
+                for key in self.parser.get_possible_config_keys(a)}
+
+
+class DaemonParser(configargparse.ArgParser):
+    """The daemons' parser: env vars for settable options only, file:line errors."""
+
+    def __init__(self, *args, env_prefix: str = "", **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        kw.setdefault("epilog", EPILOG)
+        kw.setdefault("add_config_file_help", False)
+        self.env_prefix = env_prefix
+        super().__init__(*args, **kw)
+        self._config_file_parser = ConfigFileParser(self)
+
+    def add_argument(self, *names: str, **kw):
+        """Both spellings of every long option: --data_dir and --data-dir."""
+        action = super().add_argument(*spellings(names), **kw)
+        if self.env_prefix and action.dest not in CLI_ONLY and action.option_strings:
+            action.env_var = self.env_prefix + action.dest.upper()
+        return action
+
+    def format_help(self) -> str:
+        """argparse's help without configargparse's own precedence note (EPILOG has it)."""
+        text = super().format_help()
+        return re.sub(r"\s*In general, command-line values override.*?defaults\.\s*$", "\n",
+                      text, flags=re.S)
+
+    def error(self, message: str):
+        """Usage, the --help hint, the message; exit 2."""
+        self.print_usage(sys.stderr)
+        if self.usage:
+            print(USAGE_HINT, file=sys.stderr)
+        message = re.sub(r"(--(\w+))/--[\w-]+", r"\1", message)  # one spelling per flag
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -70,12 +180,12 @@ port = int_range(1, 65535)
 port_or_zero = int_range(0, 65535)
 
 
-def _common(p: configargparse.ArgParser) -> None:
+def _common(p: configargparse.ArgParser, pid_help: str) -> None:
     """Options every daemon has."""
     p.add_argument("--config", is_config_file=True, help="config file (key = value lines)")
     p.add_argument("--error_log", default="", help="log file (default: stderr)")
     p.add_argument("--daemonize", type=flag01, default=0, help="detach as a daemon, 0 or 1")
-    p.add_argument("--pidfile", default="", help="write the supervisor's pid here")
+    p.add_argument("--pidfile", default="", help=pid_help)
     p.add_argument("--log_level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     p.add_argument("--print_config", "--print-config", action="store_true",
@@ -85,10 +195,9 @@ def _common(p: configargparse.ArgParser) -> None:
 
 def server_parser() -> configargparse.ArgParser:
     """The chunkserver's option parser (the seed usage text plus the new flags)."""
-    p = configargparse.ArgParser(
-        prog="spy_server", usage=SERVER_USAGE, auto_env_var_prefix=SERVER_ENV_PREFIX,
-        description="speedy chunkserver: stores blobs in preallocated chunk files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = DaemonParser(
+        prog="spy_server", usage=SERVER_USAGE, env_prefix=SERVER_ENV_PREFIX,
+        description="speedy chunkserver: stores blobs in preallocated chunk files.")
     p.add_argument("--port", type=port, default=8000, help="listen port")
     p.add_argument("--ip", default="127.0.0.1", help="listen address")
     p.add_argument("--data_dir", default=".", help="folder of the chunk files")
@@ -110,19 +219,18 @@ def server_parser() -> configargparse.ArgParser:
     p.add_argument("--metrics_port", type=port_or_zero, default=0,
                    help="Prometheus metrics port (0: off)")
     p.add_argument("--admin_allow", default="",
-                   help="addresses allowed to send admin opcodes, comma separated "
-                        "(default: loopback and the master's address)")
+                   help="addresses, CIDRs or host names allowed to send admin opcodes, "
+                        "comma separated (default: loopback and the master's address)")
     p.add_argument("--token", default="", help="shared token sent to the master")
-    _common(p)
+    _common(p, "pid file of the supervisor (written at start, removed at exit)")
     return p
 
 
 def master_parser() -> configargparse.ArgParser:
     """The chunkmaster's option parser."""
-    p = configargparse.ArgParser(
-        prog="spy_master", auto_env_var_prefix=MASTER_ENV_PREFIX,
-        description="speedy chunkmaster: group registry, heartbeats and fids in SQLite.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = DaemonParser(
+        prog="spy_master", env_prefix=MASTER_ENV_PREFIX,
+        description="speedy chunkmaster: group registry, heartbeats and fids in SQLite.")
     p.add_argument("--ip", default="127.0.0.1", help="listen address")
     p.add_argument("--port", type=port_or_zero, default=8099, help="listen port")
     p.add_argument("--db", default="./speedy_master.db", help="SQLite database file")
@@ -132,16 +240,15 @@ def master_parser() -> configargparse.ArgParser:
                    help="seconds between health checks")
     p.add_argument("--token", default="",
                    help="shared token required on write routes (empty: none)")
-    _common(p)
+    _common(p, "pid file of the master (written at start, removed at exit)")
     return p
 
 
 def gateway_parser() -> configargparse.ArgParser:
     """The HTTP gateway's option parser."""
-    p = configargparse.ArgParser(
-        prog="speedy gateway", auto_env_var_prefix=GATEWAY_ENV_PREFIX,
-        description="speedy HTTP gateway: blobs over HTTP and the original front end's API.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = DaemonParser(
+        prog="speedy gateway", env_prefix=GATEWAY_ENV_PREFIX,
+        description="speedy HTTP gateway: blobs over HTTP and the original front end's API.")
     p.add_argument("--ip", default="127.0.0.1", help="listen address")
     p.add_argument("--port", type=port_or_zero, default=8088, help="listen port")
     p.add_argument("--master", default="127.0.0.1:8099", help="chunkmaster HOST:PORT")
@@ -158,7 +265,7 @@ def gateway_parser() -> configargparse.ArgParser:
                    help="seconds for each chunkserver call")
     p.add_argument("--metrics_port", type=port_or_zero, default=0,
                    help="Prometheus metrics port (0: off; GET /metrics is always served)")
-    _common(p)
+    _common(p, "pid file of the gateway's supervisor (written at start, removed at exit)")
     return p
 
 
@@ -170,9 +277,27 @@ def absolutize(ns: argparse.Namespace, names: Sequence[str]) -> None:
             setattr(ns, name, os.path.abspath(value))
 
 
+def secret(dest: str) -> bool:
+    """True for an option whose value print_config must not show."""
+    return dest in SECRETS or dest.endswith(("_key", "_token"))
+
+
+def masked(dest: str, value: object) -> object:
+    """The value to show for an option: secrets as '***' (or '' when unset)."""
+    return ("***" if value else "") if secret(dest) else value
+
+
+def config_files_read(p: configargparse.ArgParser) -> list[str]:
+    """The config files this parse read."""
+    return [source.split("|", 1)[1] for source in p._source_to_settings
+            if source.startswith("config_file|")]
+
+
 def print_config(p: configargparse.ArgParser, ns: argparse.Namespace, out=None) -> None:
-    """Every option's effective value and where it came from."""
+    """Every option's effective value and where it came from (secrets masked)."""
     out = out or sys.stdout
+    files = config_files_read(p)
+    print(f"# config file: {', '.join(files) if files else 'none'}", file=out)
     sources: dict[str, str] = {}
     for source, settings in p._source_to_settings.items():  # configargparse's record
         label = source.split("|")[0].rstrip(":") or source
@@ -185,12 +310,11 @@ def print_config(p: configargparse.ArgParser, ns: argparse.Namespace, out=None) 
                         dest = token[2:].split("=", 1)[0].replace("-", "_")
                         sources.setdefault(dest, "command_line")
     for action in p._actions:
-        if action.dest in ("help", "version", "print_config", "config") or \
-                action.dest is argparse.SUPPRESS:
+        if action.dest in CLI_ONLY or action.dest is argparse.SUPPRESS:
             continue
-        value = getattr(ns, action.dest, None)
+        value = masked(action.dest, getattr(ns, action.dest, None))
         origin = sources.get(action.dest, "default")
-        env = p._auto_env_var_prefix + action.dest.upper() if p._auto_env_var_prefix else ""
+        env = action.env_var or ""
         print(f"{action.dest} = {value!r}  # from {origin}; env {env}", file=out)
 
 

@@ -74,6 +74,7 @@ class GatewayApp:
     # -- WSGI --------------------------------------------------------------------------
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        """Answer one WSGI request."""
         t0 = time.monotonic()
         req: Request | None = None
         try:
@@ -83,19 +84,16 @@ class GatewayApp:
             resp = e.response()
         except Exception as e:  # noqa: BLE001 (every error is an answer, never a traceback)
             resp = self.error_response(e)
-        route = req.route if req is not None and hasattr(req, "route") else \
-            route_of(environ.get("PATH_INFO", ""))
+        route = req.route if req is not None else route_of(environ.get("PATH_INFO", ""))
         if req is not None and req.method == "HEAD":
             resp = resp.without_body()
-        if req is not None and resp.status >= 400 and req.has_body:
-            req.drain()
         self.stats.observe(route, resp.status, time.monotonic() - t0)
         start_response(status_line(resp.status), resp.headers)
         body = resp.body
         if isinstance(body, (bytes, bytearray)):
             if resp.on_close is not None:
                 resp.on_close()
-            return [bytes(body)]
+            return [body]  # bytes, or the bytearray the client read (no copy)
         return _Body(body, resp.on_close)
 
     def error_response(self, e: Exception) -> Response:

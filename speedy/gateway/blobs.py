@@ -8,6 +8,7 @@ other clients get a sniffed Content-Type and the key itself as their ETag.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -134,14 +135,14 @@ def download(app: "GatewayApp", req: Request, key: str) -> Response:
     check_signature(app, req)
     k = parse_key(key)
     rec = app.records.get(key) if app.records is not None else None
-    first: bytes | None = None
+    first: bytes | bytearray | None = None
     manifest: Manifest | None = None
     try:
         if k.multipart:
             manifest = app.client.manifest(k)
             size = manifest.total_size
         else:
-            first = app.client.get(k)
+            first = read_whole(app, k)
             size = len(first)
     except NotFoundError:
         raise HTTPError(404, f"{key} not found") from None
@@ -153,7 +154,7 @@ def download(app: "GatewayApp", req: Request, key: str) -> Response:
     etag = f'"{rec.etag}"' if rec else f'"{key}"'
     headers = [("ETag", etag), ("Cache-Control", CACHE_CONTROL), ("Accept-Ranges", "bytes")]
     if rec is not None:
-        headers.append(("Last-Modified", formatdate(rec.mtime, usegmt=True)))
+        headers.append(("Last-Modified", http_date_text(rec.mtime)))
     if not_modified(req, etag, rec.mtime if rec else None):
         return Response(304, headers)
     headers.insert(0, ("Content-Type", ctype))
@@ -170,6 +171,22 @@ def download(app: "GatewayApp", req: Request, key: str) -> Response:
         return Response.raw(status, piece, "", headers)
     return Response.stream(status, stream_parts(app, k, manifest, start, end, first),
                            end - start, headers)
+
+
+class _Keep:
+    """A write() target that keeps what it is given (no copy of the blob)."""
+
+    data: bytes | bytearray = b""
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+
+def read_whole(app: "GatewayApp", k: Key) -> bytes | bytearray:
+    """The bytes of a plain key, as the client library received them."""
+    keep = _Keep()
+    app.client.get_to(k, keep)
+    return keep.data
 
 
 def stream_parts(app: "GatewayApp", k: Key, m: Manifest, start: int, end: int,
@@ -198,6 +215,12 @@ def stream_parts(app: "GatewayApp", k: Key, m: Manifest, start: int, end: int,
     finally:
         if nxt is not None:
             nxt.cancel()
+
+
+@functools.lru_cache(maxsize=4096)
+def http_date_text(seconds: int) -> str:
+    """An HTTP-date (IMF-fixdate) for unix seconds."""
+    return formatdate(seconds, usegmt=True)
 
 
 def http_date(value: str) -> int:

@@ -181,13 +181,16 @@ class Supervisor:
 
     def spawn(self, slot: int) -> None:
         """Fork worker slot; the child never returns."""
+        # TERM and HUP stay blocked in the child until its own handlers are set: a stop
+        # signal sent right after the fork must not reach the supervisor's handler there
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
             self.workers[pid] = (slot, time.monotonic())
             return
         code = 1
         try:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
             for sig in WAKE_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -19,6 +19,8 @@ from http import HTTPStatus
 from typing import Callable, Iterable, Iterator
 from urllib.parse import parse_qsl
 
+from speedy.client.client import read_full
+
 __all__ = ["HTTPError", "Request", "Response", "status_line", "BODY_PIECE"]
 
 BODY_PIECE = 64 << 10          # default size of the pieces a body is read in
@@ -70,7 +72,7 @@ class Request:
         self.query_string: str = environ.get("QUERY_STRING", "")
         try:
             pairs = parse_qsl(self.query_string, keep_blank_values=True,
-                              strict_parsing=False, errors="strict")
+                              strict_parsing=False, errors="strict") if self.query_string else []
         except (UnicodeDecodeError, ValueError):
             raise HTTPError(400, "malformed query string") from None
         self.query: dict[str, str] = dict(pairs)
@@ -83,6 +85,7 @@ class Request:
             raise HTTPError(413, f"body of {self.content_length} bytes is larger than the "
                                  f"limit of {max_body}")
         self.max_body = max_body
+        self.route = "other"   # the metrics label the app gives this request
         self._input = environ.get("wsgi.input")
         self._left = self.content_length       # None: read to the end (chunked)
         self._got = 0
@@ -127,14 +130,7 @@ class Request:
 
     def read_exactly(self, n: int) -> bytes:
         """Up to n bytes, fewer only at the body's end."""
-        pieces, got = [], 0
-        while got < n:
-            b = self.read(n - got)
-            if not b:
-                break
-            pieces.append(b)
-            got += len(b)
-        return b"".join(pieces)
+        return read_full(self, n)
 
     def iter_body(self, piece: int = BODY_PIECE) -> Iterator[bytes]:
         """The rest of the body in pieces of at most `piece` bytes."""

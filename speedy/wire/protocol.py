@@ -67,6 +67,37 @@ class Err(enum.IntEnum):
     CHUNK_CHECK_ERROR = 12
 
 
+class WriteOutcome(enum.Enum):
+    """What a WRITE's answer says about the fid on that server."""
+
+    STORED = "stored"            # SUCCESS: the file is there
+    NOT_STORED = "not stored"    # refused before any I/O: nothing of this request was stored
+    UNKNOWN = "unknown"          # may or may not be readable (now or after a restart)
+
+
+# A WRITE answered with one of these was refused before its record was written: the fid
+# holds nothing of this request (FILE_EXISTS: the fid holds another write, not this one).
+WRITE_NOT_STORED = frozenset({Err.SERVER_ID_MISMATCH, Err.CHUNK_UNAVAILABLE, Err.FILE_EXISTS,
+                              Err.IO_JOB_UNAVAILABLE, Err.REACH_MEMORY_LIMIT,
+                              Err.SERVER_READ_ONLY, Err.KILLED})
+
+
+def write_outcome(err: int | None) -> WriteOutcome:
+    """The outcome of a WRITE from its error code (None: no answer at all).
+
+    Unknown: WRITE_ERROR (the disk failed during or after the record's write),
+    INTERNAL_ERROR (also what a worker answers when the writer died with the write in
+    its queue: the record may be on disk and found by recovery after a restart), any
+    other or unlisted code, and no answer (a lost connection, a timeout). A client that
+    reports such a put as failed deletes the fid on that server first.
+    """
+    if err == Err.SUCCESS:
+        return WriteOutcome.STORED
+    if err in WRITE_NOT_STORED:
+        return WriteOutcome.NOT_STORED
+    return WriteOutcome.UNKNOWN
+
+
 class ServerStatus(enum.IntEnum):
     """The chunkserver's own status (SET_STATUS / GET_STATUS / reports)."""
 

@@ -81,3 +81,56 @@ def test_local_up_on_a_busy_port_fails_cleanly(tmp_path):
     err = r.stderr.decode().strip()
     assert len(err.splitlines()) == 1 and "in use" in err and "Traceback" not in err
     assert processes_under(root) == []
+
+
+def test_local_up_chunks_0_is_a_usage_error(tmp_path):
+    root = tmp_path / "never"
+    r = run_cli("local", "up", "--chunks", "0", "--dir", str(root))
+    assert r.returncode == 2
+    err = r.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "--chunks" in err and "0" in err, err
+    assert not root.exists()
+
+
+def test_one_server_cluster_and_another_base_port(tmp_path):
+    """`local up --servers 1` takes writes with the commands it prints; a second `up`
+    with another base port says which cluster runs; after `down`, an `up` on other
+    ports drops the old registrations (which would turn RO and block every put)."""
+    root = str(tmp_path / "one")
+    first = free_range(2)
+    second = free_range(2)
+    while abs(second - first) < 2:
+        second = free_range(2)
+    opts = ["--dir", root, "--servers", "1", "--chunks", "1", "--chunk-size", str(4 << 20),
+            "--mem-blocks", "8"]
+    try:
+        r = run_cli("local", "up", *opts, "--base-port", str(first), timeout=120)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout.decode()
+        assert f"--master 127.0.0.1:{first} --min-replicas 1 put FILE" in out, out
+        master = ["--master", f"127.0.0.1:{first}"]
+        r = run_cli(*master, "put", "-", input=b"needs 2")
+        assert r.returncode == 3 and b"--min-replicas" in r.stderr, r.stderr
+        r = run_cli(*master, "--min-replicas", "1", "put", "-", input=b"one replica")
+        assert r.returncode == 0, r.stderr
+        key = r.stdout.decode().strip()
+
+        r = run_cli("local", "up", *opts, "--base-port", str(second), timeout=60)
+        assert r.returncode == 3
+        err = r.stderr.decode().strip()
+        assert f"already runs in {root}: master on port {first}, servers on ports " \
+               f"{first + 1}" in err, err
+
+        assert run_cli("local", "down", "--dir", root, timeout=120).returncode == 0
+        r = run_cli("local", "up", *opts, "--base-port", str(second), timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"127.0.0.1:{first + 1}".encode() in r.stderr  # dropped, and said so
+        api = local.Master(f"127.0.0.1:{second}", timeout=5.0)
+        assert [(s.ip, s.port) for s in api.all_servers()] == [("127.0.0.1", second + 1)]
+        master = ["--master", f"127.0.0.1:{second}", "--min-replicas", "1"]
+        assert run_cli(*master, "get", key, "-o", "-").stdout == b"one replica"
+        assert run_cli(*master, "put", "-", input=b"more").returncode == 0
+    finally:
+        r = run_cli("local", "down", "--dir", root, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert processes_under(root) == []

@@ -142,7 +142,7 @@ def test_systemd_notify_ready_and_stopping(cluster, tmp_path):
         env.update(NOTIFY_SOCKET=path, PYTHONPATH=ROOT)
         proc = local.spawn([PYTHON, "-m", "speedy", "gateway", f"--port={port}",
                             f"--master={cluster.master_addr}", "--workers=1",
-                            f"--metadb=sqlite:///{tmp_path}/g.db"],
+                            f"--metadb=sqlite:///{tmp_path}/g.db", "--log_level=DEBUG"],
                            str(tmp_path / "out.log"), cwd=str(tmp_path), env=env)
         try:
             assert b"READY=1" in ns.recv(4096)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import socket
 import time
 
@@ -65,6 +67,24 @@ def test_reads_fail_over_when_a_chunkserver_dies(tmp_path):
         assert status in (502, 503) and data.count(b"\n") == 1, data
         status, _, data = gw.request("POST", "/blobs", b"x")
         assert status in (502, 503), data
+
+
+def test_hung_chunkservers_give_a_502_not_a_hang(tmp_path):
+    with Cluster(tmp_path, **CLUSTER) as c, \
+            Gateway(c, tmp_path, workers=1, extra=["--timeout=1"]) as gw:
+        key = upload(gw, b"frozen")
+        for d in c.servers:   # alive but silent: every call must time out
+            os.killpg(d.proc.pid, signal.SIGSTOP)
+        try:
+            # (a hang would time out the test client's own 30 s wait and fail here)
+            status, _, data = gw.request("GET", "/" + key)
+            assert status in (502, 503) and data.count(b"\n") == 1, data
+            status, _, data = gw.request("POST", "/blobs", b"x")
+            assert status in (502, 503), data
+        finally:
+            for d in c.servers:
+                os.killpg(d.proc.pid, signal.SIGCONT)
+        assert gw.request("GET", "/" + key)[2] == b"frozen"
 
 
 def test_starts_without_a_master_and_answers_503_until_it_has_a_route(tmp_path):
