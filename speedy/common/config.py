@@ -266,8 +266,35 @@ def gateway_parser() -> configargparse.ArgParser:
                    help="seconds for each chunkserver call")
     p.add_argument("--metrics_port", type=port_or_zero, default=0,
                    help="Prometheus metrics port (0: off; GET /metrics is always served)")
+    gateway_s3_options(p)
     _common(p, "pid file of the gateway's supervisor (written at start, removed at exit)")
     return p
+
+
+def gateway_s3_options(p: configargparse.ArgParser) -> None:
+    """The gateway's S3 API and maintenance options."""
+    p.add_argument("--s3_access_key", default="",
+                   help="S3 access key id (with --s3_secret_key; the S3 API is off without keys)")
+    p.add_argument("--s3_secret_key", default="", help="S3 secret access key")
+    p.add_argument("--s3_keys", default="",
+                   help="more S3 key pairs, comma-separated ACCESS_KEY:SECRET (config file)")
+    p.add_argument("--s3_region", default="us-east-1", help="the region S3 clients sign for")
+    p.add_argument("--s3_upload_ttl", type=positive_float, default=7 * 24 * 3600.0,
+                   help="seconds after which an unfinished multipart upload is aborted")
+    p.add_argument("--maintenance_interval", type=positive_float, default=30.0,
+                   help="seconds between retries of blob frees and clean-ups of abandoned "
+                        "uploads (worker 0)")
+
+
+def s3_key_pairs(ns: argparse.Namespace) -> dict[str, str]:
+    """{access key: secret} from --s3_access_key/--s3_secret_key and --s3_keys."""
+    pairs: dict[str, str] = {}
+    if ns.s3_access_key or ns.s3_secret_key:
+        pairs[ns.s3_access_key] = ns.s3_secret_key
+    for item in filter(None, (x.strip() for x in ns.s3_keys.split(","))):
+        key, sep, secret = item.partition(":")
+        pairs[key.strip()] = secret.strip() if sep else ""
+    return pairs
 def master_limits(p: configargparse.ArgParser) -> None:
     """The master's database initialization and connection limits."""
     p.add_argument("--init_db", action="store_true",
@@ -378,4 +405,8 @@ def load_gateway_config(argv: Sequence[str] | None = None) -> argparse.Namespace
         ns.metadb = "sqlite:///" + path
     elif not ns.metadb.startswith(("postgresql://", "postgres://")):
         p.error("argument --metadb: expected sqlite:///path or postgresql://...")
+    for key, secret in s3_key_pairs(ns).items():
+        if not key or not secret or not key.isprintable() or " " in key:
+            p.error("argument --s3_access_key/--s3_secret_key/--s3_keys: every S3 key pair "
+                    "needs an access key (no spaces) and a secret")
     return ns

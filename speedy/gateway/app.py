@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 from speedy.client import Client, ClusterError, IntegrityError, MasterError, NotFoundError
 from speedy.client import KeyFormatError, SpeedyError
 from speedy.gateway import blobs
+from speedy.gateway.s3 import api as s3api
 from speedy.gateway.http import HTTPError, Request, Response, status_line
 from speedy.gateway.records import RecordStore
 from speedy.gateway.stats import GatewayStats
@@ -70,6 +71,7 @@ class GatewayApp:
         self.stats = stats or GatewayStats()
         self.metrics = metrics
         self.paths = _paths_handler()
+        self.s3 = None            # an S3Service when S3 keys are configured
 
     # -- WSGI --------------------------------------------------------------------------
 
@@ -149,6 +151,9 @@ class GatewayApp:
             if self.paths is None:
                 raise HTTPError(404, "path routes are not available in this build")
             return self.paths(self, req)
+        if self.s3 is not None and s3api.is_s3(req):
+            req.route = "s3"
+            return s3api.handle(self, req)
         req.route = "other"
         if path.startswith("/") and "," in path and len(path) < 64:
             raise HTTPError(404, f"malformed key {path[1:]!r} (expected like 3,10452)")

@@ -12,7 +12,7 @@ from typing import Iterable
 from speedy.common.metrics import (LATENCY_BUCKETS, Family, bucket_index, build_info, counter,
                                    histogram, render)
 
-ROUTES = ("upload", "get", "delete", "paths", "metrics", "other")
+ROUTES = ("upload", "get", "delete", "paths", "s3", "metrics", "other")
 CODES = (200, 201, 204, 206, 304, 400, 403, 404, 405, 409, 411, 413, 416, 500, 502, 503)
 NB = len(LATENCY_BUCKETS) + 1
 # per slot: requests[route][code + other] | latency counts[route][NB] | latency sum_us[route]

@@ -25,6 +25,34 @@ UPLOAD_PARALLEL = 2     # parts in flight per upload: bounds an upload's memory
 IDLE_CHUNK_CONNECTIONS = 64  # per chunkserver, per worker
 
 
+def s3_service(cfg: Namespace, meta):
+    """The S3 API of this gateway, or None when no S3 key is configured."""
+    from speedy.common.config import s3_key_pairs
+    keys = s3_key_pairs(cfg)
+    if not keys or meta is None:
+        return None
+    from speedy.gateway.s3.api import S3Service
+    from speedy.gateway.s3.objects import S3Objects
+    return S3Service(S3Objects(meta), keys, cfg.s3_region, cfg.s3_upload_ttl)
+
+
+def maintain(app, interval: float) -> None:
+    """Worker 0, forever: retry queued blob frees, abort abandoned S3 uploads."""
+    import gevent
+
+    from speedy.gateway.paths import sweep_garbage
+    from speedy.gateway.s3.api import sweep_uploads
+    while True:
+        gevent.sleep(interval)
+        try:
+            if app.meta is not None:
+                sweep_garbage(app)
+            if app.s3 is not None:
+                sweep_uploads(app, app.s3)
+        except Exception as e:  # noqa: BLE001 (maintenance never stops the worker)
+            log.warning("maintenance: %s", e)
+
+
 def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
                stats: GatewayStats) -> int:
     """The worker's body; its exit code."""
@@ -60,6 +88,9 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     client.pool.max_idle = max(client.pool.max_idle, IDLE_CHUNK_CONNECTIONS)
     app = GatewayApp(client, meta, signing_key=cfg.signing_key, max_body=cfg.max_body,
                      stats=stats, metrics=stats.render, records=records)
+    app.s3 = s3_service(cfg, meta)
+    if slot == 0:
+        gevent.spawn(maintain, app, cfg.maintenance_interval)
 
     sock = gevent.socket.socket(listener.family, listener.type, fileno=listener.detach())
     server = HTTPServer(sock, app, gevent.server.StreamServer,

@@ -8,6 +8,7 @@ import pytest
 
 from speedy.gateway.meta import Fragment, Key, MetaError, open_meta
 from speedy.wire.manifest import parse_key
+from speedy.gateway.meta import schema
 from speedy.gateway.meta.store import directory_entry, prefix_bound
 
 
@@ -26,11 +27,11 @@ def frag(path: str, index: int = 0, start: int = 0, end: int = 10, fid: int = 1,
 
 def test_schema_is_created_once_and_reopened(meta_url):
     m = open_meta(meta_url)
-    assert m.version() == 1
+    assert m.version() == schema.SCHEMA_VERSION
     m.put_fragment(frag("/a/b"))
     m.close()
     m = open_meta(meta_url)
-    assert m.version() == 1 and [f.blob for f in m.fragments("/a/b")] == [Key(3, 1)]
+    assert m.version() == schema.SCHEMA_VERSION and [f.blob for f in m.fragments("/a/b")] == [Key(3, 1)]
     m.close()
 
 

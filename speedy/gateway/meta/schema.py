@@ -7,11 +7,20 @@ ranges and ORDER BY compare code points on both databases.
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Other tables of the gateway that may share the file (the blob routes' records): a
 # SQLite file holding any other table is refused as someone else's database.
 SIBLING_TABLES = {"gateway_blob"}
-OUR_TABLES = {"gateway_schema", "gateway_fragment", "gateway_directory", "gateway_garbage"}
+TABLES_BY_VERSION = {   # the tables each migration adds
+    1: {"gateway_schema", "gateway_fragment", "gateway_directory", "gateway_garbage"},
+    2: {"gateway_s3_bucket", "gateway_s3_object", "gateway_s3_upload", "gateway_s3_part"},
+}
+OUR_TABLES = set().union(*TABLES_BY_VERSION.values())
+
+
+def tables_up_to(version: int) -> set[str]:
+    """The tables a database at this schema version has."""
+    return set().union(*(t for v, t in TABLES_BY_VERSION.items() if v <= version))
 
 SCHEMA_V1 = """
 CREATE TABLE gateway_schema (
@@ -46,12 +55,53 @@ CREATE TABLE gateway_garbage (
 )
 """
 
+
+# version 2: the S3 API (speedy.gateway.s3.objects)
+SCHEMA_V2_S3 = """
+CREATE TABLE gateway_s3_bucket (
+    name        {path}   PRIMARY KEY,
+    created     {real}   NOT NULL,
+    public_read SMALLINT NOT NULL DEFAULT 0 CHECK (public_read IN (0, 1))
+);
+CREATE TABLE gateway_s3_object (
+    bucket       {path}   NOT NULL,
+    key          {path}   NOT NULL,
+    size         {bigint} NOT NULL CHECK (size >= 0),
+    etag         TEXT     NOT NULL,
+    content_type TEXT     NOT NULL,
+    meta         TEXT     NOT NULL DEFAULT '{{}}',
+    mtime        {real}   NOT NULL,
+    blobs        TEXT     NOT NULL DEFAULT '[]',
+    PRIMARY KEY (bucket, key)
+);
+CREATE TABLE gateway_s3_upload (
+    upload_id    TEXT     PRIMARY KEY,
+    bucket       {path}   NOT NULL,
+    key          {path}   NOT NULL,
+    content_type TEXT     NOT NULL,
+    meta         TEXT     NOT NULL DEFAULT '{{}}',
+    created      {real}   NOT NULL
+);
+CREATE INDEX gateway_s3_upload_key ON gateway_s3_upload (bucket, key, upload_id);
+CREATE INDEX gateway_s3_upload_created ON gateway_s3_upload (created);
+CREATE TABLE gateway_s3_part (
+    upload_id    TEXT     NOT NULL,
+    number       INTEGER  NOT NULL CHECK (number BETWEEN 1 AND 10000),
+    size         {bigint} NOT NULL CHECK (size >= 0),
+    etag         TEXT     NOT NULL,
+    blob         TEXT     NOT NULL,
+    mtime        {real}   NOT NULL,
+    PRIMARY KEY (upload_id, number)
+)
+"""
+
+
 TYPES = {
     "sqlite": {"path": "TEXT", "bigint": "INTEGER", "real": "REAL"},
     "postgresql": {"path": 'TEXT COLLATE "C"', "bigint": "BIGINT", "real": "DOUBLE PRECISION"},
 }
 
-MIGRATIONS: dict[int, str] = {1: SCHEMA_V1}  # version -> SQL that brings version-1 to it
+MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2_S3}  # version -> SQL that brings version-1 to it
 
 
 def statements(version: int, dialect: str) -> list[str]:

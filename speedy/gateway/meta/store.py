@@ -138,6 +138,10 @@ class MetaStore:
                 raise MetaError(f"metadata database error: {' '.join(str(e).split())}") \
                     from None
 
+    def txn(self, write: bool = False, locks: tuple[str, ...] = ()):
+        """One transaction for callers that keep their own tables here (speedy.gateway.s3)."""
+        return self._txn(write, locks)
+
     def _drop_broken(self) -> None:
         """Forget a connection that failed, so that the next call reconnects."""
         conn, self._conn = self._conn, None
@@ -370,9 +374,9 @@ def migrate(c: _Cursor, dialect: str, tables: set[str], where: str) -> int:
     if found > schema.SCHEMA_VERSION:
         raise MetaError(f"{where} has schema version {found}, newer than this gateway "
                         f"supports ({schema.SCHEMA_VERSION})")
-    if found and not schema.OUR_TABLES <= tables:
+    if found and not schema.tables_up_to(found) <= tables:
         raise MetaError(f"{where} lacks tables "
-                        f"{', '.join(sorted(schema.OUR_TABLES - tables))}")
+                        f"{', '.join(sorted(schema.tables_up_to(found) - tables))}")
     for v in range(found + 1, schema.SCHEMA_VERSION + 1):
         for stmt in schema.statements(v, dialect):
             c.run(stmt)

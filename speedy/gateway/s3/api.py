@@ -27,6 +27,7 @@ from urllib.parse import quote, unquote
 from speedy.client import ClusterError, NotFoundError, SpeedyError, parse_key
 from speedy.gateway.blobs import byte_range, http_date, stream_parts
 from speedy.gateway.http import HTTPError, Request, Response
+from speedy.gateway.paths import free_blob
 from speedy.wire.manifest import Key
 from speedy.gateway.s3 import sigv4, xml
 from speedy.gateway.s3.chunked import AwsChunkedReader, BodyError, Checksum, header_checksum
@@ -177,18 +178,7 @@ def check_bucket(s3: S3Service, bucket: str) -> tuple[str, float, bool]:
 def free(app: "GatewayApp", blobs: list[Key]) -> None:
     """Delete the bytes of blobs no object refers to any more (queued until it works)."""
     for blob in blobs:
-        try:
-            missed = app.client.delete(str(blob))
-        except NotFoundError:
-            missed = []
-        except SpeedyError as e:
-            log.warning("s3: freeing %s failed, it stays queued: %s", str(blob), e)
-            continue
-        if not missed:
-            try:
-                app.meta.forget_garbage(blob)
-            except Exception as e:  # noqa: BLE001 (the sweep retries it)
-                log.warning("s3: %s freed but still queued: %s", str(blob), e)
+        free_blob(app, blob, True)
 
 
 # -- buckets -----------------------------------------------------------------------------
