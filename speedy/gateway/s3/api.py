@@ -139,7 +139,6 @@ def route(app: "GatewayApp", s3: S3Service, req: Request, bucket: str, key: str,
         raise S3Error("MethodNotAllowed", "only GET is allowed on /", 405)
     if not key:
         return bucket_op(app, s3, req, bucket, v)
-    check_bucket(s3, bucket)
     if "uploads" in q and m == "POST":
         return create_upload(s3, req, bucket, key)
     if "uploadId" in q:
@@ -159,6 +158,7 @@ def route(app: "GatewayApp", s3: S3Service, req: Request, bucket: str, key: str,
     if m in ("GET", "HEAD"):
         return get_object(app, s3, req, bucket, key)
     if m == "DELETE":
+        check_bucket(s3, bucket)
         free(app, s3.objects.delete_object(bucket, key))
         return Response(204, [])
     raise S3Error("MethodNotAllowed", f"{m} is not allowed on an object", 405)
@@ -538,6 +538,7 @@ def check_conditions(req: Request, o: ObjectInfo, prefix: str = "") -> bool:
 def get_object(app: "GatewayApp", s3: S3Service, req: Request, bucket: str, key: str) -> Response:
     o = s3.objects.get_object(bucket, key)
     if o is None:
+        check_bucket(s3, bucket)   # NoSuchBucket before NoSuchKey
         raise S3Error("NoSuchKey", "The specified key does not exist.", 404)
     headers = object_headers(o)
     if check_conditions(req, o):
