@@ -123,7 +123,9 @@ def test_lsb_script_start_status_reload_stop(tmp_path):
 
 @pytest.mark.parametrize("key", ["ip", "port", "workers", "master", "token", "timeout",
                                  "metadb", "signing_key", "max_body", "metrics_port",
-                                 "daemonize", "pidfile", "error_log", "log_level"])
+                                 "daemonize", "pidfile", "error_log", "log_level",
+                                 "s3_access_key", "s3_secret_key", "s3_keys", "s3_region",
+                                 "s3_upload_ttl", "maintenance_interval"])
 def test_example_names_every_option(key):
     assert re.search(rf"^#?{key} =", open(EXAMPLE).read(), re.M), key
 
@@ -133,7 +135,7 @@ def test_readme_option_table_matches_the_parser():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     text = readme[readme.index("## The HTTP gateway"):readme.index("### Blob routes")]
     listed = {o for line in text.splitlines() if line.startswith("| `-")
-              for o in re.findall(r"`(--[a-z_-]+)`", line.split("|")[1])}
+              for o in re.findall(r"`(--[a-z0-9_-]+)`", line.split("|")[1])}
     options = {next(o for o in a.option_strings if o.startswith("--"))
                for a in gateway_parser()._actions if a.option_strings and a.dest != "help"}
     assert listed == options
