@@ -1,22 +1,26 @@
-"""Injectable disk faults for tests; nothing runs on the hot path while they are off.
+"""Injectable disk faults for tests, through the I/O seam of :mod:`speedy.chunkserver.diskio`.
 
-``SPEEDY_FAULTS`` (read at import, again by every ChunkStore) is a comma-separated
+``SPEEDY_FAULTS`` (read once, when the seam is first imported) is a comma-separated
 list of rules::
 
     <op>:<file>[:after=N][:times=M][:errno=NAME]
 
-- ``op``: ``write`` (a record append), ``superblock`` (a superblock rewrite),
-  ``ref`` (the 2-byte delete mark), ``fsync``, ``fallocate`` (preallocating a new chunk),
-  ``read`` (a ChunkReader read of a record or a CHECK_DISK block).
-- ``file``: a chunk file name or an ``fnmatch`` pattern (``*``, ``chunk_1_?.chunk``).
+- ``op``, told by the seam's call on a chunk file: ``write`` (a pwrite/pwritev of
+  records), ``superblock`` (a write at offset 0), ``ref`` (a 2-byte write: the delete
+  mark), ``fsync`` (fsync or fdatasync), ``fallocate`` (posix_fallocate of a new chunk),
+  ``read`` (a pread/preadv of the reader: a record or a CHECK_DISK block).
+- ``file``: a chunk file name or an ``fnmatch`` pattern (``*``, ``chunk_1_?.chunk``);
+  a chunk being created (``.speedy/tmp.<name>``) counts as ``<name>``. Other files (the
+  delete journal, the snapshot) get no faults.
 - ``after=N``: the first N matching calls succeed (default 0: the first one fails).
 - ``times=M``: fail M calls, then succeed again (default: fail every later call).
 - ``errno=NAME``: the error raised, e.g. ``ENOSPC`` (default ``EIO``; ``ENOSPC`` for
   ``fallocate``).
 
 Example: ``SPEEDY_FAULTS="write:chunk_1_2.chunk:after=3,fsync:*:after=0,superblock:*"``.
-Callers guard each call with ``if faults.ACTIVE:`` so an unset variable costs one
-attribute test. Counters are per process.
+The rules count every matching call, those of start-up too (creating a chunk writes
+its superblock and fsyncs it). Unset, the seam's functions are the os ones: nothing of
+this module runs. Counters are per process.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ import errno as _errno
 import fnmatch
 import os
 from dataclasses import dataclass
+from typing import Callable
+
+from speedy.format.chunkfile import REF, parse_chunk_name
 
 OPS = frozenset({"write", "superblock", "ref", "fsync", "fallocate", "read"})
 ENV = "SPEEDY_FAULTS"
@@ -53,7 +60,7 @@ class Rule:
 
 
 RULES: list[Rule] = []
-ACTIVE = False
+TMP_PREFIX = "tmp."  # a chunk file being preallocated (store/datadir.py)
 
 
 def parse(spec: str) -> list[Rule]:
@@ -85,10 +92,10 @@ def parse(spec: str) -> list[Rule]:
 
 
 def configure(spec: str | None) -> None:
-    """Replace the active rules (None or '' turns faults off)."""
-    global ACTIVE
+    """Replace the active rules and arm the seam (None or '' turns faults off)."""
+    from speedy.chunkserver import diskio
     RULES[:] = parse(spec) if spec else []
-    ACTIVE = bool(RULES)
+    diskio.install(wrappers() if RULES else None)
 
 
 def load_env() -> None:
@@ -105,4 +112,60 @@ def check(op: str, name: str) -> None:
             raise OSError(rule.errno, f"{os.strerror(rule.errno)} (injected {op} fault)", name)
 
 
-load_env()
+def chunk_of(fd: int) -> str | None:
+    """The chunk file name fd is open on (a chunk being created counts), else None."""
+    try:
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
+    if name.startswith(TMP_PREFIX):
+        name = name[len(TMP_PREFIX):]
+    return name if parse_chunk_name(name) else None
+
+
+def check_fd(op: str, fd: int) -> None:
+    """check() for a call on fd, if it is a chunk file."""
+    name = chunk_of(fd)
+    if name is not None:
+        check(op, name)
+
+
+def write_op(size: int, offset: int) -> str:
+    """The rule op of a write of size bytes at offset into a chunk file."""
+    if offset == 0:
+        return "superblock"
+    return "ref" if size == REF.size else "write"
+
+
+def wrappers() -> dict[str, Callable]:
+    """The seam's functions that fail as the rules say, then do the real call."""
+    def pwrite(fd, data, offset):
+        check_fd(write_op(len(data), offset), fd)
+        return os.pwrite(fd, data, offset)
+
+    def pwritev(fd, bufs, offset):
+        check_fd(write_op(sum(memoryview(b).nbytes for b in bufs), offset), fd)
+        return os.pwritev(fd, bufs, offset)
+
+    def fsync(fd):
+        check_fd("fsync", fd)
+        return os.fsync(fd)
+
+    def fdatasync(fd):
+        check_fd("fsync", fd)
+        return os.fdatasync(fd)
+
+    def posix_fallocate(fd, offset, length):
+        check_fd("fallocate", fd)
+        return os.posix_fallocate(fd, offset, length)
+
+    def pread(fd, n, offset):
+        check_fd("read", fd)
+        return os.pread(fd, n, offset)
+
+    def preadv(fd, bufs, offset):
+        check_fd("read", fd)
+        return os.preadv(fd, bufs, offset)
+
+    return {"pwrite": pwrite, "pwritev": pwritev, "fsync": fsync, "fdatasync": fdatasync,
+            "posix_fallocate": posix_fallocate, "pread": pread, "preadv": preadv}

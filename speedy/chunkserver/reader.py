@@ -8,7 +8,7 @@ import stat
 import zlib
 from dataclasses import dataclass
 
-from speedy.chunkserver import faults
+from speedy.chunkserver import diskio
 from speedy.format.chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE, REF_DELETED, REF_LIVE,
                         chunk_name, parse_chunk_name)
 from speedy.wire.protocol import Err
@@ -67,15 +67,6 @@ class ChunkReader:
                 raise ReadFailed(f"cannot open {path}: {e.strerror}") from None
             self._fds[chunk_id] = fd
         return fd
-
-    def _header(self, fid: int) -> tuple[int, int, int, int]:
-        """(chunk_id, offset, size, checksum) of fid's live record, its header verified."""
-        loc = self.index.get(fid)
-        if loc is None:
-            raise NotFound(f"fid {fid} not found")
-        chunk_id, offset = loc
-        raw = self.read_at(chunk_id, offset, RECORD_HEADER_SIZE)
-        return self._verify_header(fid, chunk_id, offset, raw)
 
     @staticmethod
     def _verify_header(fid: int, chunk_id: int, offset: int,
@@ -138,25 +129,14 @@ class ChunkReader:
         total = len(view)
         got = 0
         try:
-            if faults.ACTIVE:
-                faults.check("read", chunk_name(self.group_id, chunk_id))
             while got < total:
-                n = os.preadv(fd, [view[got:]], offset + got)
+                n = diskio.preadv(fd, [view[got:]], offset + got)
                 if not n:
                     break
                 got += n
         except OSError as e:
             raise ReadFailed(f"reading chunk {chunk_id} at {offset}: {e.strerror}") from None
         return got
-
-    def locate(self, fid: int) -> tuple[int, int, int]:
-        """(chunk_id, data_offset, size) of fid, header verified, for streaming a big read."""
-        chunk_id, offset, size, _csum = self._header(fid)
-        return chunk_id, offset + RECORD_HEADER_SIZE, size
-
-    def checksum_of(self, fid: int) -> int:
-        """The stored adler32 of fid's data (to verify a streamed read at its end)."""
-        return self._header(fid)[3]
 
     def read_at(self, chunk_id: int, offset: int, size: int) -> bytearray:
         """size bytes of a chunk at offset; past the end of a short file they are zeros."""
@@ -183,11 +163,9 @@ class ChunkReader:
             fd = self._fd(chunk_id)
             size = os.fstat(fd).st_size
             offset = random.randrange(max(1, size // CHECK_BLOCK)) * CHECK_BLOCK
-            if faults.ACTIVE:
-                faults.check("read", chunk_name(self.group_id, chunk_id))
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, offset, CHECK_BLOCK, os.POSIX_FADV_DONTNEED)
-            os.pread(fd, CHECK_BLOCK, offset)
+            diskio.pread(fd, CHECK_BLOCK, offset)
         except OSError as e:
             raise ReadFailed(f"disk check failed: {e.strerror}", Err.CHUNK_CHECK_ERROR) from None
         except ReadFailed as e:

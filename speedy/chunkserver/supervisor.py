@@ -30,13 +30,15 @@ from dataclasses import dataclass
 
 from speedy.common import notify
 from speedy.common.config import load_server_config
-from speedy.common.daemonize import PidfileError, daemonize, remove_pidfile, write_pidfile
+from speedy.common.daemonize import (PidfileError, StartError, daemonize, remove_pidfile,
+                                     write_pidfile)
 from speedy.common.logs import reopen_logs, setup_logging
 from speedy.chunkserver.shm.pool import (BlockPool, MAX_OWNER, disable_resource_tracker, remove_stale_segments,
                    server_prefix, unlink_prefix)
 from speedy.chunkserver.shm.counters import StatsView
 from speedy.chunkserver.worker import BOOT_ERROR, run_worker
-from speedy.chunkserver.writer import OWNER, run_writer
+from speedy.chunkserver.messages import OWNER
+from speedy.chunkserver.writer import run_writer
 
 log = logging.getLogger("speedy.chunkserver.supervisor")
 
@@ -50,10 +52,6 @@ RESPAWN_DELAY = 1.0  # a worker that died within this of its start is respawned 
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGCHLD: "chld"}
 CHILD_SIGNALS = {signal.SIGTERM, signal.SIGHUP}
-
-
-class StartError(Exception):
-    """A start-up failure with a one-line message."""
 
 
 @dataclass
@@ -453,11 +451,10 @@ class Supervisor:
         self.reporter = Reporter(self.cfg, self.totals)
         self.reporter.start()
         if self.cfg.metrics_port:
-            from speedy.common.metrics import chunkserver_families, serve_metrics
+            from speedy.chunkserver.metrics import serve_metrics
             try:
-                _thread, self.metrics_server = serve_metrics(
-                    self.cfg.ip, self.cfg.metrics_port,
-                    lambda: chunkserver_families(self.totals()))
+                self.metrics_server = serve_metrics(self.cfg.ip, self.cfg.metrics_port,
+                                                    self.totals)
             except OSError as e:
                 raise StartError(f"cannot serve metrics on {self.cfg.ip}:"
                                  f"{self.cfg.metrics_port}: {e.strerror or e}") from None

@@ -29,12 +29,12 @@ from speedy.wire.protocol import (ADMIN_OPCODES, FILE_KEY, FILE_KEY_SIZE, MAX_CH
                        encode_io_status)
 from speedy.chunkserver.reader import ChunkReader, NotFound, ReadFailed
 from speedy.chunkserver.shm.counters import StatsView, WorkerStats
-from speedy.chunkserver.writer import (FID_MSG, FRAME, HEAD, KIND_DELETE, KIND_KILL, KIND_WRITE, PACKET_MAX,
-                     REPLY, WRITE_MSG)
+from speedy.chunkserver.messages import (FID_MSG, FRAME, HEAD, KIND_DELETE, KIND_KILL,
+                                         KIND_WRITE, PACKET_MAX, REPLY, REPLY_PACKET_MAX,
+                                         WRITE_MSG)
 
 log = logging.getLogger("speedy.chunkserver.worker")
 
-REPLY_PACKET_MAX = 65536  # the writer packs up to 4096 replies (20 KiB) per packet
 SMALL_BODY_MAX = 65536  # a non-WRITE body longer than this is garbage: answer, then close
 WHOLE_READ_MAX = 2 << 20  # READs up to this size are read at once, larger ones in pieces
 PIECE = 1 << 20

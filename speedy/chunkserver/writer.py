@@ -1,16 +1,7 @@
 """The writer process: the only one that writes chunk files; group commit for the workers.
 
-Workers talk to it over one AF_UNIX SOCK_SEQPACKET socketpair each (the supervisor
-creates the pair when it spawns a worker and hands the writer its end with SCM_RIGHTS
-over the control socket). A worker packet holds one or more messages, each framed as
-``length u16 | message`` (what its greenlets queued since its last send); a writer
-packet holds the replies of one batch to that worker. Messages, native byte order::
-
-    worker -> writer   req_id u32 | kind u8 | ...
-        WRITE   ... | fid u64 | size u32 | adler32 u32 | n u16 | n x block u16
-        DELETE  ... | fid u64
-        KILL    (KILL_PD_WR)
-    writer -> worker   one or more replies per packet: (req_id u32 | error u8) x k
+The messages it exchanges with the workers and the supervisor are in
+:mod:`speedy.chunkserver.messages`.
 
 A WRITE carries the pool block numbers of a body the worker already received and
 checksummed, never the body. The writer first claims the blocks (owner worker ->
@@ -20,9 +11,6 @@ whole batch (superblocks, one fsync per touched chunk with --sync=1, index inser
 answers every write of the batch. The DELETEs of a round that no WRITE separates are one
 group too (one delete-journal append, one fsync per touched file). Nothing is
 acknowledged before the fsync covering it.
-
-    supervisor -> writer  (control socket)   "L" owner u16 + one fd: a new worker link
-    writer -> supervisor                     "R" index name | "E" one-line start error
 """
 from __future__ import annotations
 
@@ -36,30 +24,24 @@ import time
 from argparse import Namespace
 from dataclasses import dataclass, field
 
+from speedy.chunkserver.messages import (FID_MSG, FRAME, HEAD, KIND_DELETE, KIND_KILL,
+                                         KIND_WRITE, MAX_MSG, OWNER, REPLIES_PER_PACKET,
+                                         REPLY, WRITE_MSG)
 from speedy.chunkserver.shm.index import FidIndex
 from speedy.common.logs import reopen_logs
 from speedy.chunkserver.shm.pool import BlockPool, unlink_prefix
 from speedy.wire.protocol import Err
 from speedy.chunkserver.shm.counters import StatsView
-from speedy.chunkserver.store.chunkstore import ChunkStore, FileExists, NoRoom, StartError, WriteFailed
+from speedy.chunkserver.store.chunkstore import ChunkStore, FileExists, NoRoom, WriteFailed
+from speedy.common.daemonize import StartError
 
 log = logging.getLogger("speedy.chunkserver.writer")
 
-HEAD = struct.Struct("=IB")
-WRITE_MSG = struct.Struct("=IBQIIH")
-FID_MSG = struct.Struct("=IBQ")
-REPLY = struct.Struct("=IB")
-OWNER = struct.Struct("=H")
-FRAME = struct.Struct("=H")  # length of the message that follows, in a worker's packet
-KIND_WRITE, KIND_DELETE, KIND_KILL = 1, 2, 3
-MAX_MSG = 65536
-PACKET_MAX = MAX_MSG  # bytes of framed messages a worker sends in one packet
 PENDING_MAX = 20
 PENDING_WAIT = 5.0
 SEND_TIMEOUT = 5.0
 STOP_GRACE = 30.0
 MAX_ROUND = 4096  # messages taken from one link per loop round
-REPLIES_PER_PACKET = 4096  # a packet of replies holds up to this many (20 KiB)
 
 
 @dataclass

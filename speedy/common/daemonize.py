@@ -16,6 +16,10 @@ from speedy.common.logs import log_files
 log = logging.getLogger("speedy.common.daemonize")
 
 
+class StartError(Exception):
+    """A daemon cannot start; the message is the one-line reason for the operator."""
+
+
 class PidfileError(Exception):
     """The pidfile cannot be written, or names a running process."""
 

@@ -1,35 +1,26 @@
-"""Prometheus metrics in text exposition format 0.0.4, served without a dependency.
+"""Prometheus metrics in text exposition format 0.0.4, rendered without a dependency.
 
-    # HELP speedy_requests_total Requests answered, by opcode.
-    # TYPE speedy_requests_total counter
-    speedy_requests_total{op="write"} 42
-    # TYPE speedy_request_duration_seconds histogram
-    speedy_request_duration_seconds_bucket{op="read",le="0.001"} 3
-    speedy_request_duration_seconds_bucket{op="read",le="+Inf"} 5
-    speedy_request_duration_seconds_sum{op="read"} 0.0123
-    speedy_request_duration_seconds_count{op="read"} 5
+    # HELP speedy_master_http_requests_total HTTP requests, by route and status.
+    # TYPE speedy_master_http_requests_total counter
+    speedy_master_http_requests_total{route="/v1/chunkmaster/fid",code="200"} 42
 
-Families are built fresh for every scrape from a collect() callable (no global state):
-the chunkserver supervisor sums the figures of all its processes into a totals dict and
-chunkserver_families() turns it into families; the master does the same with
-master_families(). Names follow the Prometheus conventions: speedy_ prefix, base units
-(seconds, bytes), counters end in _total, no per-fid labels.
+Families are built fresh for every scrape (no global state): the master turns its
+figures into families with master_families(). The chunkserver's metrics are served by
+prometheus_client (speedy/chunkserver/metrics.py); it shares LATENCY_BUCKETS and
+bucket_index (the layout of its counters segment). Names follow the Prometheus
+conventions: speedy_ prefix, base units (seconds, bytes), counters end in _total, no
+per-fid labels.
 """
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 import re
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from speedy import __version__
-from speedy.wire.protocol import Err, Op
-
-log = logging.getLogger("speedy.common.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 KINDS = ("counter", "gauge", "histogram", "untyped")
@@ -234,7 +225,7 @@ class Registry:
         return families
 
 
-# --- HTTP -------------------------------------------------------------------------
+# --- WSGI -------------------------------------------------------------------------
 
 
 def metrics_wsgi_response(families: Iterable[Family]) -> tuple[str, list[tuple[str, str]], bytes]:
@@ -244,100 +235,7 @@ def metrics_wsgi_response(families: Iterable[Family]) -> tuple[str, list[tuple[s
                       ("Content-Length", str(len(body)))], body
 
 
-class _MetricsServer(ThreadingHTTPServer):
-    """A threading HTTP server with daemon threads and the collect callable."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    collect: Callable[[], list[Family]]
-
-
-class _MetricsHandler(BaseHTTPRequestHandler):
-    """GET /metrics: the exposition; anything else: 404/405 with a plain-text reason."""
-
-    server: _MetricsServer
-    server_version = f"speedy/{__version__}"
-    protocol_version = "HTTP/1.0"
-
-    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8",
-              head: bool = False) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if code == 405:
-            self.send_header("Allow", "GET, HEAD")
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-
-    def _answer(self, head: bool) -> None:
-        path = self.path.split("?", 1)[0]
-        if path != "/metrics":
-            self._send(404, b"not found: metrics are at /metrics\n", head=head)
-            return
-        try:
-            body = render(self.server.collect())
-        except Exception as e:  # a broken collector must not kill the thread
-            log.error("metrics collection failed: %s; answered 500", e)
-            self._send(500, f"metrics collection failed: {e}\n".encode(), head=head)
-            return
-        self._send(200, body, CONTENT_TYPE, head=head)
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-        self._answer(head=False)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._answer(head=True)
-
-    def _refuse(self) -> None:
-        self._send(405, b"method not allowed: use GET /metrics\n")
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        log.debug("metrics %s: " + format, self.address_string(), *args)
-
-
-def serve_metrics(ip: str, port: int, collect: Callable[[], list[Family]]
-                  ) -> tuple[threading.Thread, ThreadingHTTPServer]:
-    """Serve GET /metrics on ip:port from a daemon thread (stdlib only, no gevent).
-
-    Port 0 picks a free port (server.server_address[1]). Stop with server.shutdown()
-    then server.server_close(). Raises OSError when the address cannot be bound."""
-    import socket
-
-    cls = type("MetricsServer", (_MetricsServer,),
-               {"address_family": socket.AF_INET6 if ":" in ip else socket.AF_INET})
-    server = cls((ip, port), _MetricsHandler)
-    server.collect = collect
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                              name="speedy-metrics", daemon=True)
-    thread.start()
-    log.info("metrics on http://%s:%d/metrics", ip, server.server_address[1])
-    return thread, server
-
-
 # --- the daemons' metric sets ---------------------------------------------------------
-
-
-def op_label(op: Any) -> str:
-    """An opcode (int, Op or name) as a bounded label value: 'write', 'read', ... 'unknown'."""
-    if isinstance(op, str):
-        return op.lower() if op.upper() in Op.__members__ else "unknown"
-    try:
-        return Op(int(op)).name.lower()
-    except ValueError:
-        return "unknown"
-
-
-def code_label(code: Any) -> str:
-    """An error code (int, Err or name) as a label value: 'file_not_found', ... 'unknown'."""
-    if isinstance(code, str):
-        return code.lower() if code.upper() in Err.__members__ else "unknown"
-    try:
-        return Err(int(code)).name.lower()
-    except ValueError:
-        return "unknown"
 
 
 def _summed(mapping: Mapping[Any, float], key: Callable[[Any], Any]) -> dict[Any, float]:
@@ -371,76 +269,6 @@ def build_info() -> Family:
     return gauge("speedy_build_info", "speedy version, always 1.").add(1, {"version": __version__})
 
 
-def chunkserver_families(totals: Mapping[str, Any]) -> list[Family]:
-    """The chunkserver's families from its summed stats (all workers + writer).
-
-    Keys of totals (each optional; a missing key leaves its family out):
-      requests        {opcode: count}             requests answered (opcode: int, Op or name)
-      errors          {(opcode, code): count}     answers with a non-zero error code
-      read_bytes      int                          file bytes sent by READ
-      write_bytes     int                          file bytes stored by WRITE
-      latency         {opcode: {"counts": [n]*(len(LATENCY_BUCKETS)+1), "sum": seconds}}
-                      per-bucket (not cumulative) counts, last = above 10 s; see bucket_index
-      pool_blocks_in_use, pool_blocks_total  int   shared memory-block pool (1 MiB blocks)
-      pending_writes  int                          writes waiting for a chunk with room
-      reads_in_flight, writes_in_flight  int       requests being served now
-      chunk_free_bytes {chunk_name: bytes}         free space per chunk file
-      files           int                          live files in the index
-      recovery_seconds float                       duration of the start-up recovery
-      connections     int                          open client connections, all workers
-      workers         int                          worker processes alive
-      read_only       int (0/1)                    the server status is RO
-    """
-    fams: list[Family] = [build_info()]
-    if "requests" in totals:
-        f = counter("speedy_requests_total", "Requests answered, by opcode.")
-        for op, n in sorted(_summed(totals["requests"], op_label).items()):
-            f.add(n, {"op": op})
-        fams.append(f)
-    if "errors" in totals:
-        f = counter("speedy_request_errors_total",
-                    "Requests answered with an error, by opcode and error code.")
-        keyed = _summed(totals["errors"], lambda k: (op_label(k[0]), code_label(k[1])))
-        for (op, code), n in sorted(keyed.items()):
-            f.add(n, {"op": op, "code": code})
-        fams.append(f)
-    for key, name, text in (
-            ("read_bytes", "speedy_read_bytes_total", "File bytes sent to readers."),
-            ("write_bytes", "speedy_write_bytes_total", "File bytes stored by writes.")):
-        if key in totals:
-            fams.append(counter(name, text).add(totals[key]))
-    if "latency" in totals:
-        fams.append(_histograms(
-            histogram("speedy_request_duration_seconds",
-                      "Time from a request's header to its answer, by opcode."),
-            totals["latency"], "op", op_label))
-    for key, name, text in (
-            ("pool_blocks_in_use", "speedy_pool_blocks_in_use",
-             "Upload memory blocks (1 MiB) in use."),
-            ("pool_blocks_total", "speedy_pool_blocks", "Upload memory blocks (1 MiB) in the pool."),
-            ("pending_writes", "speedy_pending_writes", "Writes waiting for a chunk with room."),
-            ("files", "speedy_files", "Live files stored."),
-            ("recovery_seconds", "speedy_recovery_seconds",
-             "Seconds the start-up recovery of the chunk files took."),
-            ("connections", "speedy_connections", "Open client connections."),
-            ("workers", "speedy_workers", "Worker processes alive."),
-            ("read_only", "speedy_read_only", "1 when the server is read-only (RO), else 0.")):
-        if key in totals:
-            fams.append(gauge(name, text).add(totals[key]))
-    if "reads_in_flight" in totals or "writes_in_flight" in totals:
-        f = gauge("speedy_requests_in_flight", "Reads and writes being served now.")
-        for kind in ("read", "write"):
-            if f"{kind}s_in_flight" in totals:
-                f.add(totals[f"{kind}s_in_flight"], {"kind": kind})
-        fams.append(f)
-    if "chunk_free_bytes" in totals:
-        f = gauge("speedy_chunk_free_bytes", "Free bytes per chunk file.")
-        for chunk, free in sorted(totals["chunk_free_bytes"].items(), key=lambda kv: str(kv[0])):
-            f.add(free, {"chunk": chunk})
-        fams.append(f)
-    return fams
-
-
 MASTER_STATUS = {0: "init", 1: "rw", 2: "ro", 3: "err"}
 
 
@@ -461,7 +289,8 @@ def master_families(totals: Mapping[str, Any]) -> list[Family]:
       groups                int                          groups known
       fids_issued           int                          fids handed out (high-water mark - 1)
       requests              {(route, http_status): n}   HTTP requests answered
-      latency               {route: {"counts": [...], "sum": s}}  as in chunkserver_families
+      latency               {route: {"counts": [...], "sum": s}}  per-bucket (not
+                            cumulative) counts, the last above LATENCY_BUCKETS
     """
     fams: list[Family] = [build_info()]
     if "servers_by_status" in totals:

@@ -12,7 +12,8 @@ import subprocess
 
 import pytest
 
-from tests.support import PYTHON, ROOT, free_port, wait_port
+from tests.support import PYTHON, ROOT, free_port
+from tests.support.daemon import exited, listening, spawn, stop_session, wait_ready
 from speedy.bench.runner import parse_size, size_label
 from speedy.bench.load import percentile
 
@@ -29,22 +30,17 @@ def bench(*args: str, cwd: str, timeout: float = 120) -> subprocess.CompletedPro
 
 
 @pytest.fixture
-def sink_4k():
+def sink_4k(tmp_path_factory):
     """A `python -m speedy.bench.sink` answering 4 KiB READs; its port."""
     port = free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "speedy.bench.sink", f"--port={port}", "--size=4k"],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    out = str(tmp_path_factory.mktemp("sink") / "sink.out")
+    proc = spawn([PYTHON, "-m", "speedy.bench.sink", f"--port={port}", "--size=4k"], out,
+                 cwd=ROOT, env=ENV)
     try:
-        wait_port(port)
+        wait_ready(lambda: listening(port), 20, "the sink", exited(proc, "the sink", out))
         yield port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_session(proc, signal.SIGTERM)
 
 
 def figures(stdout: str) -> dict[str, tuple]:

@@ -14,12 +14,10 @@ import os
 import shutil
 import zlib
 
-import pytest
 
-from speedy.chunkserver.store import datadir
 from speedy.chunkserver import faults
 from speedy.chunkserver.reader import NotFound, ReadFailed
-from tests.support.store import Harness, payload
+from tests.support.store import Harness, payload, writes_recorded
 
 CHUNK = 64 * 1024
 
@@ -28,16 +26,12 @@ def run_workload(h: Harness) -> tuple[list, list]:
     """Run writes/deletes, returning the write log and the acknowledgements."""
     log: list[tuple[str, int, bytes]] = []
     acks: list = []  # (log start, log end, "put"/"del", fid, size)
-    real = datadir.pwritev_all
 
-    def recording(fd, bufs, offset):
-        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        if name.endswith(".chunk"):  # the chunk files' writes (the journal's are not replayed)
-            log.append((name, offset, b"".join(bytes(b) for b in bufs)))
-        real(fd, bufs, offset)
+    def chunk_file(path: str) -> str | None:  # the journal's writes are not replayed
+        name = os.path.basename(path)
+        return name if name.endswith(".chunk") else None
 
-    datadir.pwritev_all = recording
-    try:
+    with writes_recorded(log, chunk_file):
         st = h.store
 
         def put(*fids_sizes):
@@ -62,8 +56,6 @@ def run_workload(h: Harness) -> tuple[list, list]:
         put((3, 321))  # a deleted fid written again
         put((7, 9000), (8, 1))
         delete(8)
-    finally:
-        datadir.pwritev_all = real
     return log, acks
 
 

@@ -16,14 +16,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from speedy.chunkserver.store import datadir, journal
+from speedy.chunkserver.store import journal
 from speedy.chunkserver import faults
 from speedy.format.chunkfile import RECORD_HEADER, RECORD_HEADER_SIZE, REF_OFFSET, chunk_name
 from speedy.wire.protocol import Err
 from speedy.chunkserver.reader import NotFound, ReadFailed
 from speedy.chunkserver.shm.counters import StatsView
 from speedy.chunkserver.store.chunkstore import WriteFailed
-from tests.support.store import Harness, MiB, patch, payload, read_superblock, record, write_chunk
+from tests.support.store import (Harness, MiB, patch, payload, read_superblock, record,
+                                 write_chunk, writes_recorded)
 from tests.support.server import make_server
 
 FIDS = range(0, 80)
@@ -350,18 +351,10 @@ def record_workload(h: Harness, ops: list) -> tuple[list, list]:
     delete), logging every chunk and journal write and the acknowledgements."""
     log: list[tuple[str, int, bytes]] = []
     acks: list = []  # (log start, log end, "put"/"del", fid, size)
-    real = datadir.pwritev_all
-
-    def recording(fd, bufs, offset):
-        rel = os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), h.data_dir)
-        log.append((rel, offset, b"".join(bytes(b) for b in bufs)))
-        real(fd, bufs, offset)
-
-    datadir.pwritev_all = recording
     store = h.store
     staged: dict[int, int] = {}
     start = 0
-    try:
+    with writes_recorded(log, lambda path: os.path.relpath(path, h.data_dir)):
         for kind, fid, size in ops + [("commit", 0, 0)]:
             if kind == "put" and not store.has(fid):
                 body = payload(fid + 1000, size)
@@ -377,8 +370,6 @@ def record_workload(h: Harness, ops: list) -> tuple[list, list]:
                 at = len(log)
                 if store.delete(fid):
                     acks.append((at, len(log), "del", fid, None))
-    finally:
-        datadir.pwritev_all = real
     return log, acks
 
 

@@ -1,7 +1,9 @@
 """A failing disk under a real spy_server.py: failed commits, read-only, preallocation (issue 6).
 
-Faults are injected with SPEEDY_FAULTS (speedy/faults.py) into the server's writer
-process; a real spy_master.py receives the server's reports. After a restart without
+Faults are injected with SPEEDY_FAULTS (speedy/chunkserver/faults.py) into the server's
+writer process, at its real I/O calls (the diskio seam); a real spy_master.py receives the
+server's reports. A rule counts start-up calls too: creating each of the 2 chunks writes
+its superblock and fsyncs it. After a restart without
 the fault every acknowledged write must read back byte for byte, and every write that
 was not acknowledged must be absent or intact.
 """
@@ -17,7 +19,6 @@ import time
 import pytest
 
 from tests.support import PYTHON, free_port
-from tests.support.master import masters  # noqa: F401 (fixture)
 from tests.support.server import SPY_SERVER, Client, make_server, payload, wait_for
 from speedy.wire.protocol import Err, Op
 from speedy.chunkserver.shm.counters import StatsView
@@ -66,13 +67,17 @@ def burst(srv, fids: list[int], size: int) -> dict[int, int]:
     return answers
 
 
+CREATED = 2  # chunks a server of make_server() creates: a superblock write + fsync each
+
+
 @pytest.mark.parametrize("op", ["fsync", "superblock"])
 def test_failed_commit_is_never_acknowledged(tmp_path, masters, op):
     """An I/O error on fsync (or the superblock write) of a commit: no write of that
     commit nor any later one is acknowledged; RO in GET_STATUS, the log and the reports."""
     master = masters(tmp_path)
+    rule = f"{op}:chunk_1_*:after={CREATED + 2}"  # the chunks' creation, two commits
     srv = make_server(tmp_path, op, sync=1, workers=2, mem_blocks=64, master_port=master.port,
-                      report_interval=0.2, env={"SPEEDY_FAULTS": f"{op}:chunk_1_*:after=2"})
+                      report_interval=0.2, env={"SPEEDY_FAULTS": rule})
     srv.port = 0
     try:
         srv.start()
@@ -127,24 +132,24 @@ def test_failed_commit_is_never_acknowledged(tmp_path, masters, op):
 
 
 def test_data_write_error_inside_a_batch(tmp_path):
-    """An I/O error on a record append: that write fails, nothing after it is acknowledged."""
-    srv = make_server(tmp_path, "wr", sync=1, workers=2, mem_blocks=64,
-                      env={"SPEEDY_FAULTS": "write:chunk_1_1.chunk:after=8"})
+    """An I/O error on the pwritev of a batch's records: no write of the batch is
+    acknowledged (those staged before it neither), nothing after it is accepted."""
+    size = 40_000  # the writer writes a batch's records every 256 KiB: 7 of them at once
+    srv = make_server(tmp_path, "wr", sync=1, workers=2, mem_blocks=256,
+                      env={"SPEEDY_FAULTS": "write:chunk_1_1.chunk:after=5"})
     try:
         srv.start()
-        with srv.client() as c:
+        with srv.client() as c:  # one pwritev each
             for fid in range(1, 6):
                 assert c.write(fid, payload(fid, 100 + fid)) == Err.SUCCESS
         fids = list(range(200, 200 + BURST))
-        answers = burst(srv, fids, 5000)
-        acked = [f for f, e in answers.items() if e == Err.SUCCESS]
-        assert set(answers.values()) <= {Err.SUCCESS, Err.WRITE_ERROR, Err.SERVER_READ_ONLY}
-        assert list(answers.values()).count(Err.WRITE_ERROR) == 1  # the 4th of the batch
-        assert len(acked) == 3  # staged before the failure, whole records: committed
-        # Writes staged before the failed one in the same batch commit (their records are
-        # whole); the failed one gets WRITE_ERROR; nothing after it is staged.
-        print(f"write fault: {len(acked)} of {BURST} batched writes acknowledged (staged "
-              f"before the failed append), 1 WRITE_ERROR, the rest SERVER_READ_ONLY")
+        answers = burst(srv, fids, size)  # its first pwritev fails
+        errors = list(answers.values())
+        assert set(errors) <= {Err.WRITE_ERROR, Err.SERVER_READ_ONLY}, answers
+        assert errors.count(Err.WRITE_ERROR) > 1  # the failed pwritev's batch
+        print(f"write fault: 0 of {BURST} batched writes acknowledged, "
+              f"{errors.count(Err.WRITE_ERROR)} WRITE_ERROR (the batch of the failed "
+              f"pwritev), {errors.count(Err.SERVER_READ_ONLY)} SERVER_READ_ONLY")
         srv.kill9()
         srv.env = {}
         srv.start()
@@ -152,11 +157,7 @@ def test_data_write_error_inside_a_batch(tmp_path):
         for fid in range(1, 6):
             assert got[fid] == (Err.SUCCESS, payload(fid, 100 + fid))
         for fid in fids:
-            if fid in acked:
-                assert got[fid] == (Err.SUCCESS, payload(fid, 5000)), fid
-            else:
-                assert got[fid] in ((Err.FILE_NOT_FOUND, b""),
-                                    (Err.SUCCESS, payload(fid, 5000))), fid
+            assert got[fid] in ((Err.FILE_NOT_FOUND, b""), (Err.SUCCESS, payload(fid, size))), fid
     finally:
         srv.discard()
 
@@ -164,7 +165,8 @@ def test_data_write_error_inside_a_batch(tmp_path):
 def test_failed_delete_fsync(tmp_path):
     """fsync of a DELETE fails: WRITE_ERROR, read-only; after a restart the other files are
     intact and the fid is either still there, intact, or gone (the delete was not answered)."""
-    srv = make_server(tmp_path, "del", sync=1, env={"SPEEDY_FAULTS": "fsync:*:after=2"})
+    rule = f"fsync:*:after={CREATED + 2}"  # the chunks' creation, the two writes
+    srv = make_server(tmp_path, "del", sync=1, env={"SPEEDY_FAULTS": rule})
     try:
         srv.start()
         with srv.client() as c:

@@ -9,6 +9,7 @@ import zlib
 
 import pytest
 
+from speedy.chunkserver import faults
 from speedy.chunkserver.store import datadir
 from tests.support.server import payload as server_payload
 from tests.support.server import running_server
@@ -73,19 +74,16 @@ def test_big_records_are_written_as_they_are_staged(h, pwrites):
     assert [h.reader.read(f) for f in (1, 2, 3)] == [b"small", big, b"after"]
 
 
-def test_failed_early_write_fails_the_whole_batch(h, monkeypatch):
+def test_failed_early_write_fails_the_whole_batch(h):
     stage(h, 1, b"kept")
     h.store.commit()
-    real = datadir.pwritev_all
-
-    def failing(fd, bufs, offset):
-        raise OSError(5, "Input/output error")
-
     stage(h, 2, b"staged before")
-    monkeypatch.setattr(datadir, "pwritev_all", failing)
-    with pytest.raises(WriteFailed):
-        stage(h, 3, payload(3, FLUSH_BYTES))
-    monkeypatch.setattr(datadir, "pwritev_all", real)
+    faults.configure("write:*")  # the pwritev of the flush fails
+    try:
+        with pytest.raises(WriteFailed):
+            stage(h, 3, payload(3, FLUSH_BYTES))
+    finally:
+        faults.configure(None)
     with pytest.raises(WriteFailed):  # fid 2 was in the failed write: nothing is acknowledged
         h.store.commit()
     assert h.store.read_only

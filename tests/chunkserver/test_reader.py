@@ -7,7 +7,7 @@ import zlib
 import pytest
 
 from speedy.chunkserver import faults
-from speedy.format.chunkfile import MAX_CHUNK_SIZE
+from speedy.format.chunkfile import MAX_CHUNK_SIZE, RECORD_HEADER_SIZE
 from speedy.wire.protocol import Err
 from speedy.chunkserver.reader import ChunkReader, NotFound, ReadFailed
 from tests.support.store import MiB, Harness, patch, payload, record, write_chunk
@@ -34,15 +34,17 @@ def test_read_verified(h):
     assert e.value.code == Err.FILE_NOT_FOUND
 
 
-def test_locate_and_read_at_for_streaming(h):
+def test_fetch_and_read_at_for_streaming(h):
+    """A record over the limit: fetch verifies its header only; read_at gives its data."""
     body = payload(4, 200000)
     h.put(4, body)
-    cid, off, size = h.reader.locate(4)
-    assert (cid, size) == (1, 200000)
-    got = b"".join(h.reader.read_at(cid, off + i, min(65536, size - i))
-                   for i in range(0, size, 65536))
+    rec = h.reader.fetch(4, 65536)
+    assert (rec.chunk_id, rec.size, rec.buf) == (1, 200000, None)
+    assert rec.csum == zlib.adler32(body, 0)
+    off = rec.offset + RECORD_HEADER_SIZE
+    got = b"".join(h.reader.read_at(rec.chunk_id, off + i, min(65536, rec.size - i))
+                   for i in range(0, rec.size, 65536))
     assert got == body
-    assert h.reader.checksum_of(4) == zlib.adler32(body, 0)
 
 
 def test_damaged_record_is_read_failed(h):

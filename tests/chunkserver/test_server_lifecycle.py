@@ -11,7 +11,8 @@ import threading
 import pytest
 
 from tests.support import PYTHON, free_port
-from tests.support.server import SPY_SERVER, payload, servers, wait_for  # noqa: F401 (fixture)
+from tests.support.daemon import session_pids, spawn, stop_session
+from tests.support.server import SPY_SERVER, payload, wait_for
 from speedy.chunkserver.shm.pool import BlockPool
 from speedy.wire.protocol import Err, Op, encode_file_key
 from speedy.chunkserver.shm.counters import StatsView
@@ -208,7 +209,7 @@ def test_pidfile_of_a_running_process_refuses_start(tmp_path):
 
 
 def test_disk_faults_turn_the_server_read_only(servers):
-    faults = "write:*:after=2,read:*:after=1"  # SPEEDY_FAULTS: see speedy/faults.py
+    faults = "write:*:after=2,read:*:after=1"  # SPEEDY_FAULTS: see speedy/chunkserver/faults.py
     srv = servers("faults", workers=1, env={"SPEEDY_FAULTS": faults})
     with srv.client() as c:
         assert c.write(1, b"one") == Err.SUCCESS
@@ -240,3 +241,23 @@ def test_worker_that_cannot_boot_stops_the_server(servers):
     assert srv.wait(60) == 4
     assert srv.shm_segments() == []
     assert "a worker could not start; stopping the server" in srv.log()
+
+
+def test_metrics_port_in_use_is_a_clear_start_error(tmp_path):
+    """Exit 1 with one line, after the workers were forked: nothing is left behind."""
+    out = str(tmp_path / "out")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        mport = taken.getsockname()[1]
+        proc = spawn([PYTHON, SPY_SERVER, *REQUIRED, f"--data_dir={tmp_path}",
+                      f"--port={free_port()}", "--workers=1", "--mem_blocks=4", "--chunks=2",
+                      f"--chunk_size={4 * MiB}", f"--metrics_port={mport}"], out)
+        try:
+            assert proc.wait(60) == 1
+        finally:
+            stop_session(proc)
+    text = open(out).read()
+    assert f"cannot serve metrics on 127.0.0.1:{mport}" in text and "Traceback" not in text
+    assert session_pids(proc.pid) == []
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"speedy{proc.pid}_")] == []

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.support import free_port
-from tests.support.server import servers, wait_for  # noqa: F401 (fixture)
+from tests.support.server import wait_for
 from speedy.wire.protocol import Err, Op
 
 KEYS = ["GroupId", "Ip", "Port", "Status", "TotalFreeSpace", "MaxFreeSpace", "PendingWrites",
@@ -122,14 +122,17 @@ def test_metrics_endpoint_sums_every_worker(servers):
         resp = conn.getresponse()
         text = resp.read().decode()
         conn.close()
-        lines = set(text.splitlines())
-        if 'speedy_requests_total{op="read"} 5' in lines or time.monotonic() > deadline:
+        got = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+        if got.get('speedy_requests_total{op="read"}') == 5 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert resp.status == 200
-    assert 'speedy_requests_total{op="write"} 4' in lines
-    assert 'speedy_requests_total{op="read"} 5' in lines
-    assert 'speedy_request_errors_total{op="read",code="file_not_found"} 1' in lines
-    assert "speedy_files 4" in lines and "speedy_write_bytes_total 400" in lines
-    assert "speedy_pool_blocks 8" in lines and "speedy_workers 2" in lines
-    assert 'speedy_request_duration_seconds_count{op="write"} 4' in lines
+    assert resp.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    assert got['speedy_requests_total{op="write"}'] == 4
+    assert got['speedy_requests_total{op="read"}'] == 5
+    assert got['speedy_request_errors_total{code="file_not_found",op="read"}'] == 1  # sorted
+    assert got["speedy_files"] == 4 and got["speedy_write_bytes_total"] == 400
+    assert got["speedy_pool_blocks"] == 8 and got["speedy_workers"] == 2
+    assert got['speedy_request_duration_seconds_count{op="write"}'] == 4
+    assert got["process_resident_memory_bytes"] > 0  # the supervisor's own, from the library

@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from speedy.chunkserver import faults
+from speedy.chunkserver import diskio, faults
 from speedy.format.chunkfile import SUPERBLOCK_SIZE, Superblock, chunk_name
 from speedy.wire.protocol import Err
 from speedy.chunkserver.reader import NotFound
@@ -415,6 +415,24 @@ def test_faults_syntax():
     for bad in ("bogus:*", "write", "write:*:later=1", "write:*:errno=ENOPE"):
         with pytest.raises(ValueError):
             faults.parse(bad)
+
+
+def test_the_seam_is_the_os_calls_unless_faults_are_set():
+    """Unset, the I/O seam's functions are the os ones (no cost); SPEEDY_FAULTS swaps them
+    at start, in every process that imports the store or the reader."""
+    faults.configure("write:*")
+    assert diskio.pwritev is not os.pwritev
+    faults.configure(None)
+    assert all(getattr(diskio, name) is getattr(os, name) for name in diskio.CALLS)
+    code = ("import os, sys, speedy.chunkserver.writer as w\n"
+            "from speedy.chunkserver import diskio\n"
+            "print('faults' if 'speedy.chunkserver.faults' in sys.modules else 'none',"
+            " diskio.pwritev is os.pwritev)")
+    for env, want in (({}, "none True"), ({"SPEEDY_FAULTS": "fsync:*"}, "faults False")):
+        res = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60, env={**{k: v for k, v in os.environ.items()
+                                                 if k != "SPEEDY_FAULTS"}, **env})
+        assert res.stdout.split() == want.split(), res.stderr
 
 
 def test_delete_faults(h):

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from tests.support.master import masters  # noqa: F401 (fixture)
 
 
 def _hammer(port: int, got: list, stop: threading.Event) -> None:

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from tests.support import free_port
-from tests.support.master import masters, wait_for  # noqa: F401 (fixture)
+from tests.support.master import wait_for
 
 try:
     from tests.support.server import SPY_SERVER, ServerProc

@@ -16,6 +16,8 @@ import urllib.request
 import pytest
 
 from tests.support import PYTHON, ROOT, free_port, wait_port
+from tests.support.daemon import spawn, stop_session
+from tests.support.server import discard_shm
 
 INIT = os.path.join(ROOT, "init")
 UNITS = ("spy_server@.service", "spy_master.service")
@@ -88,24 +90,11 @@ def test_systemd_analyze_verify(tmp_path):
     assert "LimitNOFLIE" in proc.stdout + proc.stderr
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the daemon and every child it forked (its own session), then reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    proc.wait(60)
-    remove_segments(proc.pid)
-
-
-def remove_segments(pid: int) -> None:
-    """Unlink the shared memory a killed chunkserver supervisor left in /dev/shm."""
-    for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []:
-        if name.startswith(f"speedy{pid}_"):
-            try:
-                os.unlink(os.path.join("/dev/shm", name))
-            except OSError:
-                pass
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the daemon and every child it forked (its own session), reap it, and
+    remove the shared memory a killed chunkserver leaves."""
+    stop_session(proc)
+    discard_shm(proc.pid)
 
 
 def master_conf(tmp_path, port: int) -> str:
@@ -125,10 +114,8 @@ def test_master_as_the_unit_runs_it(tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
     sock.settimeout(60)
-    proc = subprocess.Popen(start.split(), cwd=str(tmp_path),
-                            env={**os.environ, "NOTIFY_SOCKET": sock_path},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    out = str(tmp_path / "daemon.out")
+    proc = spawn(start.split(), out, cwd=str(tmp_path), env={"NOTIFY_SOCKET": sock_path})
     try:
         msgs = sock.recv(4096).decode()
         assert "READY=1" in msgs.split("\n")
@@ -146,9 +133,9 @@ def test_master_as_the_unit_runs_it(tmp_path):
         assert proc.wait(60) == 0
         assert time.monotonic() - t0 < 60  # TimeoutStopSec
     finally:
-        kill_group(proc)
+        kill_session(proc)
         sock.close()
-    assert "Traceback" not in proc.stderr.read().decode()
+    assert "Traceback" not in open(out, encoding="utf-8", errors="replace").read()
 
 
 # --- LSB init scripts -----------------------------------------------------------------
@@ -266,7 +253,7 @@ class Script:
                         os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-                remove_segments(pid)
+                discard_shm(pid)
 
 
 def running(pid: int) -> bool:
@@ -518,10 +505,8 @@ def test_chunkserver_as_the_unit_runs_it(tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
     sock.settimeout(60)
-    proc = subprocess.Popen(start.split(), cwd=str(tmp_path),
-                            env={**os.environ, "NOTIFY_SOCKET": sock_path},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    out = str(tmp_path / "daemon.out")
+    proc = spawn(start.split(), out, cwd=str(tmp_path), env={"NOTIFY_SOCKET": sock_path})
     try:
         assert "READY=1" in sock.recv(4096).decode().split("\n")
         before = scrape(mport)
@@ -551,9 +536,9 @@ def test_chunkserver_as_the_unit_runs_it(tmp_path):
         assert proc.wait(60) == 0
         assert time.monotonic() - t0 < 60
     finally:
-        kill_group(proc)
+        kill_session(proc)
         sock.close()
-    assert "Traceback" not in proc.stderr.read().decode()
+    assert "Traceback" not in open(out, encoding="utf-8", errors="replace").read()
     assert "stopped (exit code 0)" in log.read_text()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
@@ -18,12 +17,6 @@ def free_port() -> int:
 
 
 def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
-    """Wait until something accepts on host:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+    """Wait until something accepts on host:port (a daemon the test did not spawn)."""
+    from tests.support.daemon import listening, wait_ready
+    wait_ready(lambda: listening(port, host), timeout, f"{host}:{port}")

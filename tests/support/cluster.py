@@ -8,9 +8,12 @@ or, in a test module, a module-scoped fixture named `cluster`:
 
     cluster = cluster_fixture(groups=1, per_group=3, heartbeat_timeout=4.0)
 
-Every daemon runs in its own process group under tmp_path; stop() (also at exit of the
-with block, at interpreter exit, and when start() fails) kills every process of every
-group for sure: SIGTERM, then SIGKILL.
+or the `clusters` fixture (tests/conftest.py): clusters(groups=1, per_group=2) -> a
+started Cluster under tmp_path, stopped at the end of the test.
+
+Every daemon runs in its own session under tmp_path (tests/support/daemon.py); stop()
+(also at exit of the with block, at interpreter exit, and when start() fails) kills
+every process of every session for sure: SIGTERM, then SIGKILL.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support import PYTHON, ROOT, free_port
+from tests.support.daemon import listening, spawn, stop_session, tail, wait_ready
+from tests.support.server import discard_shm
 from speedy.cli import local
 from speedy.client.chunkconn import ConnPool, Reply
 from speedy.client import RW, Client, Master
@@ -118,13 +123,13 @@ class Cluster:
 
     def spawn(self, d: Daemon) -> None:
         LIVE.add(self)
-        d.proc = local.spawn(d.cmd, d.log, cwd=self.root)
+        d.proc = spawn(d.cmd, d.log, cwd=self.root)
         d.expected = True
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the master, register every server, start them, wait until all are RW."""
         self.spawn(self.master)
-        self.wait(lambda: local.listening(self.master.port), timeout, self.master)
+        self.wait(lambda: listening(self.master.port), timeout, self.master)
         api = self.master_api()
         for d in self.servers:
             api.init_server(d.group, "127.0.0.1", d.port)
@@ -133,17 +138,17 @@ class Cluster:
         self.wait_all_rw(timeout)
 
     def wait(self, check, timeout: float, d: Daemon | None = None, what: str = "") -> None:
-        """Poll check(); fail early with its log when d died."""
+        """Poll check(); fail early with its log when d (or, without d, any daemon) died."""
         def dead() -> str | None:
             for x in ([d] if d else [self.master] + self.servers):
                 if x.expected and x.proc is not None and x.proc.poll() is not None:
                     return f"{x.name} exited {x.proc.returncode}: {self.log_tail(x)}"
             return None
-        local.wait_until(check, timeout, what or (d.name if d else "the cluster"), dead)
+        wait_ready(check, timeout, what or (d.name if d else "the cluster"), dead)
 
-    def log_tail(self, d: Daemon, n: int = 8) -> str:
-        return local.tail(d.log, n) + " || " + local.tail(
-            os.path.join(os.path.dirname(d.log), "server.log"), n)
+    def log_tail(self, d: Daemon, size: int = 1000) -> str:
+        return tail(d.log, size) + " || " + tail(
+            os.path.join(os.path.dirname(d.log), "server.log"), size)
 
     def statuses(self) -> dict[tuple[str, int], int]:
         return local.route_statuses(self.master_api())
@@ -160,30 +165,29 @@ class Cluster:
                   what="every chunkserver RW")
 
     def kill(self, d: Daemon, sig: int = signal.SIGKILL) -> None:
-        """Kill a daemon's whole process group and reap it."""
+        """Send sig to a daemon's whole session (SIGKILL after 10 s) and reap it."""
         if d.proc is None:
             return
         d.expected = False
-        try:
-            os.killpg(d.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        local.stop_group(d.proc.pid, self.root, timeout=10.0, proc=d.proc)
+        stop_session(d.proc, sig)
+        if d is not self.master:
+            discard_shm(d.proc.pid)
 
     def restart(self, d: Daemon, timeout: float = 60.0) -> None:
         """Start a stopped daemon again with the same flags and data; wait until RW."""
         self.kill(d)
         self.spawn(d)
-        self.wait(lambda: local.listening(d.port) and self.pool.ping(d.addr).ok, timeout, d,
+        self.wait(lambda: listening(d.port) and self.pool.ping(d.addr).ok, timeout, d,
                   f"{d.name} to answer PING")
         self.wait(lambda: self.statuses().get(d.addr) == RW, timeout, d,
                   f"{d.name} to come back RW")
 
     def stop(self) -> None:
-        """Kill every process of every daemon's group."""
+        """Stop every daemon's session: SIGTERM, SIGKILL after 10 s."""
         for d in self.servers + [self.master]:
-            if d.proc is not None:
-                local.stop_group(d.proc.pid, self.root, timeout=10.0, proc=d.proc)
+            stop_session(d.proc, signal.SIGTERM)
+            if d is not self.master and d.proc is not None:
+                discard_shm(d.proc.pid)  # left by a server that had to be killed
         self.pool.close()
         LIVE.discard(self)
 
@@ -218,6 +222,23 @@ def cluster_fixture(scope: str = "module", **kw):
         with Cluster(tmp_path_factory.mktemp("cluster"), **kw) as c:
             yield c
     return cluster
+
+
+@pytest.fixture
+def clusters(tmp_path):
+    """Factory fixture: clusters(name="cluster", **kw) -> a started Cluster under tmp_path;
+    every one stopped at the end of the test."""
+    made: list[Cluster] = []
+
+    def start(name: str = "cluster", **kw) -> Cluster:
+        c = Cluster(tmp_path / name, **kw)
+        made.append(c)
+        c.__enter__()
+        return c
+
+    yield start
+    for c in made:
+        c.stop()
 
 
 def _stop_all() -> None:

@@ -1,9 +1,11 @@
 """Test helper: a real spy_master.py on a free loopback port with a temporary database.
 
-    from tests.support.master import masters  # the fixture: masters(tmp_path, ...) -> MasterProc
+    def test_x(masters, tmp_path):  # the fixture (tests/conftest.py)
+        m = masters(tmp_path)         # a started MasterProc
 
-Every process a test starts is killed (SIGKILL) in the fixture's finalizer if it is
-still running, so a failing test never leaves a master behind.
+Every process a test starts runs in its own session (tests/support/daemon.py) and is
+killed (SIGKILL) in the fixture's finalizer, so a failing test never leaves a master
+behind.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.support import PYTHON, ROOT, free_port
+from tests.support.daemon import exited, spawn, stop_session, wait_ready
 
 SPY_MASTER = os.path.join(ROOT, "spy_master.py")
 TOKEN_HEADER = "X-Speedy-Token"
@@ -69,7 +72,7 @@ class MasterProc:
         self.log = str(tmp_path / f"master-{self.port}.log")
         self.out = str(tmp_path / f"master-{self.port}.out")
         self.token = token
-        self.args = [f"--ip=127.0.0.1", f"--port={self.port}", f"--db={self.db}",
+        self.args = ["--ip=127.0.0.1", f"--port={self.port}", f"--db={self.db}",
                      f"--heartbeat_timeout={heartbeat_timeout}",
                      f"--monitor_interval={monitor_interval}", f"--error_log={self.log}",
                      "--log_level=DEBUG"] + ([f"--token={token}"] if token else []) + list(extra)
@@ -77,28 +80,22 @@ class MasterProc:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, wait: bool = True, timeout: float = 20.0) -> "MasterProc":
-        """Start the process and wait until it answers HTTP."""
-        with open(self.out, "ab") as out:
-            self.proc = subprocess.Popen([PYTHON, SPY_MASTER] + self.args, cwd=str(self.tmp_path),
-                                         stdout=out, stderr=subprocess.STDOUT)
+        """Start the process (its own session) and wait until it answers HTTP."""
+        self.proc = spawn([PYTHON, SPY_MASTER] + self.args, self.out, cwd=str(self.tmp_path))
         self.procs.append(self.proc)
         if wait:
             self.wait_ready(timeout)
         return self
 
+    def ready(self) -> bool:
+        """GET /v1/chunkserver/checkerror answers now."""
+        return http(self.port, "GET", "/v1/chunkserver/checkerror", timeout=2).status == 200
+
     def wait_ready(self, timeout: float = 20.0) -> None:
-        """Wait until GET /v1/chunkserver/checkerror answers; fail if the process died."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"spy_master exited {self.proc.returncode}: "
-                                   f"{self.output()}\n{self.log_text()}")
-            try:
-                if http(self.port, "GET", "/v1/chunkserver/checkerror", timeout=2).status == 200:
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError(f"spy_master on {self.port} not ready after {timeout}s")
+        """Wait until it answers HTTP; DaemonExited (with its output and log) if it exits."""
+        assert self.proc is not None
+        wait_ready(self.ready, timeout, f"spy_master on {self.port}",
+                   exited(self.proc, "spy_master", self.out, self.log))
 
     def kill(self, sig: int = signal.SIGKILL, timeout: float = 20.0) -> int:
         """Send sig and wait for the exit; the return code."""
@@ -120,14 +117,9 @@ class MasterProc:
         return self.proc is not None and self.proc.poll() is None
 
     def cleanup(self) -> None:
-        """Kill every process this object started."""
+        """Kill every process this object started (their sessions)."""
         for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+            stop_session(p)
 
     # -- HTTP -------------------------------------------------------------------------
 

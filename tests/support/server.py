@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support import PYTHON, ROOT, free_port
+from tests.support.daemon import children_of, exited, spawn, stop_session, wait_ready
 
 from speedy.chunkserver.shm.pool import BlockPool, server_prefix, unlink_prefix
 from speedy.wire.protocol import REQUEST_HEADER, RESPONSE_HEADER, Err, Op, encode_file_key
@@ -104,30 +105,29 @@ class ServerProc:
                  "error_log": self.log_path}
         return [PYTHON, SPY_SERVER] + [f"--{k}={v}" for k, v in flags.items()]
 
+    @property
+    def out_path(self) -> str:
+        """Where the process's stdout and stderr go."""
+        return self.log_path + ".out"
+
     def start(self, timeout: float = 30.0) -> "ServerProc":
+        """Spawn it (its own session) and wait until it answers PING."""
         if not self.port:
             self.port = free_port()
         os.makedirs(self.data_dir, exist_ok=True)
-        env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(self.argv(), env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = spawn(self.argv(), self.out_path, env=self.env)
         self.wait_serving(timeout)
         return self
 
+    def serving(self) -> bool:
+        """It answers PING now."""
+        with Client(self.port, timeout=2) as c:
+            return c.ping() == Err.SUCCESS
+
     def wait_serving(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                out, err = self.proc.communicate()
-                raise RuntimeError(f"spy_server exited {self.proc.returncode}: "
-                                   f"{err.decode()[-2000:]} log: {self.log()[-2000:]}")
-            try:
-                with Client(self.port, timeout=2) as c:
-                    if c.ping() == Err.SUCCESS:
-                        return
-            except (OSError, EOFError):
-                time.sleep(0.05)
-        raise TimeoutError(f"spy_server on port {self.port} not serving after {timeout}s")
+        """Wait until it answers PING; DaemonExited (with its output and log) if it exits."""
+        wait_ready(self.serving, timeout, f"spy_server on port {self.port}",
+                   exited(self.proc, "spy_server", self.out_path, self.log_path))
 
     @property
     def pid(self) -> int:
@@ -166,22 +166,13 @@ class ServerProc:
 
     def kill9(self) -> None:
         """kill -9 of every process of the server (its session)."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(30)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and session_pids(self.proc.pid):
-            time.sleep(0.05)
+        stop_session(self.proc)
 
     def discard(self) -> None:
         """kill -9, then remove the shared memory a killed server leaves (end of a test)."""
         self.kill9()
         if self.proc is not None:
-            unlink_prefix(server_prefix(self.pid))
+            discard_shm(self.pid)
 
     def shm_segments(self) -> list[str]:
         """This server's shared memory segments still in /dev/shm."""
@@ -189,38 +180,9 @@ class ServerProc:
         return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 
 
-def children_of(pid: int) -> dict[int, str]:
-    """{child pid: comm} from /proc."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rindex(")") + 2:].split()
-        if int(rest[1]) == pid and rest[0] != "Z":
-            out[int(entry)] = stat[stat.index("(") + 1:stat.rindex(")")]
-    return out
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live pids of a session (a killed server's leftovers)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rindex(")") + 2:].split()
-        if int(rest[3]) == sid and rest[0] != "Z":
-            pids.append(int(entry))
-    return pids
+def discard_shm(pid: int) -> None:
+    """Remove the shared memory segments of the server whose supervisor was pid (killed)."""
+    unlink_prefix(server_prefix(pid))
 
 
 def make_server(base_dir, name: str = "srv", **flags) -> ServerProc:

@@ -1,11 +1,14 @@
 """Helpers for the storage tests: stores on tmp_path, hand-made records, quick reopen."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import zlib
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
+from speedy.chunkserver import diskio
 from speedy.format import chunkfile
 from speedy.format.chunkfile import RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, RecordHeader, Superblock
 from speedy.chunkserver.shm.index import FidIndex, IndexReader
@@ -116,6 +119,26 @@ def write_chunk(path, chunk_id: int, records: list[bytes], capacity: int = MiB,
         f.write(body)
         f.write(extra)
     return sb
+
+
+@contextlib.contextmanager
+def writes_recorded(log: list, name: Callable[[str], str | None]) -> Iterator[list]:
+    """Append (name(path), offset, bytes written) to log for every pwritev through the I/O
+    seam while inside (the writes still reach the disk); a name of None is not logged."""
+    real = diskio.pwritev
+
+    def recording(fd, bufs, offset):
+        n = real(fd, bufs, offset)
+        label = name(os.readlink(f"/proc/self/fd/{fd}"))
+        if label is not None:
+            log.append((label, offset, b"".join(bytes(b) for b in bufs)[:n]))
+        return n
+
+    diskio.pwritev = recording
+    try:
+        yield log
+    finally:
+        diskio.pwritev = real
 
 
 def read_superblock(path) -> Superblock:

@@ -167,7 +167,7 @@ class StatsView:
         """Every figure of the server: worker slots summed, server values, chunks, per opcode.
 
         Keys: the SLOT_FIELDS and SERVER_FIELDS, status, recovery_seconds, chunks
-        [(chunk_id, avail)], and the keys speedy.common.metrics.chunkserver_families() reads
+        [(chunk_id, avail)], and the keys speedy.chunkserver.metrics.families() reads
         (requests, errors, latency, files, connections, read_only, pending_writes,
         reads_in_flight, writes_in_flight, chunk_free_bytes: named with group_id).
         """

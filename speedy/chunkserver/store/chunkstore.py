@@ -24,10 +24,11 @@ import struct
 import time
 
 from speedy.chunkserver.store import datadir, journal, recovery, snapshot
-from speedy.chunkserver import faults
+from speedy.chunkserver import diskio
 from speedy.format.chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED, REF_OFFSET,
                         chunk_name, encode_record_header, fits, max_data_size)
-from speedy.chunkserver.store.datadir import Chunk, StartError  # noqa: F401 (re-exported)
+from speedy.chunkserver.store.datadir import Chunk
+from speedy.common.daemonize import StartError
 from speedy.chunkserver.shm.index import FidIndex
 from speedy.wire.protocol import Err
 
@@ -96,7 +97,6 @@ class ChunkStore:
         self._changed = False
         self.snapshot_interval = SNAPSHOT_INTERVAL  # 0 turns the automatic saves off
         self.journal_limit = JOURNAL_LIMIT
-        faults.load_env()
 
     # ------------------------------------------------------------------ start-up
     def open(self) -> None:
@@ -246,14 +246,6 @@ class ChunkStore:
             raise NoRoom(f"no chunk has room for {size} bytes")
         off = ch.tail
         header = encode_record_header(fid, size, csum, int(time.time()))
-        if faults.ACTIVE:
-            try:
-                faults.check("write", ch.name)
-            except OSError as e:
-                self.read_only = True
-                log.error("%s: writing fid %d (%d bytes) at offset %d failed: %s; read-only now",
-                          ch.name, fid, size, off, e.strerror)
-                raise WriteFailed(f"write to {ch.name} failed: {e.strerror}") from None
         if not ch.pending:
             ch.pending_at = off
         ch.pending.append(header)  # written by commit(): one pwritev per chunk per batch,
@@ -286,8 +278,6 @@ class ChunkStore:
             for ch in touched:  # the records first, then the superblocks that cover them
                 self._write_pending(ch)
             for ch in touched:
-                if faults.ACTIVE:
-                    faults.check("superblock", ch.name)
                 written.append(ch)
                 datadir.pwrite_all(ch.fd, new[ch.chunk_id].encode(), 0)
             if self.sync:
@@ -323,7 +313,7 @@ class ChunkStore:
             try:
                 datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
                 if self.sync:
-                    os.fsync(ch.fd)
+                    diskio.fsync(ch.fd)
             except OSError as e:
                 log.error("%s: cannot restore the superblock after a failed commit: %s",
                           ch.name, e.strerror)
@@ -336,9 +326,7 @@ class ChunkStore:
             datadir.pwritev_all(ch.fd, pending, ch.pending_at)
 
     def _fsync(self, ch: Chunk) -> None:
-        if faults.ACTIVE:
-            faults.check("fsync", ch.name)
-        os.fsync(ch.fd)
+        diskio.fsync(ch.fd)
         self.fsync_count += 1
 
     def delete(self, fid: int) -> bool:
@@ -373,16 +361,12 @@ class ChunkStore:
             for fid, locs in groups:
                 for i, (cid, off) in enumerate(locs):
                     ch = self.chunks[cid]
-                    if faults.ACTIVE:
-                        faults.check("ref", ch.name)
                     datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
                     if i == 0:
                         self.index.remove(fid)
                     ch.sb.files_count -= 1
                     touched[cid] = ch
             for ch in touched.values():
-                if faults.ACTIVE:
-                    faults.check("superblock", ch.name)
                 ch.sb_raw = ch.sb.encode()
                 datadir.pwrite_all(ch.fd, ch.sb_raw, 0)
             if self.sync:
@@ -409,7 +393,7 @@ class ChunkStore:
         clean = True
         for ch in self.ordered_chunks():  # superblocks were written by commit() and delete()
             try:
-                os.fsync(ch.fd)
+                diskio.fsync(ch.fd)
             except OSError as e:
                 clean = False
                 log.error("%s: flushing at close failed: %s", ch.name, e.strerror)

@@ -1,5 +1,5 @@
 """The data dir of a chunkserver: its lock, finding, creating and opening chunk files, and
-the whole-buffer writes every file of it gets (tests hook pwritev_all to record them).
+the whole-buffer writes every file of it gets (through the I/O seam, diskio).
 
 Chunk files are preallocated under ``.speedy/tmp.<name>`` and renamed into place, so a
 start that fails half-way leaves no partial chunk file behind.
@@ -13,8 +13,9 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from speedy.chunkserver import faults
+from speedy.chunkserver import diskio
 from speedy.chunkserver.store import snapshot
+from speedy.common.daemonize import StartError
 from speedy.format.chunkfile import (MAX_CHUNK_SIZE, SUPERBLOCK_SIZE, FormatError, Superblock, chunk_name,
                         parse_chunk_name)
 
@@ -24,10 +25,6 @@ LOCK_FILE = "lock"
 TMP_PREFIX = "tmp."
 MAX_CHUNK_ID = 0xFFFFFFFF
 IOV_MAX = 1024
-
-
-class StartError(Exception):
-    """A fatal start-up problem, with a one-line message for the operator."""
 
 
 @dataclass
@@ -129,11 +126,9 @@ def create_chunk(data_dir: str, meta_dir: str, group_id: int, cid: int, chunk_si
     fd = -1
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        if faults.ACTIVE:
-            faults.check("fallocate", name)
-        os.posix_fallocate(fd, 0, chunk_size)
+        diskio.posix_fallocate(fd, 0, chunk_size)
         pwrite_all(fd, Superblock.empty(cid, chunk_size).encode(), 0)
-        os.fsync(fd)
+        diskio.fsync(fd)
         os.rename(tmp, final)
     except OSError as e:
         if fd >= 0:
@@ -202,7 +197,7 @@ def pwritev_all(fd: int, bufs: list, offset: int) -> None:
     bufs = [memoryview(b) for b in bufs if len(b)]
     i = 0
     while i < len(bufs):
-        n = os.pwritev(fd, bufs[i:i + IOV_MAX], offset)
+        n = diskio.pwritev(fd, bufs[i:i + IOV_MAX], offset)
         if n <= 0:
             raise OSError(errno.EIO, "pwritev wrote nothing")
         offset += n

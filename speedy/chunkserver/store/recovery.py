@@ -25,6 +25,7 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
+from speedy.chunkserver import diskio
 from speedy.chunkserver.store import datadir, journal, snapshot
 from speedy.format.chunkfile import (RECORD_HEADER, RECORD_HEADER_SIZE, REF, REF_DELETED, REF_LIVE,
                         REF_OFFSET, SUPERBLOCK_SIZE, FormatError, Superblock)
@@ -80,7 +81,7 @@ def scan_chunk(store: "ChunkStore", ch: "Chunk", found: dict[int, int]) -> None:
         raw = new.encode()
         try:
             datadir.pwrite_all(ch.fd, raw, 0)
-            os.fsync(ch.fd)
+            diskio.fsync(ch.fd)
         except OSError as e:
             raise RecoveryError(f"cannot rewrite the superblock of {ch.path}: "
                                 f"{e.strerror}") from None
@@ -266,7 +267,7 @@ def redo_deletes(store: "ChunkStore", entries: list[journal.DeleteEntry],
     for ch, off in fixes:
         datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
     for ch in {id(ch): ch for ch, _ in fixes}.values():
-        os.fsync(ch.fd)
+        diskio.fsync(ch.fd)
     if fixes:
         log.warning("delete journal: %d records whose delete a crash interrupted marked "
                     "deleted now", len(fixes))
@@ -337,7 +338,7 @@ def check_counts(store: "ChunkStore", knowns: dict[int, Superblock], deleted: di
                          ch.sb.avail_space)
         raw = new.encode()
         datadir.pwrite_all(ch.fd, raw, 0)
-        os.fsync(ch.fd)
+        diskio.fsync(ch.fd)
         log.warning("%s: files_count %d -> %d (finishing a delete a crash interrupted)",
                     ch.name, ch.sb.files_count, want)
         ch.sb, ch.sb_raw = new, raw
