@@ -295,6 +295,8 @@ def s3_key_pairs(ns: argparse.Namespace) -> dict[str, str]:
         key, sep, secret = item.partition(":")
         pairs[key.strip()] = secret.strip() if sep else ""
     return pairs
+
+
 def master_limits(p: configargparse.ArgParser) -> None:
     """The master's database initialization and connection limits."""
     p.add_argument("--init_db", action="store_true",

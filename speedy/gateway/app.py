@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from speedy.client import Client, ClusterError, IntegrityError, MasterError, NotFoundError
 from speedy.client import KeyFormatError, SpeedyError
 from speedy.gateway import blobs
@@ -129,7 +131,7 @@ class GatewayApp:
                 raise HTTPError(405, "use GET for /metrics", [("Allow", "GET, HEAD")])
             if self.metrics is None:
                 raise HTTPError(404, "metrics are not served here")
-            return Response.raw(200, self.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+            return Response.raw(200, self.metrics(), CONTENT_TYPE_LATEST)
         if path == "/blobs" or path == "/blobs/":
             req.route = "upload"
             if method != "POST":

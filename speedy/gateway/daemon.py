@@ -121,10 +121,8 @@ class Supervisor:
         for slot in range(cfg.workers):
             self.spawn(slot)
         if cfg.metrics_port:
-            from speedy.common.metrics import serve_metrics
             try:
-                _t, self.metrics_server = serve_metrics(cfg.ip, cfg.metrics_port,
-                                                        self.stats.families)
+                self.metrics_server = self.stats.serve(cfg.ip, cfg.metrics_port)
             except OSError as e:
                 raise StartError(f"cannot serve metrics on {cfg.ip}:{cfg.metrics_port}: "
                                  f"{e.strerror or e}") from None

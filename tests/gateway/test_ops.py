@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from speedy.cli import local
 from tests.support import PYTHON, ROOT, free_port
+from tests.support.daemon import listening, processes, spawn, stop_session
 
 INIT = os.path.join(ROOT, "init")
 UNIT = os.path.join(INIT, "speedy_gateway.service")
@@ -72,9 +72,8 @@ def test_unit_exec_start_notifies_ready_and_stopping(tmp_path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
         ns.bind(sock_path)
         ns.settimeout(60)
-        proc = subprocess.Popen(argv, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True,
-                                env={**os.environ, "NOTIFY_SOCKET": sock_path})
+        out = str(tmp_path / "out.log")
+        proc = spawn(argv, out, cwd=str(tmp_path), env={"NOTIFY_SOCKET": sock_path})
         try:
             assert "READY=1" in ns.recv(4096).decode().split("\n")
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -83,8 +82,8 @@ def test_unit_exec_start_notifies_ready_and_stopping(tmp_path):
             assert "STOPPING=1" in ns.recv(4096).decode()
             assert proc.wait(60) == 0
         finally:
-            local.stop_group(proc.pid, "", timeout=5, proc=proc)
-    assert "Traceback" not in proc.stderr.read().decode()
+            stop_session(proc)
+    assert "Traceback" not in open(out).read()
     assert "on 127.0.0.1:" in open(tmp_path / "speedy_gateway.log").read()
 
 
@@ -109,15 +108,15 @@ def test_lsb_script_start_status_reload_stop(tmp_path):
         r = script("start")
         assert r.returncode == 0, r.stdout + r.stderr
         pid = int(open(pidfile).read())
-        assert local.listening(port)
+        assert listening(port)
         assert script("status").returncode == 0
         assert script("reload").returncode == 0
         r = script("stop")
         assert r.returncode == 0, r.stdout + r.stderr
-        assert not os.path.exists(pidfile) and not local.alive(pid)
+        assert not os.path.exists(pidfile) and pid not in [p.pid for p in processes()]
         assert script("status").returncode == 3
     finally:
-        if pid and local.alive(pid):
+        if pid and pid in [p.pid for p in processes()]:
             os.kill(pid, signal.SIGKILL)
 
 

@@ -15,9 +15,9 @@ import subprocess
 
 import pytest
 
-from speedy.cli import local
 from tests.support import PYTHON, free_port
 from tests.support.cluster import Cluster
+from tests.support.daemon import exited, session_pids, spawn, stop_session, tail, wait_ready
 
 GATEWAY_MODULE = ["-m", "speedy", "gateway"]
 
@@ -60,14 +60,9 @@ class Gateway:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the gateway and wait until it accepts connections."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SPEEDY_")}
-        self.proc = local.spawn(self.cmd, self.stdout, cwd=self.root, env=env)
-
-        def dead() -> str | None:
-            if self.proc.poll() is None:
-                return None
-            return f"gateway exited {self.proc.returncode}: {self.tail()}"
-        local.wait_until(self.answers, timeout, "the gateway", dead)
+        self.proc = spawn(self.cmd, self.stdout, cwd=self.root)  # every option is a flag
+        wait_ready(self.answers, timeout, "the gateway",
+                   exited(self.proc, "the gateway", self.log, self.stdout))
 
     def answers(self) -> bool:
         """True when a worker answers HTTP (the supervisor binds before they serve)."""
@@ -76,23 +71,18 @@ class Gateway:
         except (OSError, http.client.HTTPException):
             return False
 
-    def tail(self, n: int = 8) -> str:
-        return local.tail(self.log, n) + " || " + local.tail(self.stdout, n)
+    def tail(self) -> str:
+        """The ends of the gateway's log and output."""
+        return tail(self.log, 1000) + " || " + tail(self.stdout, 1000)
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop the gateway's whole process group."""
-        if self.proc is not None:
-            if sig != signal.SIGTERM:
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    pass
-            local.stop_group(self.proc.pid, self.root, timeout=15.0, proc=self.proc)
+    def stop(self) -> None:
+        """Stop the gateway (SIGTERM, then SIGKILL) and every process of its session."""
+        stop_session(self.proc, signal.SIGTERM, grace=25.0)
 
     def worker_pids(self) -> list[int]:
-        """The worker processes (the supervisor's children)."""
-        pids = local.group_members(self.proc.pid) if self.proc else []
-        return [p for p in pids if p != self.proc.pid]
+        """The worker processes (the supervisor's session but the supervisor)."""
+        return [p for p in session_pids(self.proc.pid) if p != self.proc.pid] \
+            if self.proc else []
 
     def conn(self, timeout: float = 30.0) -> http.client.HTTPConnection:
         """A keep-alive HTTP connection to the gateway."""
