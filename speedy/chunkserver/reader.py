@@ -9,8 +9,10 @@ import zlib
 from dataclasses import dataclass
 
 from speedy.chunkserver import diskio
-from speedy.format.chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE, REF_DELETED, REF_LIVE,
-                        chunk_name, parse_chunk_name)
+from speedy.format.chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER, RECORD_HEADER_SIZE,
+                                     REF_DELETED, SUPERBLOCK_SIZE, FormatError, Superblock,
+                                     chunk_name, header_problem, length_ambiguous,
+                                     parse_chunk_name)
 from speedy.wire.protocol import Err
 
 log = logging.getLogger("speedy.chunkserver.reader")
@@ -19,6 +21,8 @@ CHECK_BLOCK = 4096
 FIRST_READ_MIN = 4096 - 30  # the first pread of a record: header + at least this much, or
 # the smaller size of the last two records read (one pread when sizes repeat; a mix of big
 # and small records costs a second pread for a big one, never a big read for a small one)
+NEXT_CHECK_MAX = 64 << 10  # the record after a length-ambiguous one: its data is verified too
+# when it is at most this big (else its header only)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class ChunkReader:
         self.index = index
         self._fds: dict[int, int] = {}
         self._hints = (0, 0)  # sizes of the last two records read: the smaller is the guess
+        self._ends: dict[int, int] = {}  # chunk_id -> current_offset its superblock last said
 
     def _fd(self, chunk_id: int) -> int:
         """The read-only descriptor of a chunk, opened on first use."""
@@ -68,22 +73,62 @@ class ChunkReader:
             self._fds[chunk_id] = fd
         return fd
 
-    @staticmethod
-    def _verify_header(fid: int, chunk_id: int, offset: int,
+    def _verify_header(self, fid: int, chunk_id: int, offset: int,
                        raw: bytes | bytearray) -> tuple[int, int, int, int]:
-        """(chunk_id, offset, size, checksum) from a record header, which must be fid's, live
-        and within bounds (NotFound for a deleted record, else ReadFailed)."""
-        hfid, ref, size, csum, _ts = RECORD_HEADER.unpack_from(raw)
+        """(chunk_id, offset, size, checksum) of fid's live record from its header: what the
+        start-up scan checks (CHUNKFILE.md) holds, the record ends by current_offset, and a
+        record whose checksum does not vouch for its size is followed by a record or
+        current_offset. NotFound for a deleted record, else ReadFailed."""
+        hfid, ref, size, csum, ts = RECORD_HEADER.unpack_from(raw)
+        where = f"chunk {chunk_id} offset {offset}"
         if hfid != fid:
-            raise ReadFailed(f"fid {fid}: the record at chunk {chunk_id} offset {offset} "
-                             f"holds fid {hfid}")
+            raise ReadFailed(f"fid {fid}: the record at {where} holds fid {hfid}")
         if ref == REF_DELETED:
             raise NotFound(f"fid {fid} deleted")
-        if ref != REF_LIVE:
-            raise ReadFailed(f"fid {fid}: bad ref {ref} at chunk {chunk_id} offset {offset}")
-        if offset + RECORD_HEADER_SIZE + size > MAX_CHUNK_SIZE:
-            raise ReadFailed(f"fid {fid}: size {size} runs past the largest chunk")
+        end = offset + RECORD_HEADER_SIZE + size
+        current = self._current_offset(chunk_id, end)
+        room = (MAX_CHUNK_SIZE if current is None else current) - offset - RECORD_HEADER_SIZE
+        problem = header_problem(hfid, ref, size, csum, ts, room)
+        if problem:
+            raise ReadFailed(f"fid {fid}: damaged header at {where}: {problem}"
+                             + ("" if current is None else f" (current_offset {current})"))
+        if length_ambiguous(csum) and end != current:
+            self._check_follows(fid, chunk_id, end, current)
         return chunk_id, offset, size, csum
+
+    def _current_offset(self, chunk_id: int, want: int) -> int | None:
+        """The chunk's current_offset, read again from its superblock when want lies past the
+        one known (a record written since); None when the superblock does not verify."""
+        known = self._ends.get(chunk_id, 0)
+        if want <= known:
+            return known
+        fd = self._fd(chunk_id)
+        for _ in range(2):  # a read racing the writer's rewrite may see it torn: once more
+            try:  # metadata, past the diskio seam: not one of the record reads it counts
+                current = Superblock.decode(os.pread(fd, SUPERBLOCK_SIZE, 0)).current_offset
+            except (OSError, FormatError):
+                continue
+            self._ends[chunk_id] = current
+            return current
+        return None
+
+    def _check_follows(self, fid: int, chunk_id: int, end: int, current: int | None) -> None:
+        """ReadFailed unless a sound record starts at end (fid's record, whose checksum
+        does not vouch for its size, claims to end there): a zeroed or damaged size field
+        must not pass for an empty or shorter file."""
+        raw = self.read_at(chunk_id, end, RECORD_HEADER_SIZE)
+        nfid, nref, nsize, ncsum, nts = RECORD_HEADER.unpack_from(raw)
+        limit = MAX_CHUNK_SIZE if current is None else current
+        problem = header_problem(nfid, nref, nsize, ncsum, nts,
+                                 limit - end - RECORD_HEADER_SIZE)
+        if not problem and nsize <= NEXT_CHECK_MAX:
+            data = self.read_at(chunk_id, end + RECORD_HEADER_SIZE, nsize)
+            if zlib.adler32(data, 0) != ncsum:
+                problem = "its checksum does not match"
+        if problem:
+            raise ReadFailed(f"fid {fid}: its size cannot be trusted (its checksum holds for "
+                             f"any number of zeros): no record follows it at chunk {chunk_id} "
+                             f"offset {end} ({problem})")
 
     def read(self, fid: int) -> bytes:
         """fid's data: stored fid, ref 1, size bounds and adler32 verified."""

@@ -138,7 +138,8 @@ class ChunkStore:
             return False
         try:
             stamps = [snapshot.ChunkStamp.of(ch.chunk_id, ch.capacity, ch.sb_raw, ch.fd,
-                                             ch.sb.current_offset) for ch in self.ordered_chunks()]
+                                             ch.sb.current_offset, ch.garbage_bytes)
+                      for ch in self.ordered_chunks()]
             shadows = [(fid, cid, off) for fid, locs in self.shadows.items() for cid, off in locs]
             t0 = time.monotonic()
             size = snapshot.save(self.snapshot_path, self.group_id, stamps, shadows, self.index)
@@ -218,12 +219,17 @@ class ChunkStore:
 
     def _live_header(self, fid: int, cid: int, off: int) -> bool:
         """Whether the record header at (cid, off) is fid's and live (guards a stale index)."""
+        return self._live_size(fid, cid, off) >= 0
+
+    def _live_size(self, fid: int, cid: int, off: int) -> int:
+        """The data size of fid's live record at (cid, off); -1 when the header there is not
+        fid's or not live."""
         try:
             raw = os.pread(self.chunks[cid].fd, RECORD_HEADER_SIZE, off)
-            hfid, ref = RECORD_HEADER.unpack(raw)[:2]
+            hfid, ref, size = RECORD_HEADER.unpack(raw)[:3]
         except (OSError, KeyError, struct.error):
-            return False
-        return hfid == fid and ref == 1
+            return -1
+        return size if hfid == fid and ref == 1 else -1
 
     # ------------------------------------------------------------------ writes
     def stage(self, fid: int, parts: list, size: int, csum: int) -> None:
@@ -339,9 +345,11 @@ class ChunkStore:
         found: list[bool] = []
         groups: list[tuple[int, list[tuple[int, int]]]] = []
         doomed: set[int] = set()
+        sizes: dict[tuple[int, int], int] = {}  # data size of each record to mark deleted
         for fid in fids:
             loc = None if fid in doomed else self.index.get(fid)
-            if loc is not None and not self._live_header(fid, *loc):
+            size = -1 if loc is None else self._live_size(fid, *loc)
+            if loc is not None and size < 0:
                 log.warning("fid %d: index pointed at %s offset %d, which is not its live "
                             "record; dropped", fid, self.chunk_file(loc[0]), loc[1])
                 self.index.remove(fid)
@@ -349,8 +357,14 @@ class ChunkStore:
             found.append(loc is not None)
             if loc is not None:
                 doomed.add(fid)
-                groups.append((fid, [loc] + [l for l in self.shadows.pop(fid, [])
-                                             if self._live_header(fid, *l)]))
+                locs = [loc]
+                sizes[loc] = size
+                for shadow in self.shadows.pop(fid, []):
+                    size = self._live_size(fid, *shadow)
+                    if size >= 0:
+                        locs.append(shadow)
+                        sizes[shadow] = size
+                groups.append((fid, locs))
         if not groups:
             return found
         touched: dict[int, Chunk] = {}
@@ -365,6 +379,7 @@ class ChunkStore:
                     if i == 0:
                         self.index.remove(fid)
                     ch.sb.files_count -= 1
+                    ch.add_garbage(RECORD_HEADER_SIZE + sizes[(cid, off)])
                     touched[cid] = ch
             for ch in touched.values():
                 ch.sb_raw = ch.sb.encode()

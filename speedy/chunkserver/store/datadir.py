@@ -43,6 +43,11 @@ class Chunk:
     staged: int = 0
     pending: list = field(default_factory=list)  # staged records' buffers not written yet,
     pending_at: int = 0  # from this offset up to tail
+    garbage_bytes: int = 0  # deleted records and skipped damage before current_offset
+
+    def add_garbage(self, n: int) -> None:
+        """Count n more bytes that no live record uses (a delete, skipped damage)."""
+        self.garbage_bytes += n
 
     def staged_superblock(self) -> Superblock:
         """The superblock that covers the staged records too."""
