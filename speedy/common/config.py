@@ -16,6 +16,7 @@ from speedy.format.chunkfile import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUN
 
 SERVER_ENV_PREFIX = "SPEEDY_SERVER_"
 MASTER_ENV_PREFIX = "SPEEDY_MASTER_"
+GATEWAY_ENV_PREFIX = "SPEEDY_GATEWAY_"
 MAX_MEM_BLOCKS = 5120
 MAX_CHUNKS = 200
 
@@ -243,6 +244,32 @@ def master_parser() -> configargparse.ArgParser:
     return p
 
 
+def gateway_parser() -> configargparse.ArgParser:
+    """The HTTP gateway's option parser."""
+    p = configargparse.ArgParser(
+        prog="speedy gateway", auto_env_var_prefix=GATEWAY_ENV_PREFIX,
+        description="speedy HTTP gateway: blobs over HTTP and the original front end's API.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ip", default="127.0.0.1", help="listen address")
+    p.add_argument("--port", type=port_or_zero, default=8088, help="listen port")
+    p.add_argument("--master", default="127.0.0.1:8099", help="chunkmaster HOST:PORT")
+    p.add_argument("--token", default="", help="shared token sent to the master")
+    p.add_argument("--metadb", default="sqlite:///./speedy_gateway.db",
+                   help="metadata database URL: sqlite:///path or postgresql://...")
+    p.add_argument("--workers", type=int_range(1, 256), default=os.cpu_count() or 1,
+                   help="gevent worker processes")
+    p.add_argument("--signing_key", default="",
+                   help="secret for signed URLs; when set, blob routes need ?expires=&sig=")
+    p.add_argument("--max_body", type=int_range(0), default=5 << 30,
+                   help="largest upload in bytes (413 above)")
+    p.add_argument("--timeout", type=positive_float, default=10.0,
+                   help="seconds for each chunkserver call")
+    p.add_argument("--metrics_port", type=port_or_zero, default=0,
+                   help="Prometheus metrics port (0: off; GET /metrics is always served)")
+    _common(p)
+    return p
+
+
 def absolutize(ns: argparse.Namespace, names: Sequence[str]) -> None:
     """Resolve relative paths before any chdir (daemonizing changes directory)."""
     for name in names:
@@ -321,4 +348,18 @@ def load_master_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parent = os.path.dirname(ns.db) or "."
     if not os.path.isdir(parent):
         p.error(f"argument --db: directory {parent} does not exist")
+    return ns
+
+
+def load_gateway_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The gateway's configuration, checked; exits 2 with a message when invalid."""
+    p = gateway_parser()
+    ns = parse(p, argv, ("error_log", "pidfile"))
+    if ns.metadb.startswith("sqlite:///"):
+        path = os.path.abspath(ns.metadb[len("sqlite:///"):])
+        if not os.path.isdir(os.path.dirname(path)):
+            p.error(f"argument --metadb: directory {os.path.dirname(path)} does not exist")
+        ns.metadb = "sqlite:///" + path
+    elif not ns.metadb.startswith(("postgresql://", "postgres://")):
+        p.error("argument --metadb: expected sqlite:///path or postgresql://...")
     return ns

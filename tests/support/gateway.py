@@ -1,0 +1,114 @@
+"""A real gateway process in front of a tests.support.cluster Cluster, and HTTP helpers.
+
+    with Cluster(tmp_path, groups=1, per_group=2) as c, Gateway(c, tmp_path) as gw:
+        status, headers, body = gw.request("GET", "/3,10452")
+
+or a module-scoped fixture `gateway_fixture(cluster_name="cluster", **kw)`. The gateway
+runs in its own process group; stop() kills it for sure (SIGTERM, then SIGKILL).
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+
+import pytest
+
+from speedy.cli import local
+from tests.support import PYTHON, free_port
+from tests.support.cluster import Cluster
+
+GATEWAY_MODULE = ["-m", "speedy", "gateway"]
+
+
+class Gateway:
+    """`python -m speedy gateway` on a free port, talking to cluster's master."""
+
+    def __init__(self, cluster: Cluster | None, root, workers: int = 1,
+                 master: str | None = None, extra: list[str] | None = None,
+                 metadb: str | None = None):
+        self.root = os.path.join(str(root), f"gateway-{free_port()}")
+        os.makedirs(self.root, exist_ok=True)
+        self.port = free_port()
+        self.log = os.path.join(self.root, "gateway.log")
+        self.stdout = os.path.join(self.root, "stdout.log")
+        master = master or cluster.master_addr
+        self.metadb = metadb or "sqlite:///" + os.path.join(self.root, "gateway.db")
+        self.cmd = [PYTHON, *GATEWAY_MODULE, "--ip=127.0.0.1", f"--port={self.port}",
+                    f"--master={master}", f"--metadb={self.metadb}",
+                    f"--workers={workers}", f"--error_log={self.log}", "--timeout=5"]
+        if cluster is not None and cluster.token:
+            self.cmd.append(f"--token={cluster.token}")
+        self.cmd += extra or []
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Gateway":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the gateway and wait until it accepts connections."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPEEDY_")}
+        self.proc = local.spawn(self.cmd, self.stdout, cwd=self.root, env=env)
+
+        def dead() -> str | None:
+            if self.proc.poll() is None:
+                return None
+            return f"gateway exited {self.proc.returncode}: {self.tail()}"
+        local.wait_until(lambda: local.listening(self.port), timeout, "the gateway", dead)
+
+    def tail(self, n: int = 8) -> str:
+        return local.tail(self.log, n) + " || " + local.tail(self.stdout, n)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the gateway's whole process group."""
+        if self.proc is not None:
+            if sig != signal.SIGTERM:
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+            local.stop_group(self.proc.pid, self.root, timeout=15.0, proc=self.proc)
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes (the supervisor's children)."""
+        pids = local.group_members(self.proc.pid) if self.proc else []
+        return [p for p in pids if p != self.proc.pid]
+
+    def conn(self, timeout: float = 30.0) -> http.client.HTTPConnection:
+        """A keep-alive HTTP connection to the gateway."""
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One request on a new connection: (status, lower-case headers, body)."""
+        c = self.conn()
+        try:
+            c.request(method, path, body=body, headers=headers or {})
+            r = c.getresponse()
+            data = r.read()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+        finally:
+            c.close()
+
+
+def gateway_fixture(cluster_name: str = "cluster", scope: str = "module", **kw):
+    """A pytest fixture yielding a started Gateway in front of fixture `cluster_name`."""
+    @pytest.fixture(scope=scope)
+    def gateway(request, tmp_path_factory):
+        cluster = request.getfixturevalue(cluster_name)
+        with Gateway(cluster, tmp_path_factory.mktemp("gateway"), **kw) as gw:
+            yield gw
+    return gateway
