@@ -13,30 +13,22 @@ import threading
 from argparse import Namespace
 from typing import Callable
 
+from speedy.wire import master as wm
+
 log = logging.getLogger("speedy.chunkserver.reporter")
 
-REPORT_PATH = "/v1/chunkserver/reportinfo"
-TOKEN_HEADER = "X-Speedy-Token"
 MAX_TIMEOUT = 5.0
 
 
-def build_report(cfg: Namespace, totals: dict) -> dict:
-    """The report body from the config and StatsView.totals()."""
+def build_report(cfg: Namespace, totals: dict) -> wm.Report:
+    """The report from the config and StatsView.totals()."""
     avail = [a for _cid, a in totals["chunks"]]
-    return {
-        "GroupId": cfg.group_id,
-        "Ip": cfg.ip,
-        "Port": cfg.port,
-        "Status": totals["status"],
-        "TotalFreeSpace": sum(avail),
-        "MaxFreeSpace": max(avail, default=0),
-        "PendingWrites": totals["pending_writes"],
-        "WritingCount": totals["writing"],
-        "ReadingCount": totals["reading"],
-        "DataDir": cfg.data_dir,
-        "TotalChunks": len(avail),
-        "ConnectionsCount": totals["conn_count"],
-    }
+    return wm.Report(
+        cfg.group_id, cfg.ip, cfg.port, status=totals["status"],
+        total_free_space=sum(avail), max_free_space=max(avail, default=0),
+        pending_writes=totals["pending_writes"], writing_count=totals["writing"],
+        reading_count=totals["reading"], data_dir=cfg.data_dir, total_chunks=len(avail),
+        conn_count=totals["conn_count"])
 
 
 class Reporter(threading.Thread):
@@ -68,15 +60,15 @@ class Reporter(threading.Thread):
 
     def report_once(self) -> bool:
         """One POST; True if the master answered 2xx."""
-        body = json.dumps(build_report(self.cfg, self.totals())).encode()
+        body = json.dumps(build_report(self.cfg, self.totals()).to_json()).encode()
         headers = {"Content-Type": "application/json"}
         if self.cfg.token:
-            headers[TOKEN_HEADER] = self.cfg.token
+            headers[wm.TOKEN_HEADER] = self.cfg.token
         target = f"{self.cfg.master_ip}:{self.cfg.master_port}"
         conn = http.client.HTTPConnection(self.cfg.master_ip, self.cfg.master_port,
                                           timeout=self.timeout)
         try:
-            conn.request("POST", REPORT_PATH, body=body, headers=headers)
+            conn.request("POST", wm.REPORTINFO, body=body, headers=headers)
             resp = conn.getresponse()
             text = resp.read(200).decode("utf-8", "replace").strip()
             if 200 <= resp.status < 300:

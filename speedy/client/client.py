@@ -542,8 +542,12 @@ class Client:
             silent = [s.name for s, r in zip(servers, replies) if not isinstance(r, Reply)]
             raise NotFoundError(f"{key} not found" + (
                 f" (no answer from {', '.join(silent)})" if silent else ""))
-        return [s.name for s, r in zip(servers, replies)
-                if not (isinstance(r, Reply) and r.err in (Err.SUCCESS, Err.FILE_NOT_FOUND))]
+        missed = [s for s, r in zip(servers, replies)
+                  if not (isinstance(r, Reply) and r.err in (Err.SUCCESS, Err.FILE_NOT_FOUND))]
+        if missed:  # the master finishes them; meanwhile nobody reads from those servers
+            self.master.record_pending_deletes(key.group_id, key.fid, missed)
+            self.invalidate_route()
+        return [s.name for s in missed]
 
     # -- cluster -----------------------------------------------------------------------
 

@@ -17,14 +17,14 @@ from typing import Callable, Iterable
 
 from speedy.client.chunkconn import format_addr, parse_addr
 from speedy.format.chunkfile import RECORD_HEADER_SIZE
+from speedy.wire import master as wm
+from speedy.wire.master import FieldError, GlobalStatus, Status
 
-DEFAULT_MASTER = "127.0.0.1:8099"
-DEFAULT_MASTER_PORT = 8099
-TOKEN_HEADER = "X-Speedy-Token"
-INIT, RW, RO, ERR = 0, 1, 2, 3
-STATUS_NAMES = {INIT: "INIT", RW: "RW", RO: "RO", ERR: "ERR"}
-STATUS_CODES = {v.lower(): k for k, v in STATUS_NAMES.items()}
-GLOBAL_TRANSFERRING = 8
+DEFAULT_MASTER_PORT = wm.DEFAULT_PORT
+DEFAULT_MASTER = f"127.0.0.1:{DEFAULT_MASTER_PORT}"
+INIT, RW, RO, ERR = Status.INIT, Status.RW, Status.RO, Status.ERR
+STATUS_NAMES = {s: s.name for s in Status}
+STATUS_CODES = {s.name.lower(): s for s in Status}
 LOAD_SLACK = 4
 FID_LOW_WATER = 32
 
@@ -66,50 +66,34 @@ class UploadError(ClusterError):
         self.orphans = orphans or []    # "key@host:port" that could not be deleted
 
 
+def _alias(name: str) -> property:
+    """A read-write property that is another name of field name."""
+    return property(lambda s: getattr(s, name), lambda s, v: setattr(s, name, v))
+
+
 @dataclass
-class ServerInfo:
-    """A chunkserver as the master reports it."""
+class ServerInfo(wm.ServerStatus):
+    """A chunkserver as the master reports it (the JSON object it came from in raw)."""
 
-    group_id: int
-    ip: str
-    port: int
-    status: int = INIT
-    global_status: int = 0
-    total_free: int = 0
-    max_free: int = 0
-    pending: int = 0
-    writing: int = 0
-    reading: int = 0
-    total_chunks: int = 0
-    conns: int = 0
-    data_dir: str = ""
     raw: dict = field(default_factory=dict, repr=False, compare=False)
-
-    FIELDS = {"GroupId": "group_id", "Ip": "ip", "Port": "port", "Status": "status",
-              "GlobalStatus": "global_status", "TotalFreeSpace": "total_free",
-              "MaxFreeSpace": "max_free", "PendingWrites": "pending",
-              "WritingCount": "writing", "ReadingCount": "reading",
-              "TotalChunks": "total_chunks", "ConnectionsCount": "conns",
-              "DataDir": "data_dir"}
 
     @classmethod
     def from_json(cls, obj: object) -> "ServerInfo":
         """Parse a chunkserver object (zero-valued fields may be missing)."""
-        if not isinstance(obj, dict) or not obj.get("Ip") or not obj.get("Port"):
-            raise ClusterError(f"master sent a malformed chunkserver object: {obj!r:.200}")
-        kw = {}
-        for name, attr in cls.FIELDS.items():
-            value = obj.get(name)
-            if value is None:
-                continue
-            if attr in ("ip", "data_dir"):
-                kw[attr] = str(value)
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                kw[attr] = int(value)
-            else:
-                raise ClusterError(f"master sent {name}={value!r}: not a number")
-        kw.setdefault("group_id", 0)
-        return cls(raw=obj, **kw)
+        try:
+            info = super().from_json(obj)
+        except FieldError as e:
+            raise ClusterError(f"master sent a malformed chunkserver: {e}") from None
+        info.raw = obj  # type: ignore[assignment]
+        return info
+
+    # Short names kept for speedy.cli (its owner moves it to the field names).
+    total_free = _alias("total_free_space")
+    max_free = _alias("max_free_space")
+    pending = _alias("pending_writes")
+    writing = _alias("writing_count")
+    reading = _alias("reading_count")
+    conns = _alias("conn_count")
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -152,7 +136,7 @@ class Route:
 
 def group_load(servers: list[ServerInfo]) -> int:
     """Pending plus in-flight writes reported by a group's servers."""
-    return sum(s.pending + s.writing for s in servers)
+    return sum(s.pending_writes + s.writing_count for s in servers)
 
 
 def group_problem(servers: list[ServerInfo], size: int, min_replicas: int) -> str | None:
@@ -162,12 +146,12 @@ def group_problem(servers: list[ServerInfo], size: int, min_replicas: int) -> st
     bad = [s for s in servers if s.status in (INIT, RO)]
     if bad:
         return ", ".join(f"{s.name} is {s.status_name}" for s in bad)
-    if any(s.global_status == GLOBAL_TRANSFERRING for s in servers):
+    if any(s.global_status == GlobalStatus.TRANSFERRING for s in servers):
         return "transferring"
     rw = [s for s in servers if s.status == RW]
     if len(rw) < min_replicas:
         return f"only {len(rw)} RW server(s), need {min_replicas}"
-    if min(s.max_free for s in rw) <= size + RECORD_HEADER_SIZE:
+    if min(s.max_free_space for s in rw) <= size + RECORD_HEADER_SIZE:
         return f"no room for {size} bytes"
     return None
 
@@ -199,7 +183,9 @@ def explain_no_group(groups: dict[int, list[ServerInfo]], size: int, min_replica
 
 
 def read_order(servers: list[ServerInfo]) -> list[ServerInfo]:
-    """RW servers first (shuffled), then the others as a last resort."""
+    """RW servers first (shuffled), then the others as a last resort; never a server
+    with pending deletes (it may still hold a file whose delete was acknowledged)."""
+    servers = [s for s in servers if not s.pending_deletes]
     rw = [s for s in servers if s.status == RW]
     rest = [s for s in servers if s.status != RW]
     random.shuffle(rw)
@@ -228,7 +214,7 @@ class Master:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         if self.token:
-            req.add_header(TOKEN_HEADER, self.token)
+            req.add_header(wm.TOKEN_HEADER, self.token)
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
                 return resp.read()
@@ -258,23 +244,19 @@ class Master:
 
     def route(self) -> Route:
         """GET /v1/chunkmaster/route."""
-        return Route.from_json(self.get_json("/v1/chunkmaster/route"))
+        return Route.from_json(self.get_json(wm.ROUTE))
 
     def fid_range(self) -> tuple[int, int]:
         """GET /v1/chunkmaster/fid: (begin, end), end exclusive."""
-        obj = self.get_json("/v1/chunkmaster/fid")
         try:
-            begin, end = int(obj["FidBegin"]), int(obj["FidEnd"])
-        except (TypeError, KeyError, ValueError):
-            raise ClusterError(f"master {self.name}: malformed fid answer {obj!r:.100}") \
-                from None
-        if not 0 <= begin < end:
-            raise ClusterError(f"master {self.name}: empty fid range {begin}..{end}")
-        return begin, end
+            r = wm.FidRange.from_json(self.get_json(wm.FID))
+        except FieldError as e:
+            raise ClusterError(f"master {self.name}: {e}") from None
+        return r.begin, r.end
 
     def group_info(self, group_id: int) -> list[ServerInfo]:
         """GET /v1/chunkserver/{group}/groupinfo: every server of the group."""
-        obj = self.get_json(f"/v1/chunkserver/{group_id}/groupinfo")
+        obj = self.get_json(wm.groupinfo_path(group_id))
         if not isinstance(obj, list):
             raise ClusterError(f"master {self.name}: groupinfo is not a JSON array")
         return [ServerInfo.from_json(s) for s in obj]
@@ -282,7 +264,7 @@ class Master:
     def all_servers(self) -> list[ServerInfo] | None:
         """GET /v1/chunkmaster/servers (speedy extension); None from a master without it."""
         try:
-            obj = self.get_json("/v1/chunkmaster/servers")
+            obj = self.get_json(wm.SERVERS)
         except MasterError as e:
             if e.status == 404:
                 return None
@@ -293,22 +275,29 @@ class Master:
 
     def init_server(self, group_id: int, ip: str, port: int) -> None:
         """POST /v1/chunkserver/initserver."""
-        self.request("POST", "/v1/chunkserver/initserver",
-                     {"GroupId": group_id, "Ip": ip, "Port": port})
+        self.request("POST", wm.INITSERVER, wm.ServerKey(group_id, ip, port).to_json())
 
     def set_status(self, ip: str, port: int, status: int) -> None:
         """POST /v1/chunkserver/setstatus (an extension of the speedy master)."""
         try:
-            self.request("POST", "/v1/chunkserver/setstatus",
-                         {"Ip": ip, "Port": port, "Status": status})
+            self.request("POST", wm.SETSTATUS, wm.StatusChange(ip, port, status).to_json())
         except MasterError as e:
             text = str(e).lower()
             if e.status == 405 or (e.status == 404 and ("route" in text.split("404", 1)[1]
                                                         or "page not found" in text)):
-                raise MasterError(f"master {self.name} has no /v1/chunkserver/setstatus "
+                raise MasterError(f"master {self.name} has no {wm.SETSTATUS} "
                                   f"route (an older master?): set the status in its "
                                   f"database instead", e.status) from None
             raise
+
+
+    def record_pending_deletes(self, group_id: int, fid: int,
+                               servers: Iterable[ServerInfo]) -> None:
+        """POST pendingdelete (speedy extension): the master finishes a delete on servers
+        that did not take it, and clients do not read from them until it has."""
+        body = [wm.PendingDelete(group_id, s.ip, s.port, fid).to_json() for s in servers]
+        if body:
+            self.request("POST", wm.PENDINGDELETE, body)
 
 
 class FidAllocator:

@@ -10,6 +10,9 @@
    - intact somewhere: READ from an intact replica (the server checks it again), then
      written to each server where it is absent, or damaged (DELETE first, then WRITE);
    - damaged everywhere: reported, left alone.
+   Puts and deletes may run meanwhile: before a copy the target is read again, and a
+   copy answered FILE_EXISTS is checked, so a file that an in-flight put wrote after the
+   inventory is counted as in place, not as a failure.
 The inventory holds one small entry per fid per server in memory.
 """
 from __future__ import annotations
@@ -121,13 +124,14 @@ def take_inventory(pool: ConnPool, server: ServerInfo, group_id: int) -> Invento
 
 
 @dataclass
-class Report:
+class RepairSummary:
     """What a repair did."""
 
     files: int = 0
     copied: int = 0
     rewritten: int = 0
     deleted: int = 0
+    in_place: int = 0   # written meanwhile (by an in-flight put): nothing to do
     lost: list[int] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -158,10 +162,10 @@ def plan(invs: list[Inventory]) -> tuple[dict[int, list[Inventory]], dict[int, l
 
 
 def repair_group(pool: ConnPool, servers: list[ServerInfo], group_id: int,
-                 dry_run: bool = False, out: TextIO = sys.stdout) -> Report:
+                 dry_run: bool = False, out: TextIO = sys.stdout) -> RepairSummary:
     """Inventory every non-ERR server of the group, then copy and delete to match."""
     t0 = time.monotonic()
-    rep = Report()
+    rep = RepairSummary()
     members = [s for s in servers if s.status != ERR]
     for s in servers:
         if s.status == ERR:
@@ -187,6 +191,15 @@ def repair_group(pool: ConnPool, servers: list[ServerInfo], group_id: int,
         rep.deleted = sum(len(v) for v in delete.values())
         rep.seconds = time.monotonic() - t0
         return rep
+    apply_plan(pool, good, group_id, copy, delete, rep)
+    rep.seconds = time.monotonic() - t0
+    return rep
+
+
+def apply_plan(pool: ConnPool, good: list[Inventory], group_id: int,
+               copy: dict[int, list[Inventory]], delete: dict[int, list[Inventory]],
+               rep: RepairSummary) -> None:
+    """Delete and copy as planned, counting into rep."""
     for fid, holders in delete.items():
         for i in holders:
             r = _call(pool, lambda: pool.delete(i.server.addr, group_id, fid))
@@ -209,17 +222,30 @@ def repair_group(pool: ConnPool, servers: list[ServerInfo], group_id: int,
             continue
         for t in targets:
             damaged = fid in t.live
+            if not damaged and _holds(pool, t.server, group_id, fid, data):
+                rep.in_place += 1
+                continue
             if damaged:
                 _call(pool, lambda: pool.delete(t.server.addr, group_id, fid))
             r = _call(pool, lambda: pool.write(t.server.addr, group_id, fid, data))
             if r == Err.SUCCESS:
                 rep.rewritten += damaged
                 rep.copied += not damaged
+            elif r == Err.FILE_EXISTS and _holds(pool, t.server, group_id, fid, data):
+                rep.in_place += 1
             else:
                 rep.failed.append(f"{t.server.name}: WRITE {group_id},{fid}: {r}")
         data = None
-    rep.seconds = time.monotonic() - t0
-    return rep
+
+
+def _holds(pool: ConnPool, server: ServerInfo, group_id: int, fid: int,
+           data: bytes) -> bool:
+    """True if server answers READ of fid with exactly data (an in-flight put wrote it)."""
+    try:
+        reply = pool.read(server.addr, group_id, fid)
+    except ChunkError:
+        return False
+    return reply.ok and bytes(reply.body) == bytes(data)
 
 
 def _call(pool: ConnPool, fn) -> int | str:
@@ -240,6 +266,7 @@ def run(client, group_id: int, dry_run: bool = False, out: TextIO = sys.stdout) 
     verb = "would copy" if dry_run else "copied"
     print(f"group {group_id}: {rep.files} fids on {len(servers)} servers; {verb} "
           f"{rep.copied}, rewrote {rep.rewritten} damaged, deleted {rep.deleted}; "
+          f"{rep.in_place} written meanwhile by puts; "
           f"{len(rep.lost)} damaged on every replica; {len(rep.failed)} failures; "
           f"scanned {rep.scanned_bytes} bytes in {rep.seconds:.2f} s", file=out)
     for f in rep.failed[:20]:

@@ -240,6 +240,7 @@ def master_parser() -> configargparse.ArgParser:
                    help="seconds between health checks")
     p.add_argument("--token", default="",
                    help="shared token required on write routes (empty: none)")
+    master_limits(p)
     _common(p, "pid file of the master (written at start, removed at exit)")
     return p
 
@@ -270,6 +271,21 @@ def gateway_parser() -> configargparse.ArgParser:
     return p
 
 
+def master_limits(p: configargparse.ArgParser) -> None:
+    """The master's database initialization and connection limits."""
+    p.add_argument("--init_db", action="store_true",
+                   help="initialize an existing empty (0-byte) database file")
+    p.add_argument("--max_connections", type=int_range(16), default=4096,
+                   help="open HTTP connections at most; at the limit a new one evicts "
+                        "the longest idle")
+    p.add_argument("--max_source_connections", type=int_range(1), default=1024,
+                   help="open HTTP connections from one address at most (same rule)")
+    p.add_argument("--read_timeout", type=positive_float, default=10.0,
+                   help="seconds to receive a whole request after its first line; 408")
+    p.add_argument("--idle_timeout", type=positive_float, default=60.0,
+                   help="seconds a connection may wait for its next request")
+
+
 def absolutize(ns: argparse.Namespace, names: Sequence[str]) -> None:
     """Resolve relative paths before any chdir (daemonizing changes directory)."""
     for name in names:
@@ -288,35 +304,38 @@ def masked(dest: str, value: object) -> object:
     return ("***" if value else "") if secret(dest) else value
 
 
-def config_files_read(p: configargparse.ArgParser) -> list[str]:
-    """The config files this parse read."""
-    return [source.split("|", 1)[1] for source in p._source_to_settings
-            if source.startswith("config_file|")]
-
-
 def print_config(p: configargparse.ArgParser, ns: argparse.Namespace, out=None) -> None:
-    """Every option's effective value and where it came from (secrets masked)."""
+    """Every option's effective value and where it came from, as ConfigArgParse's
+    format_values() tells (secrets masked; the config files read come first)."""
     out = out or sys.stdout
-    files = config_files_read(p)
-    print(f"# config file: {', '.join(files) if files else 'none'}", file=out)
+    actions = [a for a in p._actions if a.dest not in CLI_ONLY and a.dest != argparse.SUPPRESS]
+    dest_of = {name: a.dest for a in actions for name in a.option_strings + [a.env_var or ""]
+               if name}
+    heads = {"Command Line Args": "command_line", "Environment Variables":
+             "environment_variables", "Defaults": "defaults"}
     sources: dict[str, str] = {}
-    for source, settings in p._source_to_settings.items():  # configargparse's record
-        label = source.split("|")[0].rstrip(":") or source
-        for key, (action, _value) in settings.items():
-            if action is not None:
-                sources.setdefault(action.dest, label)
-            elif source.startswith("command_line"):
-                for token in _value if isinstance(_value, list) else []:
-                    if token.startswith("--"):
-                        dest = token[2:].split("=", 1)[0].replace("-", "_")
-                        sources.setdefault(dest, "command_line")
-    for action in p._actions:
-        if action.dest in CLI_ONLY or action.dest is argparse.SUPPRESS:
+    files: list[str] = []
+    section = ""
+    for line in p.format_values().splitlines():
+        if not line.startswith("  "):
+            head, _, rest = line.partition(":")
+            section = heads.get(head, "")
+            if head.startswith("Config File ("):
+                section = "config_file"
+                files.append(line[len("Config File ("):line.rindex(")")])
+            for token in rest.split() if section == "command_line" else ():
+                dest = dest_of.get(token.split("=", 1)[0])
+                if dest:
+                    sources.setdefault(dest, section)
             continue
+        key = line.strip().split(":", 1)[0]
+        sources.setdefault(dest_of.get(key, key.replace("-", "_")), section)
+    print(f"# config file: {', '.join(files) if files else 'none'}", file=out)
+    for action in actions:
         value = masked(action.dest, getattr(ns, action.dest, None))
-        origin = sources.get(action.dest, "default")
-        env = action.env_var or ""
-        print(f"{action.dest} = {value!r}  # from {origin}; env {env}", file=out)
+        origin = sources.get(action.dest, "defaults")
+        print(f"{action.dest} = {value!r}  # from {origin}; env {action.env_var or ''}",
+              file=out)
 
 
 def parse(p: configargparse.ArgParser, argv: Sequence[str] | None,

@@ -2,30 +2,30 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import re
 import sqlite3
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import gevent
 import sqlite_utils
 
 from speedy.master import db as mdb
-from speedy.common import metrics
-from speedy.master.db import Status
+from speedy.master.deleter import Deleter
+from speedy.master.metrics import CONTENT_TYPE, Counts, MasterMetrics, Snapshot
+from speedy.wire import master as wm
+from speedy.wire.master import FieldError, Status
 
 log = logging.getLogger("speedy.master")
 
 MAX_BODY = 1 << 20
-TOKEN_HEADER = "X-Speedy-Token"
-INT64_MAX = 2 ** 63 - 1
-MAX_DATA_DIR = 4096
-_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_GROUPINFO = re.compile(r"^/v1/chunkserver/([^/]*)/groupinfo$")
+MAX_PENDING_BATCH = 10000  # pending deletes in one POST
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within the request's read deadline."""
 
 
 class HTTPError(Exception):
@@ -37,84 +37,25 @@ class HTTPError(Exception):
 
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-               405: "Method Not Allowed", 413: "Payload Too Large",
+               405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
                500: "Internal Server Error", 503: "Service Unavailable"}
+_ABSOLUTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 
 
-# -- validation ----------------------------------------------------------------------
+def origin_path(path: str) -> str:
+    """The path of an absolute-form target (RFC 9112 3.2.2: http://host:port/path)."""
+    m = _ABSOLUTE.match(path)
+    if m is None:
+        return path
+    return path[m.end():] or "/"
 
 
-def valid_host(text: str) -> bool:
-    """An IPv4/IPv6 address or a DNS host name."""
-    if not 1 <= len(text) <= 253:
-        return False
+def checked(parse: Callable[..., Any], *args: Any) -> Any:
+    """parse(*args), its FieldError answered as a 400."""
     try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        pass
-    if re.fullmatch(r"[0-9.]+", text):
-        return False  # looks like a broken IPv4 address
-    return all(_LABEL.match(label) for label in text.rstrip(".").split("."))
-
-
-def get_int(obj: dict, name: str, lo: int, hi: int, default: int | None = None) -> int:
-    """obj[name] as an integer in lo..hi (bool is not an integer); HTTPError 400 if not."""
-    if name not in obj or obj[name] is None:
-        if default is None:
-            raise HTTPError(400, f"missing field {name}")
-        return default
-    value = obj[name]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise HTTPError(400, f"field {name} must be an integer, got {json.dumps(value)[:40]}")
-    if not lo <= value <= hi:
-        raise HTTPError(400, f"field {name} = {value} is out of range ({lo}..{hi})")
-    return value
-
-
-def get_host(obj: dict, name: str = "Ip") -> str:
-    """obj[name] as an address or host name; HTTPError 400 if not."""
-    if name not in obj:
-        raise HTTPError(400, f"missing field {name}")
-    value = obj[name]
-    if not isinstance(value, str):
-        raise HTTPError(400, f"field {name} must be a string")
-    if not valid_host(value):
-        raise HTTPError(400, f"field {name} = {value[:60]!r} is not an address or host name")
-    return value
-
-
-def get_object(value: Any, what: str = "body") -> dict:
-    """value as a JSON object; HTTPError 400 if not."""
-    if not isinstance(value, dict):
-        raise HTTPError(400, f"{what} must be a JSON object")
-    return value
-
-
-def parse_key(obj: Any, what: str = "body") -> tuple[int, str, int]:
-    """(GroupId, Ip, Port) of a registration object."""
-    obj = get_object(obj, what)
-    return (get_int(obj, "GroupId", 1, 65535), get_host(obj), get_int(obj, "Port", 1, 65535))
-
-
-def parse_report(obj: Any) -> mdb.Report:
-    """A heartbeat body as a Report (zero-valued fields may be left out)."""
-    obj = get_object(obj)
-    group_id, ip, port = parse_key(obj)
-    data_dir = obj.get("DataDir", "")
-    if data_dir is None:
-        data_dir = ""
-    if not isinstance(data_dir, str) or len(data_dir) > MAX_DATA_DIR:
-        raise HTTPError(400, f"field DataDir must be a string of at most {MAX_DATA_DIR} chars")
-    n = {name: get_int(obj, name, 0, INT64_MAX, 0) for name in (
-        "TotalFreeSpace", "MaxFreeSpace", "PendingWrites", "WritingCount", "ReadingCount",
-        "TotalChunks", "ConnectionsCount")}
-    status = get_int(obj, "Status", 0, 1, 0)
-    return mdb.Report(group_id, ip, port, read_only=status == 1,
-                      total_free_space=n["TotalFreeSpace"], max_free_space=n["MaxFreeSpace"],
-                      pending_writes=n["PendingWrites"], writing_count=n["WritingCount"],
-                      reading_count=n["ReadingCount"], total_chunks=n["TotalChunks"],
-                      conn_count=n["ConnectionsCount"], data_dir=data_dir)
+        return parse(*args)
+    except FieldError as e:
+        raise HTTPError(400, str(e)) from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -135,26 +76,6 @@ def parse_json(body: bytes) -> Any:
         raise HTTPError(400, f"malformed JSON: {e}") from None
 
 
-# -- metrics -------------------------------------------------------------------------
-
-
-@dataclass
-class Metrics:
-    """Counters kept by the app (gauges are read from the database at scrape time)."""
-
-    requests: dict[tuple[str, int], int] = field(default_factory=dict)
-    latency: dict[str, metrics.HistogramData] = field(default_factory=dict)
-    heartbeats: int = 0
-    silent_to_ro: int = 0
-    monitor_errors: int = 0
-
-    def observe(self, route: str, status: int, seconds: float) -> None:
-        """Count one request."""
-        key = (route, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self.latency.setdefault(route, metrics.HistogramData()).observe(seconds)
-
-
 # -- the app -------------------------------------------------------------------------
 
 
@@ -171,23 +92,27 @@ class MasterApp:
         self.heartbeat_timeout, self.monitor_interval = heartbeat_timeout, monitor_interval
         self.max_body = max_body
         self.started = time.time()
-        self.fids = mdb.FidAllocator(db)
-        self.metrics = Metrics()
+        self.fids = mdb.FidReserver(db)
+        self.counts = Counts()
+        self.connections = 0  # open HTTP connections, kept by the daemon
+        self.metrics = MasterMetrics(self.snapshot, self.counts)
+        self.deleter = Deleter(db, self.counts)
         self._monitor: gevent.Greenlet | None = None
-        # (method, path) -> (handler, needs token); groupinfo is matched by regex.
+        # path -> method -> (handler, needs token); groupinfo is matched by pattern.
         self.routes: dict[str, dict[str, tuple[Handler, bool]]] = {
-            "/v1/chunkserver/initserver": {"POST": (self.initserver, True)},
-            "/v1/chunkserver/batchinitserver": {"POST": (self.batchinitserver, True)},
-            "/v1/chunkserver/reportinfo": {"POST": (self.reportinfo, True)},
-            "/v1/chunkserver/reloadinfo": {"POST": (self.reloadinfo, True)},
-            "/v1/chunkserver/setstatus": {"POST": (self.setstatus, True)},
-            "/v1/chunkserver/removeserver": {"POST": (self.removeserver, True)},
-            "/v1/chunkmaster/route": {"GET": (self.route, False)},
-            "/v1/chunkmaster/fid": {"GET": (self.fid, True)},
-            "/v1/chunkserver/{groupId}/groupinfo": {"GET": (self.groupinfo, False)},
-            "/v1/chunkserver/checkerror": {"GET": (self.checkerror, False)},
-            "/v1/chunkmaster/servers": {"GET": (self.servers, False)},
-            "/metrics": {"GET": (self.metrics_text, False)},
+            wm.INITSERVER: {"POST": (self.initserver, True)},
+            wm.BATCHINITSERVER: {"POST": (self.batchinitserver, True)},
+            wm.REPORTINFO: {"POST": (self.reportinfo, True)},
+            wm.RELOADINFO: {"POST": (self.reloadinfo, True)},
+            wm.SETSTATUS: {"POST": (self.setstatus, True)},
+            wm.REMOVESERVER: {"POST": (self.removeserver, True)},
+            wm.PENDINGDELETE: {"POST": (self.pendingdelete, True)},
+            wm.ROUTE: {"GET": (self.route, False)},
+            wm.FID: {"GET": (self.fid, True)},
+            wm.GROUPINFO: {"GET": (self.groupinfo, False)},
+            wm.CHECKERROR: {"GET": (self.checkerror, False)},
+            wm.SERVERS: {"GET": (self.servers, False)},
+            wm.METRICS: {"GET": (self.metrics_text, False)},
         }
 
     # -- WSGI ------------------------------------------------------------------------
@@ -195,7 +120,7 @@ class MasterApp:
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
         t0 = time.monotonic()
         method = environ.get("REQUEST_METHOD", "GET")
-        path = environ.get("PATH_INFO", "") or "/"
+        path = origin_path(environ.get("PATH_INFO", "") or "/")
         route_name = "other"
         headers: list[tuple[str, str]] = []
         try:
@@ -216,14 +141,14 @@ class MasterApp:
             status, ctype, payload = 500, "text/plain; charset=utf-8", b"internal error\n"
         headers = [("Content-Type", ctype), ("Content-Length", str(len(payload)))] + headers
         start_response(f"{status} {STATUS_TEXT.get(status, 'Error')}", headers)
-        self.metrics.observe(route_name, status, time.monotonic() - t0)
+        self.counts.observe(route_name, status, time.monotonic() - t0)
         return [b"" if method == "HEAD" else payload]
 
     def _dispatch(self, method: str, path: str, environ: dict) -> \
             tuple[str, Handler, re.Match | None]:
         """(route name, handler, groupinfo match) or HTTPError 404/405/403."""
-        match = _GROUPINFO.match(path)
-        name = "/v1/chunkserver/{groupId}/groupinfo" if match else path
+        match = wm.GROUPINFO_PATTERN.match(path)
+        name = wm.GROUPINFO if match else path
         methods = self.routes.get(name)
         if methods is None:
             raise HTTPError(404, f"no such route: {printable(path)}")
@@ -242,11 +167,11 @@ class MasterApp:
         """HTTPError 403 unless the request carries the right token (when one is set)."""
         if not self.token:
             return
-        given = environ.get("HTTP_" + TOKEN_HEADER.upper().replace("-", "_"))
+        given = environ.get("HTTP_" + wm.TOKEN_HEADER.upper().replace("-", "_"))
         if given is None:
-            raise HTTPError(403, f"missing {TOKEN_HEADER} header")
+            raise HTTPError(403, f"missing {wm.TOKEN_HEADER} header")
         if not hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode()):
-            raise HTTPError(403, f"wrong {TOKEN_HEADER}")
+            raise HTTPError(403, f"wrong {wm.TOKEN_HEADER}")
 
     def _unread_body(self, environ: dict) -> list[tuple[str, str]]:
         """After an early error: close rather than read a large or chunked body we skipped."""
@@ -273,8 +198,15 @@ class MasterApp:
             if n > self.max_body:
                 raise HTTPError(413, f"body of {n} bytes is larger than the limit of "
                                      f"{self.max_body} bytes")
+        deadline = environ.get("speedy.read_deadline")
+        left = None if deadline is None else max(0.01, deadline - time.monotonic())
         try:
-            body = inp.read(self.max_body + 1)
+            with gevent.Timeout(left, BodyTimeout):
+                body = inp.read(self.max_body + 1)
+        except (BodyTimeout, TimeoutError):
+            _abandon_input(inp)
+            raise HTTPError(408, "request body not received whole in time",
+                            [("Connection", "close")]) from None
         except OSError as e:  # the client vanished or sent a broken chunked body
             _abandon_input(inp)
             raise HTTPError(400, f"incomplete body: {e}", [("Connection", "close")]) from None
@@ -287,7 +219,7 @@ class MasterApp:
 
     def initserver(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """Register one chunkserver (INIT); registering again is harmless."""
-        key = parse_key(parse_json(body))
+        key = checked(wm.ServerKey.from_json, parse_json(body)).astuple()
         if self._db(mdb.add_servers, [key]):
             log.info("chunkserver %d:%s:%d registered", *key)
         return _ok()
@@ -300,27 +232,29 @@ class MasterApp:
         keys = []
         for i, item in enumerate(items):
             try:
-                keys.append(parse_key(item, "each element"))
-            except HTTPError as e:
-                raise HTTPError(400, f"element {i}: {e.reason}") from None
+                keys.append(wm.ServerKey.from_json(item, "each element").astuple())
+            except FieldError as e:
+                raise HTTPError(400, f"element {i}: {e}") from None
         added = self._db(mdb.add_servers, keys)
         log.info("batch registration: %d chunkservers, %d new", len(keys), added)
         return _ok()
 
     def reportinfo(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
-        """A heartbeat: store the report, INIT/RO -> RW (RO if the server is read-only)."""
-        report = parse_report(parse_json(body))
+        """A heartbeat: store the report, INIT/RO -> RW (RO if the server is read-only);
+        then finish the deletes pending on that server, in the background."""
+        report = checked(wm.Report.from_json, parse_json(body))
         result = self._db(mdb.record_report, report)
         key = f"{report.group_id}:{report.ip}:{report.port}"
         if result is None:
             raise HTTPError(400, f"chunkserver {key} is not registered (initserver first)")
-        self.metrics.heartbeats += 1
+        self.counts.heartbeats += 1
         old, new = result
         if old != new:
             log.info("chunkserver %s: %s -> %s (heartbeat%s)", key, old.name, new.name,
                      ", server says read-only" if report.read_only else "")
         elif old == Status.ERR:
             log.debug("chunkserver %s reports but stays ERR", key)
+        self.deleter.kick(report.group_id, report.ip, report.port)
         return _ok()
 
     def reloadinfo(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
@@ -331,22 +265,38 @@ class MasterApp:
 
     def setstatus(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """speedy extension: set a chunkserver's status ({"Ip","Port","Status"[,"GroupId"]})."""
-        obj = get_object(parse_json(body))
-        ip, port = get_host(obj), get_int(obj, "Port", 1, 65535)
-        status = get_int(obj, "Status", 0, 3)
-        group_id = get_int(obj, "GroupId", 1, 65535, 0) or None
-        rows = self._db(mdb.set_status, ip, port, status, group_id)
+        ch = checked(wm.StatusChange.from_json, parse_json(body))
+        rows = self._db(mdb.set_status, ch.ip, ch.port, ch.status, ch.group_id or None)
         if not rows:
-            raise HTTPError(404, f"no chunkserver {ip}:{port} is registered")
+            raise HTTPError(404, f"no chunkserver {ch.ip}:{ch.port} is registered")
         return 200, "application/json", _json([r.to_json() for r in rows])
 
     def removeserver(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """speedy extension: delete a chunkserver from the registry."""
-        key = parse_key(parse_json(body))
+        key = checked(wm.ServerKey.from_json, parse_json(body)).astuple()
         if not self._db(mdb.remove_server, *key):
             raise HTTPError(404, "no chunkserver %d:%s:%d is registered" % key)
         log.warning("chunkserver %d:%s:%d removed from the registry", *key)
         return _ok()
+
+    def pendingdelete(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
+        """speedy extension: record deletes a client could not finish on a server (a JSON
+        array of {"GroupId","Ip","Port","Fid"}); the master finishes them."""
+        items = parse_json(body)
+        if not isinstance(items, list) or len(items) > MAX_PENDING_BATCH:
+            raise HTTPError(400, "body must be a JSON array of at most "
+                                 f"{MAX_PENDING_BATCH} {{GroupId, Ip, Port, Fid}} objects")
+        pending = []
+        for i, item in enumerate(items):
+            try:
+                pending.append(wm.PendingDelete.from_json(item, "each element"))
+            except FieldError as e:
+                raise HTTPError(400, f"element {i}: {e}") from None
+        added = self._db(mdb.add_pending_deletes, pending)
+        for p in pending:
+            log.info("delete of %d,%d on %s:%d pending", p.group_id, p.fid, p.ip, p.port)
+            self.deleter.kick(p.group_id, p.ip, p.port)
+        return 200, "application/json", _json({"Added": added})
 
     def route(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """{"<group_id>": [chunkserver, ...]} without ERR servers."""
@@ -357,7 +307,7 @@ class MasterApp:
     def fid(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """A fresh range of 100 fids."""
         begin, end = self._guarded(self.fids.next_range)
-        return 200, "application/json", _json({"FidBegin": begin, "FidEnd": end})
+        return 200, "application/json", _json(wm.FidRange(begin, end).to_json())
 
     def servers(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """Speedy extension: every chunkserver (ERR too) with its times and heartbeat age."""
@@ -385,7 +335,7 @@ class MasterApp:
 
     def metrics_text(self, environ: dict, body: bytes, _m: Any) -> tuple[int, str, bytes]:
         """Prometheus text exposition."""
-        return 200, metrics.CONTENT_TYPE, self.render_metrics()
+        return 200, CONTENT_TYPE, self.metrics.render()
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -405,50 +355,13 @@ class MasterApp:
         except mdb.MasterDBError as e:
             raise HTTPError(503, str(e)) from None
 
-    def render_metrics(self) -> bytes:
-        """Every metric in the Prometheus text format."""
-        m, now = self.metrics, time.time()
-        servers = self._db(mdb.list_servers)
-        fams = metrics.master_families({
-            "servers_by_status": {s.name: sum(1 for cs in servers if cs.status == s)
-                                  for s in Status},
-            "heartbeat_age_seconds": {(cs.group_id, f"{cs.ip}:{cs.port}"):
-                                      round(max(0.0, now - cs.update_time), 3)
-                                      for cs in servers},
-            "groups": len({cs.group_id for cs in servers}),
-            "fids_issued": self.fids.handed_out,
-            "requests": dict(m.requests),
-            "latency": {route: {"counts": h.counts, "sum": h.total}
-                        for route, h in m.latency.items()},
-        })
-        per_server = [
-            ("speedy_master_server_status", "Status of each chunkserver (0 INIT, 1 RW, 2 RO, "
-             "3 ERR).", lambda cs: int(cs.status)),
-            ("speedy_master_server_free_bytes", "Free bytes each chunkserver reported "
-             "(TotalFreeSpace).", lambda cs: cs.total_free_space),
-            ("speedy_master_server_max_free_bytes", "Largest free bytes in one chunk each "
-             "chunkserver reported (MaxFreeSpace).", lambda cs: cs.max_free_space),
-        ]
-        for name, text, value in per_server:
-            f = metrics.gauge(name, text)
-            for cs in servers:
-                f.add(value(cs), {"group": cs.group_id, "server": f"{cs.ip}:{cs.port}"})
-            fams.append(f)
-        fams += [
-            metrics.gauge("speedy_master_fid_high_water",
-                          "First fid never reserved in the database.")
-            .add(self._db(mdb.fid_high_water)),
-            metrics.counter("speedy_master_heartbeats_total", "Heartbeats accepted.")
-            .add(m.heartbeats),
-            metrics.counter("speedy_master_silent_to_ro_total",
-                            "RW chunkservers turned RO for lack of heartbeats.")
-            .add(m.silent_to_ro),
-            metrics.counter("speedy_master_monitor_errors_total", "Failed health checks.")
-            .add(m.monitor_errors),
-            metrics.gauge("speedy_master_start_time_seconds",
-                          "Unix time the master started.").add(round(self.started, 3)),
-        ]
-        return metrics.render(fams)
+    def snapshot(self) -> Snapshot:
+        """The state the metrics show, read now."""
+        return Snapshot(servers=self._db(mdb.list_servers),
+                        fid_high_water=self._db(mdb.fid_high_water),
+                        fids_issued=self.fids.handed_out,
+                        pending_deletes=self._db(mdb.count_pending_deletes),
+                        started=self.started, open_connections=self.connections)
 
     # -- health monitor ----------------------------------------------------------------
 
@@ -458,7 +371,7 @@ class MasterApp:
         for cs in changed:
             log.warning("chunkserver %s: RW -> RO (no heartbeat for %.1f s)", cs.key,
                         (now or time.time()) - cs.update_time)
-        self.metrics.silent_to_ro += len(changed)
+        self.counts.silent_to_ro += len(changed)
         return changed
 
     def _monitor_loop(self) -> None:
@@ -468,11 +381,11 @@ class MasterApp:
             try:
                 self.monitor_once()
             except (sqlite3.Error, mdb.MasterDBError) as e:
-                self.metrics.monitor_errors += 1
+                self.counts.monitor_errors += 1
                 log.error("health check failed, retrying in %.1f s: %s",
                           self.monitor_interval, e)
             except Exception:
-                self.metrics.monitor_errors += 1
+                self.counts.monitor_errors += 1
                 log.exception("health check failed")
 
     def start_monitor(self) -> gevent.Greenlet:

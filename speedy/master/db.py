@@ -1,12 +1,12 @@
-"""The chunkmaster's state in SQLite: registry, reports, statuses, fid reservation.
+"""The chunkmaster's state in SQLite: registry, reports, statuses, fids, pending deletes.
 
 Usable without the HTTP app (the admin CLI calls these functions directly). The schema
-is a documented interface (see SCHEMA); PRAGMA user_version carries its version.
+is a documented interface (README "The database schema"); PRAGMA user_version carries
+its version and MIGRATIONS bring an older database up to it, one version at a time.
 All times are Unix seconds stored as REAL.
 """
 from __future__ import annotations
 
-import enum
 import fcntl
 import logging
 import os
@@ -14,38 +14,32 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
-from typing import Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Callable, Iterable, Iterator
 
 import sqlite_utils
 
+from speedy.wire.master import (SERVER_COLUMNS, PendingDelete, Report,
+                                ServerStatus, Status)
+
 log = logging.getLogger("speedy.master.db")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FID_RANGE = 100          # fids per GET /v1/chunkmaster/fid
 FID_BLOCK = 10000        # fids reserved durably per database write
 FID_FIRST = 1
 FID_LIMIT = 2 ** 63 - 1  # SQLite INTEGER; the wire fid is u64
-GLOBAL_NORMAL = 0
-GLOBAL_TRANSFERRING = 8
 START_BUSY_TIMEOUT = 3.0  # seconds to wait for a lock while opening
 BUSY_TIMEOUT = 2.0        # seconds a request waits for an operator's write lock
-
-
-class Status(enum.IntEnum):
-    """A chunkserver's status as the master keeps it (MASTER-API.md)."""
-
-    INIT = 0
-    RW = 1
-    RO = 2
-    ERR = 3
 
 
 class MasterDBError(Exception):
     """The database cannot be used: corrupt, locked, foreign or too new."""
 
 
-SCHEMA_V1 = """
+# Version 1: the registry and the fid high-water mark. Kept as SQL text: its CHECK
+# constraints are part of the documented schema and sqlite-utils' create() cannot say them.
+CHUNKSERVER_V1 = """
 CREATE TABLE chunkserver (
     id               INTEGER PRIMARY KEY,
     group_id         INTEGER NOT NULL CHECK (group_id BETWEEN 1 AND 65535),
@@ -66,36 +60,42 @@ CREATE TABLE chunkserver (
     status_time      REAL    NOT NULL,
     report_count     INTEGER NOT NULL DEFAULT 0,
     UNIQUE (group_id, ip, port)
-);
-CREATE INDEX chunkserver_ip_port ON chunkserver (ip, port);
+)"""
+FID_STATE_V1 = """
 CREATE TABLE fid_state (
     id          INTEGER PRIMARY KEY CHECK (id = 1),
     high_water  INTEGER NOT NULL CHECK (high_water >= 1),
     update_time REAL    NOT NULL
-);
-"""
-SCHEMA = SCHEMA_V1
-MIGRATIONS: dict[int, str] = {1: SCHEMA_V1}  # version -> SQL that brings version-1 to it
-OUR_TABLES = {"chunkserver", "fid_state"}
+)"""
+OUR_TABLES = {1: {"chunkserver", "fid_state"}, 2: {"chunkserver", "fid_state", "pending_delete"}}
+
+
+def _create_v1(db: sqlite_utils.Database) -> None:
+    """Version 1: chunkserver and fid_state (with its one row)."""
+    db.execute(CHUNKSERVER_V1)
+    db["chunkserver"].create_index(["ip", "port"], index_name="chunkserver_ip_port")
+    db.execute(FID_STATE_V1)
+    db["fid_state"].insert({"id": 1, "high_water": FID_FIRST, "update_time": time.time()})
+
+
+def _create_v2(db: sqlite_utils.Database) -> None:
+    """Version 2: pending_delete, deletes the master finishes when a server reports."""
+    db["pending_delete"].create(
+        {"group_id": int, "ip": str, "port": int, "fid": int, "create_time": float,
+         "attempts": int, "last_error": str},
+        pk=("group_id", "ip", "port", "fid"),
+        not_null={"group_id", "ip", "port", "fid", "create_time", "attempts", "last_error"},
+        defaults={"attempts": 0, "last_error": ""})
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _create_v1,
+                                                                  2: _create_v2}
 
 
 @dataclass
-class Chunkserver:
-    """One row of the chunkserver table."""
+class Chunkserver(ServerStatus):
+    """One row of the chunkserver table (with its count of pending deletes)."""
 
-    group_id: int
-    ip: str
-    port: int
-    status: int = Status.INIT
-    global_status: int = GLOBAL_NORMAL
-    total_free_space: int = 0
-    max_free_space: int = 0
-    pending_writes: int = 0
-    writing_count: int = 0
-    reading_count: int = 0
-    total_chunks: int = 0
-    conn_count: int = 0
-    data_dir: str = ""
     create_time: float = 0.0
     update_time: float = 0.0
     status_time: float = 0.0
@@ -106,52 +106,31 @@ class Chunkserver:
         """group:ip:port, for log lines."""
         return f"{self.group_id}:{self.ip}:{self.port}"
 
-    def to_json(self) -> dict:
-        """The MASTER-API.md chunkserver object (every field, zeros included)."""
-        return {"GroupId": self.group_id, "Ip": self.ip, "Port": self.port,
-                "Status": int(self.status), "GlobalStatus": self.global_status,
-                "TotalFreeSpace": self.total_free_space, "MaxFreeSpace": self.max_free_space,
-                "PendingWrites": self.pending_writes, "WritingCount": self.writing_count,
-                "ReadingCount": self.reading_count, "TotalChunks": self.total_chunks,
-                "ConnectionsCount": self.conn_count, "DataDir": self.data_dir}
 
-
-COLUMNS = [f.name for f in fields(Chunkserver)]
-
-
-@dataclass
-class Report:
-    """A chunkserver's heartbeat (PROTOCOL.md "Reporting to the master")."""
-
-    group_id: int
-    ip: str
-    port: int
-    read_only: bool = False
-    total_free_space: int = 0
-    max_free_space: int = 0
-    pending_writes: int = 0
-    writing_count: int = 0
-    reading_count: int = 0
-    total_chunks: int = 0
-    conn_count: int = 0
-    data_dir: str = ""
-
-
-def _row(d: dict) -> Chunkserver:
-    """A query row as a Chunkserver."""
-    return Chunkserver(**{k: d[k] for k in COLUMNS})
+COLUMNS = [f.name for f in fields(Chunkserver) if f.name != "pending_deletes"]
+_PENDING = ("(SELECT count(*) FROM pending_delete p WHERE p.group_id = c.group_id "
+            "AND p.ip = c.ip AND p.port = c.port) AS pending_deletes")
+assert set(SERVER_COLUMNS) - set(COLUMNS) == {"pending_deletes"}
 
 
 # -- opening -------------------------------------------------------------------------
 
 
 def connect(path: str, create: bool = True, busy_timeout: float = START_BUSY_TIMEOUT,
-            check: bool = True) -> sqlite_utils.Database:
-    """Open (and create or migrate) the master database; MasterDBError when unusable."""
-    if not create and not os.path.exists(path):
-        raise MasterDBError(f"database {path} does not exist")
-    if os.path.isdir(path):
+            check: bool = True, init: bool = False) -> sqlite_utils.Database:
+    """Open (and create or migrate) the master database; MasterDBError when unusable.
+
+    A missing file is created when create is set; an existing empty (0-byte) file is
+    refused like any foreign file unless init is set.
+    """
+    if not os.path.exists(path):
+        if not create:
+            raise MasterDBError(f"database {path} does not exist")
+    elif os.path.isdir(path):
         raise MasterDBError(f"database {path} is a directory")
+    elif not init and os.path.getsize(path) == 0:
+        raise MasterDBError(f"database {path} is an empty file, not a speedy master "
+                            "database; start with --init_db to initialize it")
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                check_same_thread=False)
@@ -160,7 +139,7 @@ def connect(path: str, create: bool = True, busy_timeout: float = START_BUSY_TIM
     try:
         db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
         _prepare(db, path, check)
-        db.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
     except MasterDBError:
         conn.close()
         raise
@@ -182,25 +161,30 @@ def _explain(path: str, e: sqlite3.Error) -> str:
 
 def _prepare(db: sqlite_utils.Database, path: str, check: bool) -> None:
     """Check integrity, switch to WAL + synchronous=FULL, create or migrate the schema."""
-    c = db.conn
     if check:
-        result = [r[0] for r in c.execute("PRAGMA quick_check").fetchall()]
+        result = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
         if result != ["ok"]:
             detail = " ".join("; ".join(map(str, result[:3])).split())[:200]
             raise MasterDBError(f"database {path} is corrupt (quick_check: {detail}); "
                                 "refusing to start, restore a backup")
-    mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise MasterDBError(f"database {path}: cannot switch to WAL mode (got {mode})")
-    c.execute("PRAGMA synchronous = FULL")
-    c.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("PRAGMA foreign_keys = ON")
     migrate(db, path)
 
 
-def migrate(db: sqlite_utils.Database, path: str = "") -> int:
-    """Bring the schema to SCHEMA_VERSION; returns the version found before."""
+def schema_version(db: sqlite_utils.Database) -> int:
+    """PRAGMA user_version."""
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(db: sqlite_utils.Database, path: str = "",
+            target: int = SCHEMA_VERSION) -> int:
+    """Bring the schema to target (SCHEMA_VERSION) in one transaction; the version before."""
     with write_txn(db):
-        version = db.conn.execute("PRAGMA user_version").fetchone()[0]
+        version = schema_version(db)
         tables = set(db.table_names())
         if version > SCHEMA_VERSION:
             raise MasterDBError(f"database {path} has schema version {version}, newer than "
@@ -208,17 +192,15 @@ def migrate(db: sqlite_utils.Database, path: str = "") -> int:
         if version == 0 and tables - {"sqlite_sequence"}:
             raise MasterDBError(f"database {path} is not a speedy master database "
                                 f"(user_version 0, tables: {', '.join(sorted(tables))})")
-        if version >= 1 and not OUR_TABLES <= tables:
+        if version >= 1 and not OUR_TABLES[version] <= tables:
             raise MasterDBError(f"database {path} lacks tables "
-                                f"{', '.join(sorted(OUR_TABLES - tables))}")
-        for v in range(version + 1, SCHEMA_VERSION + 1):
-            for stmt in MIGRATIONS[v].split(";"):
-                if stmt.strip():
-                    db.conn.execute(stmt)
-            if v == 1:
-                db.conn.execute("INSERT INTO fid_state (id, high_water, update_time) "
-                                "VALUES (1, ?, ?)", (FID_FIRST, time.time()))
-            db.conn.execute(f"PRAGMA user_version = {v}")
+                                f"{', '.join(sorted(OUR_TABLES[version] - tables))}")
+        if version >= 1 and not db["fid_state"].count_where("id = 1"):
+            raise MasterDBError(f"database {path} has no fid_state row (the fid high-water "
+                                "mark is lost); refusing to start, restore a backup")
+        for v in range(version + 1, target + 1):
+            MIGRATIONS[v](db)
+            db.execute(f"PRAGMA user_version = {v}")
             log.info("database %s: schema migrated to version %d", path, v)
     return version
 
@@ -256,7 +238,7 @@ def lock_single_master(path: str) -> int:
 def close(db: sqlite_utils.Database) -> None:
     """Checkpoint and close."""
     try:
-        db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except sqlite3.Error as e:
         log.warning("checkpoint at close failed: %s", e)
     db.conn.close()
@@ -315,12 +297,13 @@ def set_status(db: sqlite_utils.Database, ip: str, port: int, status: int,
     return rows
 
 
-def _select(c: sqlite3.Connection, where: str = "1", args: list | tuple = ()) -> \
-        list[Chunkserver]:
+def _select(c: sqlite3.Connection | sqlite_utils.Database, where: str = "1",
+            args: list | tuple = ()) -> list[Chunkserver]:
     """Rows of chunkserver matching where, ordered by group, ip, port."""
-    cur = c.execute(f"SELECT {', '.join(COLUMNS)} FROM chunkserver WHERE {where} "
-                    "ORDER BY group_id, ip, port", args)
-    return [_row(dict(zip(COLUMNS, r))) for r in cur.fetchall()]
+    names = COLUMNS + ["pending_deletes"]
+    cur = c.execute(f"SELECT {', '.join('c.' + n for n in COLUMNS)}, {_PENDING} "
+                    f"FROM chunkserver c WHERE {where} ORDER BY group_id, ip, port", args)
+    return [Chunkserver(**dict(zip(names, r))) for r in cur.fetchall()]
 
 
 def list_servers(db: sqlite_utils.Database, group_id: int | None = None,
@@ -332,13 +315,13 @@ def list_servers(db: sqlite_utils.Database, group_id: int | None = None,
         args.append(group_id)
     if not include_err:
         where.append(f"status != {int(Status.ERR)}")
-    return _select(db.conn, " AND ".join(where), args)
+    return _select(db, " AND ".join(where), args)
 
 
 def get_server(db: sqlite_utils.Database, group_id: int, ip: str, port: int) -> \
         Chunkserver | None:
     """One chunkserver, or None."""
-    rows = _select(db.conn, "group_id = ? AND ip = ? AND port = ?", (group_id, ip, port))
+    rows = _select(db, "group_id = ? AND ip = ? AND port = ?", (group_id, ip, port))
     return rows[0] if rows else None
 
 
@@ -352,14 +335,13 @@ def route(db: sqlite_utils.Database) -> dict[int, list[Chunkserver]]:
 
 def any_error(db: sqlite_utils.Database) -> bool:
     """True if some chunkserver is ERR."""
-    return db.conn.execute("SELECT EXISTS (SELECT 1 FROM chunkserver WHERE status = ?)",
-                           (int(Status.ERR),)).fetchone()[0] == 1
+    return db["chunkserver"].count_where("status = ?", [int(Status.ERR)]) > 0
 
 
 def status_counts(db: sqlite_utils.Database) -> dict[Status, int]:
     """How many chunkservers have each status (every status present, zeros included)."""
     counts = {s: 0 for s in Status}
-    for status, n in db.conn.execute("SELECT status, count(*) FROM chunkserver "
+    for status, n in db.execute("SELECT status, count(*) FROM chunkserver "
                                      "GROUP BY status").fetchall():
         if status in counts.keys():
             counts[Status(status)] = n
@@ -403,8 +385,7 @@ def mark_silent(db: sqlite_utils.Database, timeout: float, started: float,
     now = time.time() if now is None else now
     where = f"status = {int(Status.RW)} AND max(update_time, ?) < ?"
     args = (started, now - timeout)
-    if not db.conn.execute(f"SELECT EXISTS (SELECT 1 FROM chunkserver WHERE {where})",
-                           args).fetchone()[0]:
+    if not db["chunkserver"].count_where(where, args):
         return []  # the common case: no write lock taken
     with write_txn(db) as c:
         rows = _select(c, where, args)
@@ -422,7 +403,7 @@ def mark_silent(db: sqlite_utils.Database, timeout: float, started: float,
 
 def fid_high_water(db: sqlite_utils.Database) -> int:
     """The first fid never reserved: every fid handed out so far is below it."""
-    return db.conn.execute("SELECT high_water FROM fid_state WHERE id = 1").fetchone()[0]
+    return db["fid_state"].get(1)["high_water"]
 
 
 def reserve_fid_block(db: sqlite_utils.Database, size: int = FID_BLOCK) -> tuple[int, int]:
@@ -437,7 +418,7 @@ def reserve_fid_block(db: sqlite_utils.Database, size: int = FID_BLOCK) -> tuple
     return begin, end
 
 
-class FidAllocator:
+class FidReserver:
     """Hands out ranges of range_size fids from blocks reserved in the database."""
 
     def __init__(self, db: sqlite_utils.Database, block: int = FID_BLOCK,
@@ -461,6 +442,43 @@ class FidAllocator:
             return begin, begin + self.range_size
 
 
-def as_dict(cs: Chunkserver) -> dict:
-    """The row as a plain dict (column names)."""
-    return asdict(cs)
+# -- pending deletes ------------------------------------------------------------------
+
+
+def add_pending_deletes(db: sqlite_utils.Database, items: Iterable[PendingDelete],
+                        now: float | None = None) -> int:
+    """Record deletes a client could not finish on one server; how many were new."""
+    now = time.time() if now is None else now
+    table = db["pending_delete"]
+    with write_txn(db):
+        before = table.count
+        table.insert_all(({"group_id": p.group_id, "ip": p.ip, "port": p.port,
+                           "fid": p.fid, "create_time": now} for p in items), ignore=True)
+        return table.count - before
+
+
+def pending_deletes(db: sqlite_utils.Database, group_id: int, ip: str, port: int,
+                    limit: int = 1000) -> list[int]:
+    """The fids still to delete on one server, oldest first."""
+    return [r["fid"] for r in db["pending_delete"].rows_where(
+        "group_id = ? AND ip = ? AND port = ?", [group_id, ip, port],
+        order_by="create_time, fid", select="fid", limit=limit)]
+
+
+def finish_pending_deletes(db: sqlite_utils.Database, group_id: int, ip: str, port: int,
+                           done: Iterable[int], failed: dict[int, str] | None = None) -> None:
+    """Drop the fids deleted on that server; count an attempt on the ones that failed."""
+    key = [group_id, ip, port]
+    with write_txn(db) as c:
+        for fid in done:
+            c.execute("DELETE FROM pending_delete WHERE group_id = ? AND ip = ? AND port = ? "
+                      "AND fid = ?", key + [fid])
+        for fid, why in (failed or {}).items():
+            c.execute("UPDATE pending_delete SET attempts = attempts + 1, last_error = ? "
+                      "WHERE group_id = ? AND ip = ? AND port = ? AND fid = ?",
+                      [why[:200]] + key + [fid])
+
+
+def count_pending_deletes(db: sqlite_utils.Database) -> int:
+    """Deletes still to finish, on every server."""
+    return db["pending_delete"].count

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from speedy.master import db as mdb
-from speedy.master.db import Status
+from speedy.wire.master import REPORT_RO, REPORT_RW, Report, Status
 
 DOCUMENTED_COLUMNS = {
     "group_id", "ip", "port", "status", "global_status", "total_free_space",
@@ -24,7 +24,7 @@ def db(tmp_path):
 
 
 def test_schema_is_the_documented_interface(db, tmp_path):
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == mdb.SCHEMA_VERSION == 1
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == mdb.SCHEMA_VERSION == 2
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     cols = {r[1] for r in db.conn.execute("PRAGMA table_info(chunkserver)")}
@@ -35,7 +35,7 @@ def test_schema_is_the_documented_interface(db, tmp_path):
     # Opening again is not a migration and keeps the data.
     mdb.add_server(db, 1, "10.0.0.1", 8000)
     again = mdb.connect(str(tmp_path / "m.db"))
-    assert mdb.migrate(again) == 1 and len(mdb.list_servers(again)) == 1
+    assert mdb.migrate(again) == 2 and len(mdb.list_servers(again)) == 1
     again.conn.close()
 
 
@@ -53,17 +53,17 @@ def test_registration_is_unique_and_idempotent(db):
 
 
 def test_reports_drive_status_but_never_lift_err(db):
-    assert mdb.record_report(db, mdb.Report(1, "10.0.0.9", 8000)) is None
+    assert mdb.record_report(db, Report(1, "10.0.0.9", 8000)) is None
     mdb.add_server(db, 1, "10.0.0.1", 8000)
-    r = mdb.Report(1, "10.0.0.1", 8000, total_free_space=123, max_free_space=45,
+    r = Report(1, "10.0.0.1", 8000, total_free_space=123, max_free_space=45,
                    total_chunks=2, conn_count=3, data_dir="/d")
     assert mdb.record_report(db, r, now=100.0) == (Status.INIT, Status.RW)
     cs = mdb.get_server(db, 1, "10.0.0.1", 8000)
     assert (cs.total_free_space, cs.max_free_space, cs.total_chunks, cs.conn_count,
             cs.data_dir, cs.update_time, cs.report_count) == (123, 45, 2, 3, "/d", 100.0, 1)
-    r.read_only = True
+    r.status = REPORT_RO
     assert mdb.record_report(db, r) == (Status.RW, Status.RO)
-    r.read_only = False
+    r.status = REPORT_RW
     assert mdb.record_report(db, r) == (Status.RO, Status.RW)
     assert [c.status for c in mdb.set_status(db, "10.0.0.1", 8000, Status.ERR)] == [Status.ERR]
     r.total_free_space = 7
@@ -77,7 +77,7 @@ def test_reports_drive_status_but_never_lift_err(db):
 def test_silent_servers_turn_ro_after_a_grace_period(db):
     mdb.add_servers(db, [(1, "a", 1), (1, "b", 2), (1, "c", 3)])
     for key in [(1, "a", 1), (1, "b", 2)]:
-        mdb.record_report(db, mdb.Report(*key), now=1000.0)
+        mdb.record_report(db, Report(*key), now=1000.0)
     mdb.set_status(db, "b", 2, Status.ERR)
     # Master started at 1005: silence counts from there (fresh grace period).
     assert mdb.mark_silent(db, timeout=30, started=1005.0, now=1030.0) == []
@@ -90,19 +90,19 @@ def test_silent_servers_turn_ro_after_a_grace_period(db):
 
 
 def test_fid_ranges_continue_above_every_reservation(db, tmp_path):
-    alloc = mdb.FidAllocator(db)
+    alloc = mdb.FidReserver(db)
     first = [alloc.next_range() for _ in range(150)]
     assert first[0] == (1, 101)
     assert all(e - b == 100 for b, e in first)
     assert all(a[1] <= b[0] for a, b in zip(first, first[1:]))
     assert mdb.fid_high_water(db) == 1 + 2 * mdb.FID_BLOCK
     other = mdb.connect(str(tmp_path / "m.db"))  # a restarted master
-    b, e = mdb.FidAllocator(other).next_range()
+    b, e = mdb.FidReserver(other).next_range()
     assert b == 1 + 2 * mdb.FID_BLOCK and e == b + 100
     assert mdb.fid_high_water(db) == 1 + 3 * mdb.FID_BLOCK
     other.conn.close()
     with pytest.raises(ValueError):
-        mdb.FidAllocator(db, block=150)
+        mdb.FidReserver(db, block=150)
 
 
 def test_remove_server(db):

@@ -81,8 +81,8 @@ def test_any_path_and_method_is_answered_without_500(app, path, method):
 
 
 def test_every_200_left_a_consistent_database(app):
-    assert app.metrics.requests.get(("other", 500), 0) == 0
-    assert not [k for k in app.metrics.requests if k[1] == 500]
+    assert app.counts.requests.get(("other", 500), 0) == 0
+    assert not [k for k in app.counts.requests if k[1] == 500]
     for cs in mdb.list_servers(app.db):
         assert 1 <= cs.group_id <= 65535 and 1 <= cs.port <= 65535
         assert cs.status in (0, 1, 2, 3)

@@ -1,9 +1,14 @@
 """The real spy_master.py over HTTP: registration, heartbeats, health, route, fids, SQL."""
 from __future__ import annotations
 
+import json
+import re
+import socket
 import sqlite3
 import threading
 import time
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.master import masters, wait_for  # noqa: F401 (fixture)
 
@@ -228,11 +233,15 @@ def test_without_token_nothing_is_required(masters, tmp_path):
     assert r.status == 200
 
 
-def _metric(text: str, line_start: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{line_start} not in metrics")
+def _metric(text: str, sample: str) -> float:
+    """The value of sample ('name{label="v",...}', labels in any order), parsed strictly."""
+    name, _, labels = sample.partition("{")
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and s.labels == want:
+                return s.value
+    raise AssertionError(f"{sample} not in metrics")
 
 
 def test_metrics_move_with_traffic(masters, tmp_path):
@@ -329,3 +338,63 @@ def test_servers_extension_lists_err_servers_with_heartbeat_age(masters, tmp_pat
     assert 0.2 <= rows[0]["HeartbeatAge"] < 10 and rows[1]["HeartbeatAge"] is None
     assert rows[0]["UpdateTime"] > rows[0]["CreateTime"] > 0
     assert "2" not in m.get("/v1/chunkmaster/route").json()  # ERR stays out of the route
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    """Send request bytes as they are; the whole answer (the master closes after it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_absolute_form_targets_are_accepted_on_every_route(masters, tmp_path):
+    # The original C chunkserver reports with "POST http://ip:port/path HTTP/1.1".
+    m = masters(tmp_path, heartbeat_timeout=30, token="tok")
+    body = json.dumps({"GroupId": 1, "Ip": "10.0.0.1", "Port": 8000}).encode()
+    report = json.dumps({"GroupId": 1, "Ip": "10.0.0.1", "Port": 8000, "Status": 0,
+                         "TotalFreeSpace": 10, "MaxFreeSpace": 5}).encode()
+    base = "http://10.0.0.9:8099"
+    posts = [("/v1/chunkserver/initserver", body), ("/v1/chunkserver/batchinitserver",
+             b"[" + body + b"]"), ("/v1/chunkserver/reportinfo", report),
+             ("/v1/chunkserver/reloadinfo", b""),
+             ("/v1/chunkserver/setstatus", json.dumps({"Ip": "10.0.0.1", "Port": 8000,
+                                                       "Status": RW}).encode()),
+             ("/v1/chunkserver/pendingdelete", b"[]")]
+    for path, data in posts:
+        answer = _raw(m.port, f"POST {base}{path} HTTP/1.1\r\nHost: x\r\nX-Speedy-Token: tok"
+                      f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+                      .encode() + data)
+        assert answer.startswith(b"HTTP/1.1 200 "), (path, answer[:200])
+    for path in ("/v1/chunkmaster/route", "/v1/chunkmaster/fid", "/v1/chunkserver/1/groupinfo",
+                 "/v1/chunkserver/checkerror", "/v1/chunkmaster/servers", "/metrics",
+                 "/v1/chunkmaster/route?x=1"):
+        answer = _raw(m.port, f"GET {base}{path} HTTP/1.1\r\nHost: x\r\nX-Speedy-Token: tok"
+                      "\r\nConnection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 200 "), (path, answer[:200])
+    assert m.statuses() == {(1, "10.0.0.1", 8000): RW}
+    assert _raw(m.port, b"GET http://x/nope HTTP/1.1\r\nConnection: close\r\n\r\n") \
+        .startswith(b"HTTP/1.1 404 ")
+
+
+def test_pendingdelete_records_and_marks_the_server(masters, tmp_path):
+    m = masters(tmp_path, heartbeat_timeout=30, token="tok")
+    m.register(1, "10.0.0.1", 8000)
+    m.register(1, "10.0.0.2", 8000)
+    item = {"GroupId": 1, "Ip": "10.0.0.2", "Port": 8000, "Fid": 77}
+    assert m.post("/v1/chunkserver/pendingdelete", [item], token=False).status == 403
+    for bad in ({"GroupId": 1}, [{"GroupId": 1, "Ip": "10.0.0.2", "Port": 8000}],
+                [dict(item, Fid=-1)], [dict(item, Fid=2 ** 63)], "x"):
+        r = m.post("/v1/chunkserver/pendingdelete", bad)
+        assert r.status == 400 and len(r.text.strip().splitlines()) == 1, r.text
+    r = m.post("/v1/chunkserver/pendingdelete", [item, dict(item, Fid=78), item])
+    assert r.status == 200 and r.json() == {"Added": 2}
+    by_ip = {cs["Ip"]: cs for cs in m.route()["1"]}
+    assert by_ip["10.0.0.2"]["PendingDeletes"] == 2
+    assert "PendingDeletes" not in by_ip["10.0.0.1"]  # the original's fields only, when 0
+    assert {cs["Ip"]: cs.get("PendingDeletes", 0) for cs in
+            m.get("/v1/chunkmaster/servers").json()} == {"10.0.0.1": 0, "10.0.0.2": 2}
+    with m.ro_db() as c:
+        assert c.execute("SELECT count(*) FROM pending_delete").fetchone()[0] == 2

@@ -111,6 +111,28 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         port = s.getsockname()[1]
         r = run_master([f"--db={tmp_path / 'm.db'}", f"--port={port}"], cwd=str(tmp_path))
     _one_line_failure(r, "cannot listen")
+    assert sorted(os.listdir(tmp_path)) == []  # the port is bound first: no database left
+
+
+def test_empty_database_file_is_refused_unless_init_db(masters, tmp_path):
+    db = tmp_path / "m.db"
+    db.write_bytes(b"")
+    r = run_master([f"--db={db}", f"--port={free_port()}"], cwd=str(tmp_path))
+    _one_line_failure(r, "empty file")
+    assert "--init_db" in r.stderr and db.read_bytes() == b""
+    m = masters(tmp_path, "--init_db", db=str(db))
+    assert m.fid() == (1, 101)
+
+
+def test_missing_fid_state_row_is_a_one_line_error(masters, tmp_path):
+    m = masters(tmp_path)
+    assert m.stop() == 0
+    c = sqlite3.connect(m.db)
+    c.execute("DELETE FROM fid_state")
+    c.commit()
+    c.close()
+    r = run_master([f"--db={m.db}", f"--port={free_port()}"], cwd=str(tmp_path))
+    _one_line_failure(r, "no fid_state row")
 
 
 def test_error_goes_to_the_log_file_too(tmp_path):
@@ -216,3 +238,16 @@ def test_graceful_stop_is_prompt_with_idle_keepalive_clients(masters, tmp_path):
     assert time.monotonic() - t0 < 10
     for s in conns:
         s.close()
+
+
+def test_print_config_names_the_file_and_masks_the_token(tmp_path):
+    conf = tmp_path / "m.conf"
+    conf.write_text("token = s3cret\nmax_connections = 500\n")
+    r = run_master([f"--config={conf}", "--read_timeout=3", "--print_config"],
+                   cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    lines = {ln.split(" = ")[0]: ln for ln in r.stdout.splitlines()}
+    assert "s3cret" not in r.stdout and "'****'" in lines["token"]
+    assert f"# from config_file {conf};" in lines["max_connections"]
+    assert "# from command_line;" in lines["read_timeout"]
+    assert "# from defaults;" in lines["idle_timeout"]
