@@ -267,7 +267,7 @@ def gateway_parser() -> configargparse.ArgParser:
                    help="seconds for each chunkserver call")
     p.add_argument("--metrics_port", type=port_or_zero, default=0,
                    help="Prometheus metrics port (0: off; GET /metrics is always served)")
-    _common(p)
+    _common(p, "pid file of the gateway supervisor (written at start, removed at exit)")
     return p
 
 

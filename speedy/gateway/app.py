@@ -5,6 +5,7 @@
     POST /blobs                       -> blobs.upload
     GET | HEAD | DELETE /<key>        -> blobs.download / blobs.remove  (key: 3,10452 or 3,10460m)
     /v1/...                           -> speedy.gateway.paths.handle(app, request)
+    /ui/...                           -> speedy.gateway.console.handle (the web console)
     anything else                     -> 404
 
 Handlers return a Response or raise HTTPError; every error becomes a one-line plain-text
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 from speedy.client import Client, ClusterError, IntegrityError, MasterError, NotFoundError
 from speedy.client import KeyFormatError, SpeedyError
-from speedy.gateway import blobs
+from speedy.gateway import blobs, console
 from speedy.gateway.http import HTTPError, Request, Response, status_line
 from speedy.gateway.records import RecordStore
 from speedy.gateway.stats import GatewayStats
@@ -130,6 +131,9 @@ class GatewayApp:
             if self.metrics is None:
                 raise HTTPError(404, "metrics are not served here")
             return Response.raw(200, self.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+        if console.wants(path):
+            req.route = "other"
+            return console.handle(self, req)
         if path == "/blobs" or path == "/blobs/":
             req.route = "upload"
             if method != "POST":

@@ -227,7 +227,7 @@ class Console:
         if path == SETSTATUS_PATH:
             if method != "POST":
                 raise HTTPError(405, f"use POST for {SETSTATUS_PATH}", [("Allow", "POST")])
-            return self.setstatus(body)
+            return self.setstatus(environ, body)
         if method not in ("GET", "HEAD"):
             raise HTTPError(405, f"use GET for {path[:60]}", [("Allow", "GET, HEAD")])
         if path in PAGE_PATHS:
@@ -241,10 +241,13 @@ class Console:
                 return 200, found[0], found[1]
         raise HTTPError(404, f"no such console page: {path[:100]}")
 
-    def setstatus(self, body: bytes) -> tuple[int, str, bytes]:
+    def setstatus(self, environ: dict, body: bytes) -> tuple[int, str, bytes]:
         """POST /ui/setstatus (a form): set a server's status; the page with a notice."""
         if self.app.token:
             raise HTTPError(403, "the console has no admin actions when --token is set")
+        if web.foreign_origin(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"),
+                              environ.get("HTTP_SEC_FETCH_SITE")):
+            raise HTTPError(403, "cross-site console request refused")
         try:
             form = urllib.parse.parse_qs(body.decode("utf-8"), strict_parsing=True)
             obj = {"Ip": form["Ip"][0], **{k: int(form[k][0])

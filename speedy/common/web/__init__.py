@@ -103,3 +103,14 @@ def bar(pct: float | None, kind: str, bar_id: str = "") -> str:
     value = 0.0 if pct is None else pct
     return (f'<meter{ident} class="bar bar-{esc(kind)}" min="0" max="100" '
             f'value="{value:.1f}"></meter>')
+
+
+def foreign_origin(origin: str | None, host: str | None, fetch_site: str | None) -> bool:
+    """True when a POST comes from another site's page (Origin or Sec-Fetch-Site say so)."""
+    if fetch_site and fetch_site.lower() not in ("same-origin", "none"):
+        return True
+    if not origin:
+        return False
+    if origin == "null" or not host:
+        return True
+    return origin.lower() not in (f"http://{host}".lower(), f"https://{host}".lower())
