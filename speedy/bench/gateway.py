@@ -94,34 +94,36 @@ class GatewayConnection:
             self.close()  # the next request reconnects
             raise
 
+    def _exchange(self, head: bytes, body: bytes, want: int) -> tuple[str | None, bytes]:
+        """(None, answer body) when the status is want, else (error name, b"")."""
+        try:
+            status, data = self._call(head, body)
+        except (OSError, ValueError, HTTPAnswerError) as e:
+            self.detail = str(e)
+            return type(e).__name__, b""
+        if status != want:
+            self.detail = data[:200].decode("utf-8", "replace").strip()
+            return f"HTTP {status}", b""
+        return None, data
+
     def put(self, index: int) -> str | None:
         """POST one blob; remember its key under its index."""
         body = U64.pack(index)[:self.prefix] + self.tail
         head = (b"POST /blobs HTTP/1.1\r\n" + self.host +
                 b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
                 % len(body))
-        try:
-            status, data = self._call(head, body)
-        except (OSError, ValueError, HTTPAnswerError) as e:
-            self.detail = str(e)
-            return type(e).__name__
-        if status != 201:
-            self.detail = data[:200].decode("utf-8", "replace").strip()
-            return f"HTTP {status}"
-        self.keys[index] = json.loads(data)["key"]
-        return None
+        err, data = self._exchange(head, body, 201)
+        if err is None:
+            self.keys[index] = json.loads(data)["key"]
+        return err
 
     def get(self, item: tuple[str, int]) -> str | None:
         """GET one blob by key; check its size and index prefix."""
         key, index = item
-        try:
-            status, data = self._call(b"GET /%s HTTP/1.1\r\n%s\r\n" % (key.encode(), self.host))
-        except (OSError, ValueError, HTTPAnswerError) as e:
-            self.detail = str(e)
-            return type(e).__name__
-        if status != 200:
-            self.detail = data[:200].decode("utf-8", "replace").strip()
-            return f"HTTP {status}"
+        err, data = self._exchange(b"GET /%s HTTP/1.1\r\n%s\r\n" % (key.encode(), self.host),
+                                   b"", 200)
+        if err is not None:
+            return err
         if len(data) != self.size:
             return "wrong size"
         if data[:self.prefix] != U64.pack(index)[:self.prefix]:

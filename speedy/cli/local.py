@@ -310,7 +310,8 @@ def fresh_state(root: str, base_port: int, n_servers: int) -> State:
 def describe(state: State) -> str:
     """"master on port P, servers on ports A, B"."""
     return (f"master on port {state.master.port}, servers on ports "
-            f"{', '.join(str(s.port) for s in state.servers)}")
+            f"{', '.join(str(s.port) for s in state.servers)}" +
+            (f", gateway on port {state.gateway.port}" if state.gateway else ""))
 
 
 def chosen_state(ns: argparse.Namespace, root: str) -> State:

@@ -381,13 +381,6 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return int(bench.main(list(ns.args)) or 0)
 
 
-def cmd_completion(ns: argparse.Namespace) -> int:
-    """completion bash|zsh: the completion script, generated from this parser."""
-    from speedy.cli.completion import SHELLS
-    sys.stdout.write(SHELLS[ns.shell](build_parser()))
-    return EXIT_OK
-
-
 def cmd_gateway(ns: argparse.Namespace) -> int:
     """gateway ...: the HTTP gateway daemon (speedy.gateway.daemon.main(argv))."""
     from speedy.gateway.daemon import main as gateway_main
@@ -404,6 +397,13 @@ def cmd_url(ns: argparse.Namespace) -> int:
         parse_key(ns.key)
     query = signing.signed_query(ns.signing_key, ns.method, path, ns.expires)
     print(f"{ns.gateway.rstrip('/')}{path}?{query}")
+    return EXIT_OK
+
+
+def cmd_completion(ns: argparse.Namespace) -> int:
+    """completion bash|zsh: the completion script, generated from this parser."""
+    from speedy.cli.completion import SHELLS
+    sys.stdout.write(SHELLS[ns.shell](build_parser()))
     return EXIT_OK
 
 

@@ -247,10 +247,9 @@ def master_parser() -> configargparse.ArgParser:
 
 def gateway_parser() -> configargparse.ArgParser:
     """The HTTP gateway's option parser."""
-    p = configargparse.ArgParser(
-        prog="speedy gateway", auto_env_var_prefix=GATEWAY_ENV_PREFIX,
-        description="speedy HTTP gateway: blobs over HTTP and the original front end's API.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = DaemonParser(
+        prog="speedy gateway", env_prefix=GATEWAY_ENV_PREFIX,
+        description="speedy HTTP gateway: blobs over HTTP and the original front end's API.")
     p.add_argument("--ip", default="127.0.0.1", help="listen address")
     p.add_argument("--port", type=port_or_zero, default=8088, help="listen port")
     p.add_argument("--master", default="127.0.0.1:8099", help="chunkmaster HOST:PORT")
@@ -267,7 +266,7 @@ def gateway_parser() -> configargparse.ArgParser:
                    help="seconds for each chunkserver call")
     p.add_argument("--metrics_port", type=port_or_zero, default=0,
                    help="Prometheus metrics port (0: off; GET /metrics is always served)")
-    _common(p, "pid file of the gateway supervisor (written at start, removed at exit)")
+    _common(p, "pid file of the gateway's supervisor (written at start, removed at exit)")
     return p
 
 

@@ -88,15 +88,13 @@ class GatewayApp:
             route_of(environ.get("PATH_INFO", ""))
         if req is not None and req.method == "HEAD":
             resp = resp.without_body()
-        if req is not None and resp.status >= 400 and req.has_body:
-            req.drain()
         self.stats.observe(route, resp.status, time.monotonic() - t0)
         start_response(status_line(resp.status), resp.headers)
         body = resp.body
         if isinstance(body, (bytes, bytearray)):
             if resp.on_close is not None:
                 resp.on_close()
-            return [bytes(body)]
+            return [body]  # bytes, or the bytearray the client read (no copy)
         return _Body(body, resp.on_close)
 
     def error_response(self, e: Exception) -> Response:

@@ -19,6 +19,8 @@ from http import HTTPStatus
 from typing import Callable, Iterable, Iterator
 from urllib.parse import parse_qsl
 
+from speedy.client.client import read_full
+
 __all__ = ["HTTPError", "Request", "Response", "status_line", "BODY_PIECE"]
 
 BODY_PIECE = 64 << 10          # default size of the pieces a body is read in
@@ -127,14 +129,7 @@ class Request:
 
     def read_exactly(self, n: int) -> bytes:
         """Up to n bytes, fewer only at the body's end."""
-        pieces, got = [], 0
-        while got < n:
-            b = self.read(n - got)
-            if not b:
-                break
-            pieces.append(b)
-            got += len(b)
-        return b"".join(pieces)
+        return read_full(self, n)
 
     def iter_body(self, piece: int = BODY_PIECE) -> Iterator[bytes]:
         """The rest of the body in pieces of at most `piece` bytes."""

@@ -21,7 +21,6 @@ CONNECTION_TIMEOUT = 60.0
 MAX_CONNECTIONS = 10000
 PART_SIZE = 4 << 20
 UPLOAD_PARALLEL = 2     # parts in flight per upload: bounds an upload's memory
-COALESCE_BODY = 64 << 10  # bodies up to this size go out in one send with the headers
 
 
 def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
@@ -32,13 +31,14 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     import gevent
     import gevent.event
     import gevent.pool
+    import gevent.server
     import gevent.socket
-    from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
     from speedy.client import Client
     from speedy.common.logs import reopen_logs
     from speedy.gateway.app import GatewayApp, open_meta
     from speedy.gateway.records import RecordError, open_records
+    from speedy.gateway.server import HTTPServer
 
     stats.use_slot(slot)
     try:
@@ -57,40 +57,9 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     app = GatewayApp(client, meta, signing_key=cfg.signing_key, max_body=cfg.max_body,
                      stats=stats, metrics=stats.render, records=records)
 
-    class Handler(WSGIHandler):
-        """TCP_NODELAY, an idle timeout, and the headers sent with a small body at once."""
-
-        held: bytes | None = None     # the status line and headers, waiting for the body
-        hold_next = False
-
-        def handle(self) -> None:
-            self.socket.settimeout(CONNECTION_TIMEOUT)
-            if self.socket.family in (socket.AF_INET, socket.AF_INET6):
-                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                super().handle()
-            except OSError:
-                pass
-
-        def _write_with_headers(self, data) -> None:
-            # pywsgi sends the headers, then the body: one send (one packet) saved per
-            # answer with a small body, a fifth of a 4 KiB GET's CPU on loopback
-            self.hold_next = bool(data) and len(data) <= COALESCE_BODY
-            super()._write_with_headers(data)
-
-        def _sendall(self, data) -> None:
-            if self.hold_next:
-                self.hold_next, self.held = False, bytes(data)
-                return
-            if self.held is not None:
-                data, self.held = self.held + bytes(data), None
-            super()._sendall(data)
-
     sock = gevent.socket.socket(listener.family, listener.type, fileno=listener.detach())
-    server = WSGIServer(
-        sock, app, handler_class=Handler, spawn=gevent.pool.Pool(MAX_CONNECTIONS),
-        log=LoggingLogAdapter(logging.getLogger("speedy.gateway.access"), logging.DEBUG),
-        error_log=LoggingLogAdapter(logging.getLogger("speedy.gateway.http"), logging.INFO))
+    server = HTTPServer(sock, app, gevent.server.StreamServer,
+                        gevent.pool.Pool(MAX_CONNECTIONS), CONNECTION_TIMEOUT)
     done = gevent.event.Event()
 
     def stop() -> None:

@@ -126,3 +126,14 @@ def test_lsb_script_start_status_reload_stop(tmp_path):
                                  "daemonize", "pidfile", "error_log", "log_level"])
 def test_example_names_every_option(key):
     assert re.search(rf"^#?{key} =", open(EXAMPLE).read(), re.M), key
+
+
+def test_readme_option_table_matches_the_parser():
+    from speedy.common.config import gateway_parser
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = readme[readme.index("## The HTTP gateway"):readme.index("### Blob routes")]
+    listed = {o for line in text.splitlines() if line.startswith("| `-")
+              for o in re.findall(r"`(--[a-z_-]+)`", line.split("|")[1])}
+    options = {next(o for o in a.option_strings if o.startswith("--"))
+               for a in gateway_parser()._actions if a.option_strings and a.dest != "help"}
+    assert listed == options

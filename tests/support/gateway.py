@@ -67,7 +67,14 @@ class Gateway:
             if self.proc.poll() is None:
                 return None
             return f"gateway exited {self.proc.returncode}: {self.tail()}"
-        local.wait_until(lambda: local.listening(self.port), timeout, "the gateway", dead)
+        local.wait_until(self.answers, timeout, "the gateway", dead)
+
+    def answers(self) -> bool:
+        """True when a worker answers HTTP (the supervisor binds before they serve)."""
+        try:
+            return self.request("GET", "/metrics")[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False
 
     def tail(self, n: int = 8) -> str:
         return local.tail(self.log, n) + " || " + local.tail(self.stdout, n)
