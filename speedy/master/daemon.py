@@ -170,7 +170,8 @@ def serve(cfg, listener: socket.socket, limits: Limits) -> int:
 
         def handle(self) -> None:
             self.conn = table.open(self.socket, str(self.client_address[0]))
-            if self.conn is None:
+            if self.conn is None:  # over a limit and nothing idle to evict: close now
+                self.rfile.close()
                 self.socket.close()
                 return
             app.connections = table.total

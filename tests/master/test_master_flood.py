@@ -114,6 +114,28 @@ def test_silent_and_idle_connections_are_closed(masters, tmp_path):
             s.close()
 
 
+def test_busy_connections_are_not_evicted_and_the_newcomer_is_refused(masters, tmp_path):
+    m = masters(tmp_path, "--max_source_connections=2", "--read_timeout=5",
+                heartbeat_timeout=30)
+    busy = []
+    for _ in range(2):  # two requests in progress: their headers are not finished
+        s = socket.create_connection(("127.0.0.1", m.port), timeout=10)
+        s.sendall(b"GET /v1/chunkmaster/route HTTP/1.1\r\n")
+        busy.append(s)
+    time.sleep(0.3)
+    try:
+        late = socket.create_connection(("127.0.0.1", m.port), timeout=10)
+        t0 = time.monotonic()
+        assert late.recv(1) == b"" and time.monotonic() - t0 < 3  # refused at once
+        late.close()
+        busy[0].sendall(b"Host: x\r\n\r\n")  # the busy ones were kept and get answers
+        assert busy[0].recv(4096).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in busy:
+            s.close()
+    assert "speedy_master_rejected_connections_total 1.0" in m.get("/metrics").text
+
+
 @pytest.mark.slow
 def test_ten_thousand_idle_connections_with_the_defaults(masters, tmp_path):
     n = 10000

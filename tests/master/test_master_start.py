@@ -247,7 +247,8 @@ def test_print_config_names_the_file_and_masks_the_token(tmp_path):
                    cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     lines = {ln.split(" = ")[0]: ln for ln in r.stdout.splitlines()}
-    assert "s3cret" not in r.stdout and "'****'" in lines["token"]
-    assert f"# from config_file {conf};" in lines["max_connections"]
+    assert "s3cret" not in r.stdout and "'***'" in lines["token"]
+    assert r.stdout.splitlines()[0] == f"# config file: {conf}"
+    assert "# from config_file;" in lines["max_connections"]
     assert "# from command_line;" in lines["read_timeout"]
     assert "# from defaults;" in lines["idle_timeout"]
