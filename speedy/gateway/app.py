@@ -5,6 +5,7 @@
     POST /blobs                       -> blobs.upload
     GET | HEAD | DELETE /<key>        -> blobs.download / blobs.remove  (key: 3,10452 or 3,10460m)
     /v1/...                           -> speedy.gateway.paths.handle(app, request)
+    /ui/...                           -> speedy.gateway.console.handle (the web console)
     anything else                     -> 404
 
 Handlers return a Response or raise HTTPError; every error becomes a one-line plain-text
@@ -23,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from speedy.client import Client, ClusterError, IntegrityError, MasterError, NotFoundError
 from speedy.client import KeyFormatError, SpeedyError
-from speedy.gateway import blobs
+from speedy.gateway import blobs, console
 from speedy.gateway.s3 import api as s3api
 from speedy.gateway.http import HTTPError, Request, Response, status_line
 from speedy.gateway.records import RecordStore
@@ -132,6 +133,9 @@ class GatewayApp:
             if self.metrics is None:
                 raise HTTPError(404, "metrics are not served here")
             return Response.raw(200, self.metrics(), CONTENT_TYPE_LATEST)
+        if console.wants(path):
+            req.route = "other"
+            return console.handle(self, req)
         if path == "/blobs" or path == "/blobs/":
             req.route = "upload"
             if method != "POST":
