@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from speedy.client import Client, ClusterError, IntegrityError, MasterError, NotFoundError
 from speedy.client import KeyFormatError, SpeedyError
-from speedy.gateway import blobs, console
+from speedy.gateway import blobs, console, paths
 from speedy.gateway.s3 import api as s3api
 from speedy.gateway.http import HTTPError, Request, Response, status_line
 from speedy.gateway.records import RecordStore
@@ -35,27 +35,6 @@ log = logging.getLogger("speedy.gateway")
 KEY_RE = re.compile(r"^/(\d{1,10},\d{1,20}m?)$")
 BLOB_METHODS = ("GET", "HEAD", "DELETE")
 DEFAULT_MAX_BODY = 5 << 30     # 5 GiB: larger bodies are refused with 413
-
-
-def open_meta(url: str | None) -> Any:
-    """The path metadata database at url (speedy.gateway.meta), or None without one."""
-    if not url:
-        return None
-    try:
-        from speedy.gateway.meta import open_meta as _open
-    except ImportError:  # the metadata package has not landed on this branch
-        log.warning("speedy.gateway.meta is not available: path routes are off")
-        return None
-    return _open(url)
-
-
-def _paths_handler() -> Callable[["GatewayApp", Request], Response] | None:
-    """speedy.gateway.paths.handle, or None when that module is missing."""
-    try:
-        from speedy.gateway.paths import handle
-    except ImportError:
-        return None
-    return handle
 
 
 class GatewayApp:
@@ -73,7 +52,6 @@ class GatewayApp:
         self.max_body = max_body
         self.stats = stats or GatewayStats()
         self.metrics = metrics
-        self.paths = _paths_handler()
         self.s3 = None            # an S3Service when S3 keys are configured
 
     # -- WSGI --------------------------------------------------------------------------
@@ -154,9 +132,7 @@ class GatewayApp:
                             [("Allow", ", ".join(BLOB_METHODS))])
         if path.startswith("/v1/"):
             req.route = "paths"
-            if self.paths is None:
-                raise HTTPError(404, "path routes are not available in this build")
-            return self.paths(self, req)
+            return paths.handle(self, req)
         if self.s3 is not None and s3api.is_s3(req):
             req.route = "s3"
             return s3api.handle(self, req)

@@ -26,7 +26,8 @@ from speedy.common import notify
 from speedy.common.config import load_gateway_config
 from speedy.common.daemonize import PidfileError, daemonize, remove_pidfile, write_pidfile
 from speedy.common.logs import reopen_logs, setup_logging
-from speedy.gateway.records import RecordError, open_records, redact
+from speedy.gateway.meta import MetaError, open_meta
+from speedy.gateway.meta.postgres import redact
 from speedy.gateway.stats import GatewayStats
 from speedy.gateway.worker import BOOT_ERROR, STOP_TIMEOUT, run_worker
 
@@ -102,13 +103,10 @@ class Supervisor:
     def start(self) -> None:
         """Check the database, bind, detach, fork the workers, tell systemd."""
         cfg = self.cfg
-        records = open_records(cfg.metadb)
         try:
-            records.connect()
-        except RecordError as e:
-            raise StartError(str(e)) from None
-        finally:
-            records.close()
+            open_meta(cfg.metadb).close()   # create or migrate it now: a bad one is a start error
+        except MetaError as e:
+            raise StartError(f"--metadb: {e}") from None
         self.listener = listen(cfg.ip, cfg.port)
         if cfg.daemonize:
             if not cfg.error_log:

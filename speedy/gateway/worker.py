@@ -66,21 +66,18 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
 
     from speedy.client import Client
     from speedy.common.logs import reopen_logs
-    from speedy.gateway.app import GatewayApp, open_meta
-    from speedy.gateway.records import RecordError, open_records
+    from speedy.gateway.app import GatewayApp
+    from speedy.gateway.meta import open_meta
+    from speedy.gateway.records import RecordStore
     from speedy.gateway.server import HTTPServer
 
     stats.use_slot(slot)
     try:
-        records = open_records(cfg.metadb)
-        records.connect()
         meta = open_meta(cfg.metadb)
-    except RecordError as e:
-        log.error("worker %d: %s", slot, e)
-        return BOOT_ERROR
-    except Exception as e:  # noqa: BLE001 (the path metadata database failed to open)
+    except Exception as e:  # noqa: BLE001 (the metadata database failed to open)
         log.error("worker %d: cannot open --metadb: %s", slot, e)
         return BOOT_ERROR
+    records = RecordStore(meta)
     client = Client(cfg.master, token=cfg.token or None, timeout=cfg.timeout,
                     connect_timeout=min(3.0, cfg.timeout), part_size=PART_SIZE,
                     parallel=UPLOAD_PARALLEL)
@@ -115,7 +112,6 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     log.debug("worker %d serving", slot)
     done.wait()
     client.close()
-    records.close()
     close = getattr(meta, "close", None)
     if close is not None:
         close()

@@ -173,10 +173,11 @@ def test_sqlite_refuses_foreign_and_newer_databases(tmp_path):
     master_db.close(master_db.connect(str(master)))
     with pytest.raises(MetaError, match="not a speedy gateway database"):
         open_meta(f"sqlite:///{master}")
-    shared = tmp_path / "shared.db"          # the blob routes' records may come first
-    with sqlite3.connect(shared) as c:
+    stray = tmp_path / "stray.db"            # our table names without our schema table
+    with sqlite3.connect(stray) as c:
         c.execute("CREATE TABLE gateway_blob (key TEXT PRIMARY KEY)")
-    open_meta(f"sqlite:///{shared}").close()
+    with pytest.raises(MetaError, match="without gateway_schema"):
+        open_meta(f"sqlite:///{stray}")
     with pytest.raises(MetaError, match="is a directory"):
         open_meta(f"sqlite:///{tmp_path}")
     with pytest.raises(MetaError, match="unsupported database URL"):

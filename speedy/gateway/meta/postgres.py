@@ -43,7 +43,7 @@ class PostgresMeta(MetaStore):
 
     def _connect(self) -> Any:
         pg = self._psycopg
-        where = "database " + _redact(self.url)
+        where = "database " + redact(self.url)
         try:
             conn = pg.connect(self.url, connect_timeout=CONNECT_TIMEOUT,
                               options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}")
@@ -67,7 +67,7 @@ class PostgresMeta(MetaStore):
             conn.execute("SELECT 1")
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """url without its password."""
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")

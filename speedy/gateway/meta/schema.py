@@ -7,13 +7,11 @@ ranges and ORDER BY compare code points on both databases.
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
-# Other tables of the gateway that may share the file (the blob routes' records): a
-# SQLite file holding any other table is refused as someone else's database.
-SIBLING_TABLES = {"gateway_blob"}
+SCHEMA_VERSION = 3
 TABLES_BY_VERSION = {   # the tables each migration adds
     1: {"gateway_schema", "gateway_fragment", "gateway_directory", "gateway_garbage"},
     2: {"gateway_s3_bucket", "gateway_s3_object", "gateway_s3_upload", "gateway_s3_part"},
+    3: {"gateway_blob"},
 }
 OUR_TABLES = set().union(*TABLES_BY_VERSION.values())
 
@@ -96,12 +94,23 @@ CREATE TABLE gateway_s3_part (
 """
 
 
+# version 3: the blob routes' records (speedy.gateway.records)
+SCHEMA_V3_BLOB = """
+CREATE TABLE gateway_blob (
+    key          TEXT     PRIMARY KEY,
+    content_type TEXT     NOT NULL,
+    size         {bigint} NOT NULL,
+    etag         TEXT     NOT NULL,
+    mtime        {bigint} NOT NULL
+)
+"""
+
 TYPES = {
     "sqlite": {"path": "TEXT", "bigint": "INTEGER", "real": "REAL"},
     "postgresql": {"path": 'TEXT COLLATE "C"', "bigint": "BIGINT", "real": "DOUBLE PRECISION"},
 }
 
-MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2_S3}  # version -> SQL that brings version-1 to it
+MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2_S3, 3: SCHEMA_V3_BLOB}  # version -> SQL that brings version-1 to it
 
 
 def statements(version: int, dialect: str) -> list[str]:

@@ -363,7 +363,7 @@ def migrate(c: _Cursor, dialect: str, tables: set[str], where: str) -> int:
         if ours:
             raise MetaError(f"{where}: tables {', '.join(sorted(ours))} exist without "
                             "gateway_schema: not a speedy gateway database")
-        foreign = tables - schema.SIBLING_TABLES
+        foreign = set(tables)
         if dialect == "sqlite" and foreign:
             raise MetaError(f"{where} is not a speedy gateway database "
                             f"(tables: {', '.join(sorted(foreign))})")
