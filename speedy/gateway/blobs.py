@@ -52,6 +52,22 @@ def sniff(head: bytes) -> str:
     return DEFAULT_TYPE
 
 
+ACTIVE_TYPES = ("text/html", "application/xhtml", "image/svg", "text/xml", "application/xml",
+                "text/javascript", "application/javascript", "application/x-javascript")
+
+
+def content_safety(ctype: str) -> list[tuple[str, str]]:
+    """Headers that keep stored bytes from running as this origin's page (stored XSS).
+
+    Every blob is served with nosniff; a type a browser would run (HTML, SVG, XML,
+    scripts) also gets a sandbox policy, so an uploaded page cannot act as the console.
+    """
+    hs = [("X-Content-Type-Options", "nosniff")]
+    if ctype.split(";", 1)[0].strip().lower().startswith(ACTIVE_TYPES):
+        hs.append(("Content-Security-Policy", "sandbox"))
+    return hs
+
+
 def check_signature(app: "GatewayApp", req: Request) -> None:
     """403 unless the request carries a valid signature (when --signing_key is set)."""
     if app.signing_key:
@@ -157,7 +173,7 @@ def download(app: "GatewayApp", req: Request, key: str) -> Response:
         headers.append(("Last-Modified", http_date_text(rec.mtime)))
     if not_modified(req, etag, rec.mtime if rec else None):
         return Response(304, headers)
-    headers.insert(0, ("Content-Type", ctype))
+    headers[:0] = [("Content-Type", ctype)] + content_safety(ctype)
     span = byte_range(req, size, etag, rec.mtime if rec else None)
     start, end, status = 0, size, 200
     if span is not None:

@@ -236,3 +236,14 @@ def test_bad_requests_get_one_line_4xx(gateway):
     answer = raw_exchange(gateway, b"POST /blobs HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Length: 12x\r\n\r\nx")
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+
+
+@pytest.mark.parametrize("ctype,sandboxed", [("text/html", True), ("image/svg+xml", True),
+                                             ("application/xhtml+xml", True),
+                                             ("image/png", False), ("text/plain", False)])
+def test_uploaded_pages_cannot_run_as_the_gateway(gateway, ctype, sandboxed):
+    """Stored XSS: HTML/SVG/XML blobs are served sandboxed, every blob with nosniff."""
+    obj = upload(gateway, b"<script>parent.alert(1)</script>", ctype)
+    status, h, _ = gateway.request("GET", "/" + obj["key"])
+    assert status == 200 and h["x-content-type-options"] == "nosniff"
+    assert (h.get("content-security-policy") == "sandbox") == sandboxed

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator
 from urllib.parse import quote, unquote
 
 from speedy.client import ClusterError, NotFoundError, SpeedyError, parse_key
-from speedy.gateway.blobs import byte_range, http_date, stream_parts
+from speedy.gateway.blobs import byte_range, content_safety, http_date, stream_parts
 from speedy.gateway.http import HTTPError, Request, Response
 from speedy.gateway.paths import free_blob
 from speedy.wire.manifest import Key
@@ -549,7 +549,7 @@ def get_object(app: "GatewayApp", s3: S3Service, req: Request, bucket: str, key:
                  ("response-content-encoding", "Content-Encoding")):
         if req.query.get(q):
             headers.append((h, req.query[q]))
-    headers.insert(0, ("Content-Type", ctype))
+    headers[:0] = [("Content-Type", ctype)] + content_safety(ctype)
     start, end, status = 0, o.size, 200
     if req.header("range") is not None and o.size == 0:
         raise S3Error("InvalidRange", "The requested range is not satisfiable", 416)
