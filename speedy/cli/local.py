@@ -215,11 +215,11 @@ def server_cmd(port: int, group: int, data_dir: str, log: str, master_port: int,
 
 
 def gateway_cmd(port: int, master_port: int, metadb: str, log: str, workers: int = 1,
-                python: str = sys.executable) -> list[str]:
+                python: str = sys.executable, min_replicas: int = 2) -> list[str]:
     """The `speedy gateway` command line (one worker: a local cluster is for trying)."""
     return [python, *GATEWAY_MODULE, f"--ip={HOST}", f"--port={port}",
             f"--master={HOST}:{master_port}", f"--metadb=sqlite:///{metadb}",
-            f"--workers={workers}", f"--error_log={log}"]
+            f"--workers={workers}", f"--error_log={log}", f"--min_replicas={min_replicas}"]
 
 
 def route_statuses(master: Master) -> dict[tuple[str, int], int]:
@@ -390,7 +390,7 @@ def start(ns: argparse.Namespace, state: State, todo: list[Daemon],
             cmd = master_cmd(m.port, os.path.join(root, "master", "master.db"), d.log(root))
         elif d is state.gateway:
             cmd = gateway_cmd(d.port, m.port, os.path.join(root, d.name, "gateway.db"),
-                              d.log(root))
+                              d.log(root), min_replicas=min(2, len(state.servers)))
         else:
             data = os.path.join(root, d.name, "data")
             os.makedirs(data, exist_ok=True)
@@ -445,7 +445,9 @@ def print_usage(state: State, already: bool) -> None:
           f"  python -m speedy{flag} get \"$key\" -o COPY\n"
           f"  python -m speedy{flag} status\n" +
           (f"  curl -F file=@FILE http://{HOST}:{state.gateway.port}/blobs    "
-           f"(the HTTP gateway)\n" if state.gateway else "") +
+           f"(the HTTP gateway)\n"
+           f"  web console: http://{m}/ (cluster), "
+           f"http://{HOST}:{state.gateway.port}/ui/ (files)\n" if state.gateway else "") +
           f"  python -m speedy local down" +
           ("" if state.dir == os.path.abspath(DEFAULT_DIR) else f" --dir {state.dir}"))
 

@@ -281,6 +281,8 @@ def gateway_s3_options(p: configargparse.ArgParser) -> None:
     p.add_argument("--s3_region", default="us-east-1", help="the region S3 clients sign for")
     p.add_argument("--s3_upload_ttl", type=positive_float, default=7 * 24 * 3600.0,
                    help="seconds after which an unfinished multipart upload is aborted")
+    p.add_argument("--min_replicas", type=int_range(1, 64), default=2,
+                   help="RW servers a group needs to take writes (1 for a one-server store)")
     p.add_argument("--maintenance_interval", type=positive_float, default=30.0,
                    help="seconds between retries of blob frees and clean-ups of abandoned "
                         "uploads (worker 0)")

@@ -114,6 +114,12 @@ def test_one_server_cluster_and_another_base_port(tmp_path):
         r = run_cli(*master, "--min-replicas", "1", "put", "-", input=b"one replica")
         assert r.returncode == 0, r.stderr
         key = r.stdout.decode().strip()
+        gw = http.client.HTTPConnection("127.0.0.1", first - 11, timeout=30)  # its gateway
+        gw.request("POST", "/blobs", body=b"through the gateway")
+        answer = gw.getresponse()
+        assert answer.status == 201, answer.read()
+        gw.close()
+        assert f"http://127.0.0.1:{first - 11}/ui/" in out
 
         r = run_cli("local", "up", *opts, "--base-port", str(second), timeout=60)
         assert r.returncode == 3
