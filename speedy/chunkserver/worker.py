@@ -18,8 +18,10 @@ import struct
 import time
 import zlib
 from argparse import Namespace
+from functools import partial
 
 from speedy.format.chunkfile import RECORD_HEADER_SIZE, max_data_size
+from speedy.chunkserver.compaction_admin import handle_compact, handle_query_garbage
 from speedy.chunkserver.conn import AdminPolicy, Closed, Conn, TooSlow, idle_timeout, min_rate
 from speedy.chunkserver.shm.index import IndexReader
 from speedy.common.logs import reopen_logs
@@ -44,7 +46,7 @@ KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 60),
              (getattr(socket, "TCP_KEEPINTVL", None), 10),
              (getattr(socket, "TCP_KEEPCNT", None), 6))
 EMPTY_BODY = frozenset({Op.PING, Op.CHECK_DISK, Op.GET_STATUS, Op.KILL_PD_WR,
-                        Op.QUERY_IO_STATUS, Op.QUERY_DETAIL_INFOS})
+                        Op.QUERY_IO_STATUS, Op.QUERY_DETAIL_INFOS, Op.QUERY_GARBAGE})
 SERVER_ERRORS = frozenset({Err.WRITE_ERROR, Err.READ_ERROR, Err.INTERNAL_ERROR,
                            Err.CHUNK_UNAVAILABLE, Err.REACH_MEMORY_LIMIT, Err.KILLED,
                            Err.SERVER_READ_ONLY, Err.IO_JOB_UNAVAILABLE})
@@ -160,6 +162,8 @@ class Worker:
             Op.QUERY_IO_STATUS: self.handle_io_status,
             Op.QUERY_DETAIL_INFOS: self.handle_detail_infos,
             Op.DUMP_CHUNK: self.handle_dump_chunk,
+            Op.QUERY_GARBAGE: partial(handle_query_garbage, self),
+            Op.COMPACT: partial(handle_compact, self),
         }
 
     # ------------------------------------------------------------------ process
@@ -380,7 +384,7 @@ class Worker:
                 got = 0
                 for at in range(0, size, PIECE):
                     got = zlib.adler32(reader.read_at(chunk_id, offset + at,
-                                                      min(PIECE, size - at)), got)
+                                                      min(PIECE, size - at), rec.fd), got)
                 if got != csum:
                     raise ReadFailed(f"fid {fid}: checksum mismatch")
         except NotFound:
@@ -394,13 +398,13 @@ class Worker:
             RESPONSE_HEADER.pack_into(rec.buf, at, op, Err.SUCCESS, size)
             send_all(sock, memoryview(rec.buf)[at:])
         else:
-            self.stream_verified(sock, fid, chunk_id, offset, size, csum)
+            self.stream_verified(sock, fid, chunk_id, offset, size, csum, rec.fd)
         self.ws.add("read_count")
         self.ws.add("read_bytes", size)
         return Err.SUCCESS
 
     def stream_verified(self, sock, fid: int, chunk_id: int, offset: int, size: int,
-                        csum: int) -> None:
+                        csum: int, fd: int = -1) -> None:
         """Send a big record's data in pieces, checksummed again on the way: the last piece
         is held back until the sum matches, so bytes that changed on disk since the first
         check end in a closed connection (a short response), never in a wrong SUCCESS."""
@@ -408,7 +412,7 @@ class Worker:
         got = 0
         for at in range(0, size, PIECE):
             try:
-                piece = self.reader.read_at(chunk_id, offset + at, min(PIECE, size - at))
+                piece = self.reader.read_at(chunk_id, offset + at, min(PIECE, size - at), fd)
             except ReadFailed as e:
                 log.error("READ of fid %d failed half-way: %s; connection closed", fid, e)
                 raise Closed("read failed half-way") from None

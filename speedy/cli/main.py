@@ -317,7 +317,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     rows = [{"group": s.group_id, "server": s.name, "status": s.status_name,
              "free": s.total_free, "max_free": s.max_free, "pending": s.pending,
              "writing": s.writing, "reading": s.reading, "chunks": s.total_chunks,
-             "connections": s.conns, "heartbeat_age": heartbeat_age(s)} for s in servers]
+             "connections": s.conns, "heartbeat_age": heartbeat_age(s),
+             "garbage": s.garbage_bytes} for s in servers]
     if ns.json:
         print(json.dumps({"master": ns.master, "servers": rows}, indent=1))
         return EXIT_OK
@@ -325,11 +326,12 @@ def cmd_status(ns: argparse.Namespace) -> int:
         print(f"master {ns.master}: no chunkserver registered")
         return EXIT_OK
     head = ["GROUP", "SERVER", "STATUS", "FREE", "MAXFREE", "PENDING", "WRITING",
-            "READING", "CHUNKS", "HEARTBEAT"]
+            "READING", "CHUNKS", "HEARTBEAT", "GARBAGE"]
     table = [head] + [[str(r["group"]), r["server"], r["status"], human(r["free"]),
                        human(r["max_free"]), str(r["pending"]), str(r["writing"]),
                        str(r["reading"]), str(r["chunks"]),
-                       "-" if r["heartbeat_age"] is None else f"{r['heartbeat_age']:.0f}s ago"]
+                       "-" if r["heartbeat_age"] is None else f"{r['heartbeat_age']:.0f}s ago",
+                       human(r["garbage"])]
                       for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
@@ -479,6 +481,8 @@ def build_parser() -> Parser:
              "of a group", asub)
     sp.add_argument("group", type=group_id, metavar="GROUP")
     sp.add_argument("--dry-run", action="store_true", help="only report what is missing")
+    from speedy.cli import compact
+    compact.add_commands(cmd, asub)
 
     sp = cmd("bench", cmd_bench, "benchmark (speedy bench --help for its options)")
     sp.add_argument("args", nargs=argparse.REMAINDER)

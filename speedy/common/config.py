@@ -158,6 +158,17 @@ def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in 0..1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (0..1)")
+    return value
+
+
 def positive_float(text: str) -> float:
     """An argparse type: a number of seconds > 0."""
     try:
@@ -222,6 +233,14 @@ def server_parser() -> configargparse.ArgParser:
                    help="addresses, CIDRs or host names allowed to send admin opcodes, "
                         "comma separated (default: loopback and the master's address)")
     p.add_argument("--token", default="", help="shared token sent to the master")
+    p.add_argument("--compact_threshold", type=fraction, default=0.3,
+                   help="compact a chunk once this fraction of its used bytes is garbage "
+                        "(deleted records); 0 turns automatic compaction off")
+    p.add_argument("--compact_rate", type=int_range(1 << 16), default=64 << 20,
+                   help="bytes per second a compaction copies at most")
+    p.add_argument("--compact_keep_deleted", type=int_range(0), default=7 * 86400,
+                   help="seconds a compacted chunk keeps a tombstone of each deleted file "
+                        "(so that `speedy admin repair` propagates the delete); 0: none")
     _common(p, "pid file of the supervisor (written at start, removed at exit)")
     return p
 

@@ -72,7 +72,7 @@ def scan_chunk(store: "ChunkStore", ch: "Chunk", found: dict[int, int]) -> None:
             if old != loc and settle_duplicate(store, ch, fid, off, ts,
                                                (old >> 32, old & 0xFFFFFFFF)):
                 found[fid] = loc
-        else:
+        elif size:  # an empty deleted record is a tombstone (Chunk.add_dead_record)
             dead += RECORD_HEADER_SIZE + size
     ch.garbage_bytes = dead + out.skipped_bytes
     for skip in out.skipped:
@@ -279,7 +279,7 @@ def redo_deletes(store: "ChunkStore", entries: list[journal.DeleteEntry],
             fixes.append((ch, e.offset))
         if live and (ch.chunk_id, e.offset) not in seen:
             deleted[ch.chunk_id] = deleted.get(ch.chunk_id, 0) + 1
-            ch.add_garbage(RECORD_HEADER_SIZE + size)
+            ch.add_dead_record(size)
         seen.add((ch.chunk_id, e.offset))
     for ch, off in fixes:
         datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
@@ -326,7 +326,7 @@ def index_appended(store: "ChunkStore", ch: "Chunk", known: Superblock) -> int:
             live += 1
             index_record(store, ch, fid, off, ts)
         else:
-            ch.add_garbage(RECORD_HEADER_SIZE + size)
+            ch.add_dead_record(size)
     trouble = out.reason or (out.skipped and f"damaged bytes at offset {out.skipped[0].start}: "
                              f"{out.skipped[0].reason}")
     if trouble or records != ch.sb.files_alloc - known.files_alloc:
