@@ -10,6 +10,9 @@ writer packet holds the replies of one batch to that worker. Messages, native by
         WRITE   ... | fid u64 | size u32 | adler32 u32 | n u16 | n x block u16
         DELETE  ... | fid u64
         KILL    (KILL_PD_WR)
+        COMPACT ... | threshold ppm u32 (0xFFFFFFFF: --compact_threshold) | wait u8
+                (new: the writer answers at once, or with wait when it has compacted
+                the chunks at that threshold; compactor.py)
     writer -> worker   one or more replies per packet: (req_id u32 | error u8) x k
 
     supervisor -> writer  (control socket)   "L" owner u16 + one fd: a new worker link
@@ -28,7 +31,8 @@ FID_MSG = struct.Struct("=IBQ")
 REPLY = struct.Struct("=IB")
 OWNER = struct.Struct("=H")  # after "L" on the control socket
 FRAME = struct.Struct("=H")  # length of the message that follows, in a worker's packet
-KIND_WRITE, KIND_DELETE, KIND_KILL = 1, 2, 3
+COMPACT_MSG = struct.Struct("=IBIB")
+KIND_WRITE, KIND_DELETE, KIND_KILL, KIND_COMPACT = 1, 2, 3, 4
 MAX_MSG = 65536
 PACKET_MAX = MAX_MSG  # bytes of framed messages a worker sends in one packet
 REPLIES_PER_PACKET = 4096  # a packet of replies holds up to this many (20 KiB)

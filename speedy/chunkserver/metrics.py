@@ -37,10 +37,18 @@ GAUGES = (  # totals key, metric name, help
      "Seconds the start-up recovery of the chunk files took."),
     ("connections", "speedy_connections", "Open client connections."),
     ("workers", "speedy_workers", "Worker processes alive."),
-    ("read_only", "speedy_read_only", "1 when the server is read-only (RO), else 0."))
+    ("read_only", "speedy_read_only", "1 when the server is read-only (RO), else 0."),
+    ("compacting", "speedy_compacting_chunk", "Id of the chunk being compacted, 0 if none."),
+    ("compact_max_slice_seconds", "speedy_compaction_longest_slice_seconds",
+     "The longest slice of a compaction: how long a request waited behind it at most."))
 BYTE_COUNTERS = (
     ("read_bytes", "speedy_read_bytes_total", "File bytes sent to readers."),
-    ("write_bytes", "speedy_write_bytes_total", "File bytes stored by writes."))
+    ("write_bytes", "speedy_write_bytes_total", "File bytes stored by writes."),
+    ("compactions", "speedy_compactions_total", "Chunks compacted."),
+    ("compact_freed", "speedy_compaction_freed_bytes_total",
+     "Bytes compactions gave back to the chunks' avail_space."),
+    ("compact_moved", "speedy_compaction_moved_bytes_total",
+     "Live record bytes compactions copied."))
 
 
 def enum_label(kind: type[IntEnum], value: Any) -> str:
@@ -143,6 +151,13 @@ def families(t: Totals) -> list[Metric]:
                               labels=["chunk"])
         for chunk, free in sorted(t["chunk_free_bytes"].items(), key=lambda kv: str(kv[0])):
             f.add_metric([str(chunk)], free)
+        fams.append(f)
+    if "chunk_garbage_bytes" in t:
+        f = GaugeMetricFamily("speedy_chunk_garbage_bytes",
+                              "Bytes of deleted records per chunk file (compaction frees them).",
+                              labels=["chunk"])
+        for chunk, g in sorted(t["chunk_garbage_bytes"].items(), key=lambda kv: str(kv[0])):
+            f.add_metric([str(chunk)], g)
         fams.append(f)
     return fams
 

@@ -28,7 +28,8 @@ def build_report(cfg: Namespace, totals: dict) -> wm.Report:
         total_free_space=sum(avail), max_free_space=max(avail, default=0),
         pending_writes=totals["pending_writes"], writing_count=totals["writing"],
         reading_count=totals["reading"], data_dir=cfg.data_dir, total_chunks=len(avail),
-        conn_count=totals["conn_count"])
+        conn_count=totals["conn_count"],
+        garbage_bytes=sum(totals.get("chunk_garbage_bytes", {}).values()))
 
 
 class Reporter(threading.Thread):

@@ -21,8 +21,10 @@ import struct
 import time
 import zlib
 from argparse import Namespace
+from functools import partial
 
 from speedy.format.chunkfile import RECORD_HEADER_SIZE, max_data_size
+from speedy.chunkserver.compaction_admin import handle_compact, handle_query_garbage
 from speedy.chunkserver.conn import AdminPolicy, Closed, Conn, TooSlow, min_rate, stall_timeout
 from speedy.chunkserver.conns import SWEEP_EVERY, ConnTable, Park
 from speedy.chunkserver.shm.index import IndexReader
@@ -47,12 +49,13 @@ DEFAULT_MAX_CONNS = 10000  # per worker, when --max_conns is 0
 DEFAULT_PER_SOURCE = 1000  # per worker and source address, when --max_conns_per_ip is 0
 DEFAULT_IDLE_TIMEOUT = 300.0
 REFUSE_SLACK = 256  # descriptors kept free beyond --max_conns (refused connections, files)
+RETIRE_AFTER = 60.0  # seconds a replaced reader (old writer's index, its fds) stays open
 BOOT_ERROR = 4  # exit code of a worker that could not start (the supervisor gives up)
 KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 60),
              (getattr(socket, "TCP_KEEPINTVL", None), 10),
              (getattr(socket, "TCP_KEEPCNT", None), 6))
 EMPTY_BODY = frozenset({Op.PING, Op.CHECK_DISK, Op.GET_STATUS, Op.KILL_PD_WR,
-                        Op.QUERY_IO_STATUS, Op.QUERY_DETAIL_INFOS})
+                        Op.QUERY_IO_STATUS, Op.QUERY_DETAIL_INFOS, Op.QUERY_GARBAGE})
 SERVER_ERRORS = frozenset({Err.WRITE_ERROR, Err.READ_ERROR, Err.INTERNAL_ERROR,
                            Err.CHUNK_UNAVAILABLE, Err.REACH_MEMORY_LIMIT, Err.KILLED,
                            Err.SERVER_READ_ONLY, Err.IO_JOB_UNAVAILABLE})
@@ -98,6 +101,8 @@ class Worker:
             Op.QUERY_IO_STATUS: self.handle_io_status,
             Op.QUERY_DETAIL_INFOS: self.handle_detail_infos,
             Op.DUMP_CHUNK: self.handle_dump_chunk,
+            Op.QUERY_GARBAGE: partial(handle_query_garbage, self),
+            Op.COMPACT: partial(handle_compact, self),
         }
 
     # ------------------------------------------------------------------ process
@@ -171,14 +176,9 @@ class Worker:
             raise LinkError(f"cannot attach the fid index {msg[1:].decode(errors='replace')}: "
                             f"{e}") from None
         link = self.gevent.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fds[0])
-        if self.reader is None:
-            self.reader = ChunkReader(self.cfg.data_dir, self.group_id, index)
-        else:
-            old, self.reader.index = self.reader.index, index
-            try:
-                old.close()
-            except BufferError:  # a view still in use: the mapping goes with the process
-                pass
+        old, self.reader = self.reader, ChunkReader(self.cfg.data_dir, self.group_id, index)
+        if old is not None:  # READs under way finish with the old descriptors and index
+            self.gevent.spawn_later(RETIRE_AFTER, retire_reader, old)
             log.info("worker %d: attached to the new writer", self.slot)
         self.writer.install(link)
         return True
@@ -421,7 +421,7 @@ class Worker:
                 got = 0
                 for at in range(0, size, PIECE):
                     got = zlib.adler32(reader.read_at(chunk_id, offset + at,
-                                                      min(PIECE, size - at)), got)
+                                                      min(PIECE, size - at), rec.fd), got)
                 if got != csum:
                     raise ReadFailed(f"fid {fid}: checksum mismatch")
         except NotFound:
@@ -435,13 +435,13 @@ class Worker:
             RESPONSE_HEADER.pack_into(rec.buf, at, op, Err.SUCCESS, size)
             send_all(sock, memoryview(rec.buf)[at:])
         else:
-            self.stream_verified(sock, fid, chunk_id, offset, size, csum)
+            self.stream_verified(sock, fid, chunk_id, offset, size, csum, rec.fd)
         self.ws.add("read_count")
         self.ws.add("read_bytes", size)
         return Err.SUCCESS
 
     def stream_verified(self, sock, fid: int, chunk_id: int, offset: int, size: int,
-                        csum: int) -> None:
+                        csum: int, fd: int = -1) -> None:
         """Send a big record's data in pieces, checksummed again on the way: the last piece
         is held back until the sum matches, so bytes that changed on disk since the first
         check end in a closed connection (a short response), never in a wrong SUCCESS."""
@@ -449,7 +449,7 @@ class Worker:
         got = 0
         for at in range(0, size, PIECE):
             try:
-                piece = self.reader.read_at(chunk_id, offset + at, min(PIECE, size - at))
+                piece = self.reader.read_at(chunk_id, offset + at, min(PIECE, size - at), fd)
             except ReadFailed as e:
                 log.error("READ of fid %d failed half-way: %s; connection closed", fid, e)
                 raise Closed("read failed half-way") from None
@@ -577,6 +577,15 @@ class Worker:
             if n == 0:  # the file shrank under us: the stream is broken
                 raise Closed("chunk file shorter than announced")
             offset += n
+
+
+def retire_reader(reader: ChunkReader) -> None:
+    """Close a reader a new writer's replaced: its descriptors, then its index."""
+    reader.close()
+    try:
+        reader.index.close()
+    except BufferError:  # a view still in use: the mapping goes with the process
+        pass
 
 
 def keep_open(server_class):

@@ -24,9 +24,11 @@ import time
 from argparse import Namespace
 from dataclasses import dataclass, field
 
-from speedy.chunkserver.messages import (FID_MSG, FRAME, HEAD, KIND_DELETE, KIND_KILL,
-                                         KIND_WRITE, MAX_MSG, OWNER, REPLIES_PER_PACKET,
-                                         REPLY, WRITE_MSG)
+from speedy.chunkserver.compactor import Compactor
+from speedy.chunkserver.messages import (FID_MSG, FRAME, HEAD, KIND_COMPACT, KIND_DELETE,
+                                         KIND_KILL, KIND_WRITE, MAX_MSG, OWNER,
+                                         REPLIES_PER_PACKET, REPLY, WRITE_MSG)
+from speedy.chunkserver.store.compact import used_bytes
 from speedy.chunkserver.shm.index import FidIndex
 from speedy.common.logs import reopen_logs
 from speedy.chunkserver.shm.pool import BlockPool, unlink_prefix
@@ -93,6 +95,7 @@ class Writer:
         self.failed_logged = False
         self.index: FidIndex | None = None
         self.store: ChunkStore | None = None
+        self.compactor: Compactor | None = None
         self.max_size = 0
         self._signals: list[int] = []
 
@@ -115,6 +118,9 @@ class Writer:
         except OSError as e:
             return self._start_failed(f"writer start-up failed ({self.cfg.data_dir}): {e}")
         self.store = store
+        self.compactor = Compactor(store, self.stats, getattr(self.cfg, "compact_threshold", 0.0),
+                                   getattr(self.cfg, "compact_rate", 64 << 20), self.reply,
+                                   getattr(self.cfg, "compact_keep_deleted", 7 * 86400))
         self.max_size = store.max_size()
         self.stats.set("writer_pid", os.getpid())
         self.stats.set("recovery_us", int(store.open_seconds * 1e6))
@@ -150,6 +156,7 @@ class Writer:
             timeout = 1.0
             if self.pending:
                 timeout = max(0.0, min(timeout, self.pending[0].deadline - time.monotonic()))
+            timeout = min(timeout, self.compactor.due())  # type: ignore[union-attr]
             batch: list[tuple[Link, bytes]] = []
             for key, _ in self.sel.select(timeout):
                 if key.data == "wake":
@@ -160,6 +167,8 @@ class Writer:
                     self.receive(key.data, batch)
             self.handle_signals()
             self.process(batch)
+            if not self.stopping and self.compactor.tick():  # type: ignore[union-attr]
+                self.publish()
             self.expire_pending()
             if os.getppid() != self.parent and not self.orphan:
                 log.error("the supervisor is gone; stopping")
@@ -321,6 +330,8 @@ class Writer:
                 deletes.append((link, req_id, FID_MSG.unpack_from(data)[2]))
             elif kind == KIND_KILL:
                 self.handle_kill(link, req_id)
+            elif kind == KIND_COMPACT:
+                self.compactor.request(link, data)  # type: ignore[union-attr]
             else:
                 log.error("unknown message kind %d from worker (owner %d)", kind, link.owner)
                 self.reply(link, req_id, Err.INTERNAL_ERROR)
@@ -496,6 +507,8 @@ class Writer:
         """Write the writer's figures into the stats segment."""
         store, st = self.store, self.stats
         st.set_chunks(store.chunk_stats())  # type: ignore[union-attr]
+        st.set_garbage([(ch.garbage_bytes, used_bytes(ch))
+                        for ch in store.ordered_chunks()])  # type: ignore[union-attr]
         st.set("file_count", store.file_count())  # type: ignore[union-attr]
         st.set("fsyncs", store.fsync_count)  # type: ignore[union-attr]
         st.set("index_bytes", self.index.nbytes())  # type: ignore[union-attr]
@@ -507,6 +520,8 @@ class Writer:
             self.finish(job, Err.CHUNK_UNAVAILABLE)
         self.pending.clear()
         self.stats.set("pending_writes", 0)
+        if self.compactor is not None:
+            self.compactor.stop()
         if self.store is not None:
             try:
                 self.store.close()

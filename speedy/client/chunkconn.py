@@ -325,3 +325,31 @@ class ConnPool:
                              f"{Reply(err).err_name}")
         return size
 
+
+    def garbage(self, addr: tuple[str, int]) -> tuple[int, list[p.ChunkGarbage]]:
+        """QUERY_GARBAGE (new, admin): (chunk being compacted or 0, per chunk garbage)."""
+        reply = self.call(addr, Op.QUERY_GARBAGE)
+        if not reply.ok:
+            raise ChunkError(f"{format_addr(addr)}: QUERY_GARBAGE answered {reply.err_name}"
+                             + (" (is this host in the server's --admin_allow?)"
+                                if reply.err == Err.INTERNAL_ERROR else ""))
+        try:
+            return p.decode_garbage(reply.body)
+        except p.ProtocolError as e:
+            raise ChunkError(f"{format_addr(addr)}: {e}") from None
+
+    def compact(self, addr: tuple[str, int], threshold: float | None,
+                wait: bool) -> tuple[int, int]:
+        """COMPACT (new, admin): (chunks at the threshold, bytes freed if wait); with wait
+        the answer comes when the server has compacted them (no time limit)."""
+        body = p.encode_compact_request(threshold, wait)
+        conn = ChunkConn(addr, None if wait else self.timeout, self.connect_timeout)
+        try:
+            reply = conn.call(Op.COMPACT, [body])
+        finally:
+            conn.close()
+        if not reply.ok or len(reply.body) != p.COMPACT_RESULT.size:
+            raise ChunkError(f"{format_addr(addr)}: COMPACT answered {reply.err_name}"
+                             + (" (is this host in the server's --admin_allow?)"
+                                if reply.err == Err.INTERNAL_ERROR else ""))
+        return p.COMPACT_RESULT.unpack(reply.body)

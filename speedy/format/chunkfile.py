@@ -40,6 +40,8 @@ MAX_CHUNK_SIZE = 4294967295
 MIN_CHUNK_SIZE = 1 << 20
 REF_LIVE = 1
 REF_DELETED = 0
+MAX_TIMESTAMP = 1 << 32  # a plausible timestamp is below (until 2106) and above 0
+MAX_CHECKSUM = 0xFFFFFFFF  # adler32 fills only the low half of the u64 field
 CHUNK_NAME = re.compile(r"^chunk_(\d+)_(\d+)\.chunk$")
 
 
@@ -111,6 +113,39 @@ class RecordHeader:
 def checksum(data) -> int:
     """Adler-32 started from 0, as the original computes it."""
     return zlib.adler32(data, 0)
+
+
+def plausible_timestamp(ts: int) -> bool:
+    """Whether a record timestamp can be one a write stamped (0 is a torn header)."""
+    return 0 < ts < MAX_TIMESTAMP
+
+
+def length_ambiguous(csum: int) -> bool:
+    """Whether zero bytes added to or cut from the end of the data keep this checksum.
+
+    adler32 from 0 keeps its value over a zero byte exactly when its low half (the byte
+    sum mod 65521) is 0: every empty or all-zero body. Such a record's size field is not
+    vouched for by its checksum: what follows it must show where it really ends.
+    """
+    return csum & 0xFFFF == 0
+
+
+def header_problem(fid: int, ref: int, size: int, csum: int, ts: int, room: int) -> str:
+    """Why a record header cannot start a valid record with room bytes for its data ('' if
+    it can): the checks of the start-up scan, the resynchronization and the reader."""
+    if ref > REF_LIVE:
+        return f"bad record header (ref {ref}, fid {fid}, size {size})"
+    if not (fid or size or csum or ts):
+        return "zeros where a record header should be"
+    if size > room:
+        return f"record of fid {fid} with size {size} runs past its end"
+    if ts == 0:  # every write stamps the time: a zero is a header torn before its end
+        return f"record of fid {fid} without a timestamp (a torn header)"
+    if ts >= MAX_TIMESTAMP:
+        return f"record of fid {fid} with an implausible timestamp {ts}"
+    if csum > MAX_CHECKSUM:
+        return f"record of fid {fid} with a checksum field past 32 bits"
+    return ""
 
 
 def encode_record_header(fid: int, size: int, csum: int, timestamp: int,

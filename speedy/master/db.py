@@ -24,7 +24,7 @@ from speedy.wire.master import (SERVER_COLUMNS, PendingDelete, Report,
 
 log = logging.getLogger("speedy.master.db")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FID_RANGE = 100          # fids per GET /v1/chunkmaster/fid
 FID_BLOCK = 10000        # fids reserved durably per database write
 FID_FIRST = 1
@@ -67,7 +67,8 @@ CREATE TABLE fid_state (
     high_water  INTEGER NOT NULL CHECK (high_water >= 1),
     update_time REAL    NOT NULL
 )"""
-OUR_TABLES = {1: {"chunkserver", "fid_state"}, 2: {"chunkserver", "fid_state", "pending_delete"}}
+OUR_TABLES = {1: {"chunkserver", "fid_state"}, 2: {"chunkserver", "fid_state", "pending_delete"},
+              3: {"chunkserver", "fid_state", "pending_delete"}}
 
 
 def _create_v1(db: sqlite_utils.Database) -> None:
@@ -88,8 +89,14 @@ def _create_v2(db: sqlite_utils.Database) -> None:
         defaults={"attempts": 0, "last_error": ""})
 
 
+def _create_v3(db: sqlite_utils.Database) -> None:
+    """Version 3: chunkserver.garbage_bytes, as last reported (issue 13)."""
+    db.execute("ALTER TABLE chunkserver ADD COLUMN garbage_bytes INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _create_v1,
-                                                                  2: _create_v2}
+                                                                  2: _create_v2,
+                                                                  3: _create_v3}
 
 
 @dataclass
@@ -369,11 +376,13 @@ def record_report(db: sqlite_utils.Database, r: Report, now: float | None = None
         c.execute(
             "UPDATE chunkserver SET total_free_space = ?, max_free_space = ?, "
             "pending_writes = ?, writing_count = ?, reading_count = ?, total_chunks = ?, "
-            "conn_count = ?, data_dir = ?, update_time = ?, report_count = report_count + 1,"
+            "conn_count = ?, data_dir = ?, garbage_bytes = ?, update_time = ?, "
+            "report_count = report_count + 1,"
             " status = ?, status_time = CASE WHEN status != ? THEN ? ELSE status_time END "
             "WHERE group_id = ? AND ip = ? AND port = ?",
             (r.total_free_space, r.max_free_space, r.pending_writes, r.writing_count,
-             r.reading_count, r.total_chunks, r.conn_count, r.data_dir, now, int(new),
+             r.reading_count, r.total_chunks, r.conn_count, r.data_dir, r.garbage_bytes, now,
+             int(new),
              int(new), now) + key)
     return old, new
 

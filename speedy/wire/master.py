@@ -161,7 +161,7 @@ COUNTERS: dict[str, str] = {
     "TotalFreeSpace": "total_free_space", "MaxFreeSpace": "max_free_space",
     "PendingWrites": "pending_writes", "WritingCount": "writing_count",
     "ReadingCount": "reading_count", "TotalChunks": "total_chunks",
-    "ConnectionsCount": "conn_count"}
+    "ConnectionsCount": "conn_count", "GarbageBytes": "garbage_bytes"}  # Garbage: new
 
 
 @dataclass
@@ -180,6 +180,7 @@ class Report:
     data_dir: str = ""
     total_chunks: int = 0
     conn_count: int = 0
+    garbage_bytes: int = 0  # new (issue 13): bytes of deleted records in its chunks
 
     @property
     def read_only(self) -> bool:
@@ -187,13 +188,16 @@ class Report:
         return self.status == REPORT_RO
 
     def to_json(self) -> dict:
-        """The body, in the original's field order."""
-        return {"GroupId": self.group_id, "Ip": self.ip, "Port": self.port,
-                "Status": self.status, "TotalFreeSpace": self.total_free_space,
-                "MaxFreeSpace": self.max_free_space, "PendingWrites": self.pending_writes,
-                "WritingCount": self.writing_count, "ReadingCount": self.reading_count,
-                "DataDir": self.data_dir, "TotalChunks": self.total_chunks,
-                "ConnectionsCount": self.conn_count}
+        """The body, in the original's field order (then GarbageBytes, when not 0)."""
+        obj = {"GroupId": self.group_id, "Ip": self.ip, "Port": self.port,
+               "Status": self.status, "TotalFreeSpace": self.total_free_space,
+               "MaxFreeSpace": self.max_free_space, "PendingWrites": self.pending_writes,
+               "WritingCount": self.writing_count, "ReadingCount": self.reading_count,
+               "DataDir": self.data_dir, "TotalChunks": self.total_chunks,
+               "ConnectionsCount": self.conn_count}
+        if self.garbage_bytes:
+            obj["GarbageBytes"] = self.garbage_bytes
+        return obj
 
     @classmethod
     def from_json(cls, obj: Any) -> "Report":
@@ -222,6 +226,7 @@ class ServerStatus:
     conn_count: int = 0
     data_dir: str = ""
     pending_deletes: int = 0  # speedy extension: deletes the master still has to finish
+    garbage_bytes: int = 0  # speedy extension (issue 13): as the chunkserver last reported
 
     FIELDS: ClassVar[dict[str, str]] = {
         "GroupId": "group_id", "Ip": "ip", "Port": "port", "Status": "status",
@@ -230,12 +235,14 @@ class ServerStatus:
     TEXT: ClassVar[frozenset[str]] = frozenset({"ip", "data_dir"})
 
     def to_json(self) -> dict:
-        """Every field, zeros included (PendingDeletes only when non-zero)."""
+        """Every field, zeros included (PendingDeletes and GarbageBytes only when non-zero)."""
         obj = {name: getattr(self, attr) for name, attr in self.FIELDS.items()}
         obj["Status"] = int(self.status)
         obj["GlobalStatus"] = int(self.global_status)
         if not self.pending_deletes:
             del obj["PendingDeletes"]
+        if not self.garbage_bytes:
+            del obj["GarbageBytes"]
         return obj
 
     @classmethod

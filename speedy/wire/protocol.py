@@ -12,6 +12,10 @@ All integers are unsigned big-endian (see shared/spec/PROTOCOL.md).
                              write_error u64 | read_bytes u64 | write_bytes u64 |
                              n_chunks u32 | n_chunks x (chunk_id u64, avail u64) |
                              total_file_count u64
+    QUERY_GARBAGE body (new): compacting u64 | n_chunks u32 | n_chunks x (chunk_id u64,
+                             garbage_bytes u64, used_bytes u64, avail_space u64)
+    COMPACT request (new):   threshold_ppm u32 (0xFFFFFFFF: the server's) | wait u8
+    COMPACT response (new):  n_chunks u32 | freed_bytes u64
 """
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ IO_STATUS = struct.Struct(">III")
 DETAIL_HEAD = struct.Struct(">IIIIQQQQQQI")
 DETAIL_CHUNK = struct.Struct(">QQ")
 U64 = struct.Struct(">Q")
+GARBAGE_HEAD = struct.Struct(">QI")
+GARBAGE_CHUNK = struct.Struct(">QQQQ")
+COMPACT_REQUEST = struct.Struct(">IB")
+COMPACT_RESULT = struct.Struct(">IQ")
+SERVER_THRESHOLD = 0xFFFFFFFF
 
 REQUEST_HEADER_SIZE = REQUEST_HEADER.size  # 5
 RESPONSE_HEADER_SIZE = RESPONSE_HEADER.size  # 6
@@ -47,6 +56,8 @@ class Op(enum.IntEnum):
     QUERY_IO_STATUS = 31
     QUERY_DETAIL_INFOS = 32
     DUMP_CHUNK = 40
+    QUERY_GARBAGE = 41  # new
+    COMPACT = 42  # new
 
 
 class Err(enum.IntEnum):
@@ -106,7 +117,8 @@ class ServerStatus(enum.IntEnum):
 
 
 OPCODES = frozenset(int(o) for o in Op)
-ADMIN_OPCODES = frozenset({Op.SET_STATUS, Op.KILL_PD_WR, Op.DUMP_CHUNK})
+ADMIN_OPCODES = frozenset({Op.SET_STATUS, Op.KILL_PD_WR, Op.DUMP_CHUNK, Op.QUERY_GARBAGE,
+                           Op.COMPACT})
 
 
 class ProtocolError(Exception):
@@ -212,3 +224,50 @@ def decode_detail_info(body: bytes) -> DetailInfo:
               for i in range(n)]
     (total,) = U64.unpack_from(body, len(body) - U64.size)
     return DetailInfo(*head[:10], chunks=chunks, total_file_count=total)
+
+
+@dataclass
+class ChunkGarbage:
+    """One chunk's line of the QUERY_GARBAGE answer."""
+
+    chunk_id: int
+    garbage_bytes: int
+    used_bytes: int
+    avail_space: int
+
+
+def encode_garbage(compacting: int, chunks: list[ChunkGarbage]) -> bytes:
+    """QUERY_GARBAGE body (new)."""
+    return GARBAGE_HEAD.pack(compacting, len(chunks)) + b"".join(
+        GARBAGE_CHUNK.pack(c.chunk_id, c.garbage_bytes, c.used_bytes, c.avail_space)
+        for c in chunks)
+
+
+def decode_garbage(body: bytes) -> tuple[int, list[ChunkGarbage]]:
+    """(compacting chunk id or 0, chunks) from a QUERY_GARBAGE body."""
+    if len(body) < GARBAGE_HEAD.size:
+        raise ProtocolError("QUERY_GARBAGE body too short")
+    compacting, n = GARBAGE_HEAD.unpack_from(body)
+    if len(body) != GARBAGE_HEAD.size + n * GARBAGE_CHUNK.size:
+        raise ProtocolError(f"QUERY_GARBAGE body of {len(body)} bytes for {n} chunks")
+    return compacting, [ChunkGarbage(*GARBAGE_CHUNK.unpack_from(body, GARBAGE_HEAD.size +
+                                                              i * GARBAGE_CHUNK.size))
+                        for i in range(n)]
+
+
+def encode_compact_request(threshold: float | None, wait: bool) -> bytes:
+    """COMPACT request body (new): threshold as a fraction (None: the server's)."""
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ValueError(f"threshold {threshold} is not in 0..1")
+    ppm = SERVER_THRESHOLD if threshold is None else round(threshold * 1e6)
+    return COMPACT_REQUEST.pack(ppm, int(wait))
+
+
+def decode_compact_request(body: bytes) -> tuple[int, bool]:
+    """(threshold ppm or SERVER_THRESHOLD, wait) of a COMPACT body."""
+    if len(body) != COMPACT_REQUEST.size:
+        raise ProtocolError("COMPACT body must be 5 bytes")
+    ppm, wait = COMPACT_REQUEST.unpack(body)
+    if (ppm > 1_000_000 and ppm != SERVER_THRESHOLD) or wait > 1:
+        raise ProtocolError("COMPACT: threshold above 1 or wait not 0/1")
+    return ppm, bool(wait)

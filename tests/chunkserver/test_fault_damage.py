@@ -4,9 +4,9 @@ Files are written through a real server, which is stopped; the chunk files are t
 damaged by hand (a flipped bit, garbage after current_offset, a truncation, a chunk of
 another group) and the server is started again. A record that is damaged answers
 READ_ERROR when the index still points at it (the snapshot was trusted: nothing checks
-old records at start) and FILE_NOT_FOUND when the start-up scan cut the chunk there
-(CHUNKFILE.md: the first bad record ends the scan of its chunk, so the records after it
-in that chunk are cut too). Every other record reads back byte for byte.
+old records at start) and FILE_NOT_FOUND when the start-up scan skipped it (CHUNKFILE.md:
+the scan resynchronizes at the next valid record, the records after it stay readable).
+Every other record reads back byte for byte.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def snapshot_path(srv) -> str:
 
 @pytest.mark.parametrize("start", ["snapshot", "scan"])
 def test_bit_flip_in_stored_data(tmp_path, start):
-    """One flipped bit in an old record: READ_ERROR (snapshot start) or cut (scan start)."""
+    """One flipped bit in an old record: READ_ERROR (snapshot start) or skipped (scan start);
+    the records after it in its chunk stay readable either way."""
     srv = filled_server(tmp_path, start, nfiles=10, chunks=2)
     recs = records(srv.data_dir)
     victim = recs[2]  # chunk 1 holds fids 1-5, chunk 2 fids 6-10
@@ -110,12 +111,13 @@ def test_bit_flip_in_stored_data(tmp_path, start):
             assert all(got[f][0] == Err.SUCCESS for f in range(1, 11) if f != 2)
             assert "checksum mismatch" in log
         else:
-            # The scan stops at the bad record: it and the records after it in chunk 1
-            # (fids 3-5) are cut; current_offset goes back there.
-            assert [got[f][0] for f in range(1, 6)] == [Err.SUCCESS] + [Err.FILE_NOT_FOUND] * 4
-            assert all(got[f][0] == Err.SUCCESS for f in range(6, 10))
-            assert f"chunk_1_1.chunk: cut at offset {victim.offset}: checksum mismatch" in log
-            assert superblock(victim.path).current_offset == victim.offset
+            # The scan skips the bad record and goes on at the next one: only fid 2 is
+            # gone; current_offset stays, the damaged range is never written over.
+            assert got[2] == NOT_FOUND
+            assert all(got[f][0] == Err.SUCCESS for f in range(1, 10) if f != 2)
+            end = victim.data_offset + victim.size
+            assert f"chunk_1_1.chunk: damaged bytes {victim.offset}-{end} skipped" in log
+            assert superblock(victim.path).current_offset == recs[5].data_offset + FILE
     finally:
         srv.discard()
 

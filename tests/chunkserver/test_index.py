@@ -176,7 +176,7 @@ def test_reader_attached_before_growth_follows_and_old_segments_go(index):
             index.insert(fid, 1, 55 + fid)
         assert reader.get(4999) == (1, 55 + 4999)
         now = shm_names(index.prefix)
-        assert len(now) == 2  # control + the current table only
+        assert len(now) == 3  # control, generations and the current table only
         assert set(now) != set(first_segments)
     finally:
         reader.close()
@@ -263,7 +263,7 @@ def test_load_replaces_everything_in_one_new_table(index):
         for fid in (0, 1000, 1003, 30997):
             want = loc_of(fid) if fid else (1, 55)
             assert index.get(fid) == want and reader.get(fid) == want
-        assert index.capacity * MAX_LOAD >= len(entries) and len(shm_names(index.prefix)) == 2
+        assert index.capacity * MAX_LOAD >= len(entries) and len(shm_names(index.prefix)) == 3
         index.insert(2, 3, 99)  # an ordinary insert afterwards
         index.remove(1000)
         assert index.get(2) == (3, 99) and index.get(1000) is None

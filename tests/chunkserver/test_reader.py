@@ -140,7 +140,7 @@ def test_check_disk(h, tmp_path):
 def test_reader_opens_read_only(h):
     h.put(8, b"eight")
     h.reader.read(8)
-    fd = h.reader._fds[1]
+    fd = next(iter(h.reader._files[1].values()))
     with pytest.raises(OSError):
         os.pwrite(fd, b"x", 100)
     assert MiB  # the store keeps writing through its own descriptor

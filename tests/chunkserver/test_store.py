@@ -168,7 +168,9 @@ def test_torn_last_record_is_cut(h, caplog):
     assert h.ireader.get(3) == (1, last)
 
 
-def test_bad_checksum_in_the_middle_ends_the_scan(h, caplog):
+def test_bad_checksum_in_the_middle_is_skipped(h, caplog):
+    """CHUNKFILE.md: damage with valid records after it is skipped, not cut; the damaged
+    range counts as garbage and is never written over."""
     h.open()
     for fid in (1, 2, 3):
         h.put(fid, payload(fid, 300))
@@ -178,9 +180,15 @@ def test_bad_checksum_in_the_middle_ends_the_scan(h, caplog):
     with caplog.at_level(logging.WARNING, "speedy.chunkserver.store.chunkstore"):
         h.reopen(snapshot=False)
     assert h.reader.read(1) == payload(1, 300)
-    assert not h.store.has(2) and not h.store.has(3)
-    assert read_superblock(chunk_path(h, 1)).current_offset == second
+    assert not h.store.has(2)
+    assert h.reader.read(3) == payload(3, 300)
+    end = second + 2 * 330
+    assert read_superblock(chunk_path(h, 1)).current_offset == end
+    assert f"damaged bytes {second}-{second + 330} skipped" in caplog.text
     assert "fid 2" in caplog.text
+    assert h.store.chunks[1].garbage_bytes == 330
+    h.put(4, b"after")
+    assert h.ireader.get(4) == (1, end)
 
 
 @pytest.mark.parametrize("garbage", ["random", "zeros", "stale", "huge"])

@@ -24,7 +24,7 @@ def db(tmp_path):
 
 
 def test_schema_is_the_documented_interface(db, tmp_path):
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == mdb.SCHEMA_VERSION == 2
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == mdb.SCHEMA_VERSION == 3
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     cols = {r[1] for r in db.conn.execute("PRAGMA table_info(chunkserver)")}
@@ -35,7 +35,7 @@ def test_schema_is_the_documented_interface(db, tmp_path):
     # Opening again is not a migration and keeps the data.
     mdb.add_server(db, 1, "10.0.0.1", 8000)
     again = mdb.connect(str(tmp_path / "m.db"))
-    assert mdb.migrate(again) == 2 and len(mdb.list_servers(again)) == 1
+    assert mdb.migrate(again) == 3 and len(mdb.list_servers(again)) == 1
     again.conn.close()
 
 

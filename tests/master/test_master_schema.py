@@ -30,17 +30,17 @@ def make_v1(path: str) -> None:
     c.close()
 
 
-def test_version_1_is_migrated_to_2_keeping_its_data(tmp_path):
+def test_version_1_is_migrated_to_the_last_keeping_its_data(tmp_path):
     path = str(tmp_path / "v1.db")
     make_v1(path)
     db = mdb.connect(path)
     try:
-        assert mdb.schema_version(db) == mdb.SCHEMA_VERSION == 2
+        assert mdb.schema_version(db) == mdb.SCHEMA_VERSION == 3
         assert "pending_delete" in db.table_names()
         cs = mdb.get_server(db, 3, "10.0.0.1", 8000)
         assert (cs.status, cs.report_count, cs.pending_deletes) == (1, 7, 0)
         assert mdb.fid_high_water(db) == 20001
-        assert mdb.migrate(db) == 2  # opening again is no migration
+        assert mdb.migrate(db) == 3  # opening again is no migration
     finally:
         db.conn.close()
 
@@ -98,3 +98,23 @@ def test_the_sqlite_utils_command_reads_a_running_masters_database(masters, tmp_
     assert r.returncode == 0 and r.stdout.split() == ["ip,status", "10.0.0.1,0",
                                                       "10.0.0.2,2"], r.stdout
     assert m.get("/v1/chunkmaster/route").status == 200  # the master is unharmed
+
+
+def test_version_3_stores_the_reported_garbage(tmp_path):
+    from speedy.wire.master import Report
+    path = str(tmp_path / "v1.db")
+    make_v1(path)
+    db = mdb.connect(path)  # 1 -> 2 -> 3
+    try:
+        assert "garbage_bytes" in {r[1] for r in db.conn.execute(
+            "PRAGMA table_info(chunkserver)")}
+        assert mdb.get_server(db, 3, "10.0.0.1", 8000).garbage_bytes == 0
+        assert "GarbageBytes" not in mdb.get_server(db, 3, "10.0.0.1", 8000).to_json()
+        report = Report.from_json({"GroupId": 3, "Ip": "10.0.0.1", "Port": 8000,
+                                   "GarbageBytes": 12345})
+        mdb.record_report(db, report)
+        cs = mdb.get_server(db, 3, "10.0.0.1", 8000)
+        assert cs.garbage_bytes == 12345 and cs.to_json()["GarbageBytes"] == 12345
+        assert report.to_json()["GarbageBytes"] == 12345
+    finally:
+        db.conn.close()

@@ -22,8 +22,29 @@ def test_response_header_is_6_bytes():
 
 
 def test_opcode_and_error_values_match_the_spec():
-    assert [int(o) for o in p.Op] == [0, 1, 2, 10, 11, 20, 21, 30, 31, 32, 40]
+    assert [int(o) for o in p.Op] == [0, 1, 2, 10, 11, 20, 21, 30, 31, 32, 40,
+                                      41, 42]  # new: QUERY_GARBAGE, COMPACT (README)
     assert [int(e) for e in p.Err] == list(range(13))
+
+
+def test_compaction_bodies():
+    chunks = [p.ChunkGarbage(1, 300, 1000, 5000), p.ChunkGarbage(2, 0, 0, 9000)]
+    body = p.encode_garbage(2, chunks)
+    assert len(body) == 12 + 2 * 32
+    assert p.decode_garbage(body) == (2, chunks)
+    with pytest.raises(p.ProtocolError):
+        p.decode_garbage(body[:-1])
+    with pytest.raises(p.ProtocolError):
+        p.decode_garbage(b"\x00" * 11)
+    assert p.encode_compact_request(0.3, True) == bytes.fromhex("000493e001")
+    assert p.encode_compact_request(None, False) == bytes.fromhex("ffffffff00")
+    assert p.decode_compact_request(bytes.fromhex("000493e001")) == (300000, True)
+    assert p.decode_compact_request(bytes.fromhex("ffffffff00")) == (p.SERVER_THRESHOLD, False)
+    for bad in (b"", bytes.fromhex("000f424101"), bytes.fromhex("0000000002"), b"\x00" * 6):
+        with pytest.raises(p.ProtocolError):
+            p.decode_compact_request(bad)
+    with pytest.raises(ValueError):
+        p.encode_compact_request(1.5, False)
 
 
 def test_file_key():

@@ -3,8 +3,9 @@
 One small ``multiprocessing.shared_memory`` segment of native u64 words::
 
     word 0             MAGIC
-    words 1..15        server values (SERVER_FIELDS): status, writer figures
-    words 16..415      up to MAX_CHUNKS pairs (chunk_id, avail_space), n in "n_chunks"
+    words 1..31        server values (SERVER_FIELDS): status, writer figures
+    words 32..431      up to MAX_CHUNKS pairs (chunk_id, avail_space), n in "n_chunks"
+    words 432..831     the same chunks' (garbage_bytes, used bytes) (store/compact.py)
     then n_slots x SLOT_WORDS: one slot per worker
         GAUGES + COUNTERS                    (conn_count ... write_bytes)
         per opcode: requests | latency_us_sum | len(BUCKETS)+1 bucket counts (last:
@@ -27,10 +28,13 @@ from speedy.wire.protocol import Err, Op, ServerStatus
 MAGIC = 0x5350595354415453  # "SPYSTATS"
 SERVER_FIELDS = ("admin_status", "store_failed", "pending_writes", "file_count",
                  "recovery_us", "commits", "fsyncs", "committed_writes", "index_bytes",
-                 "n_chunks", "writer_pid", "batches", "max_batch")
-SERVER_WORDS = 16
+                 "n_chunks", "writer_pid", "batches", "max_batch",
+                 "compacting", "compactions", "compact_freed", "compact_moved",
+                 "compact_max_slice_us")
+SERVER_WORDS = 32
 CHUNK_BASE = SERVER_WORDS
-HEADER_WORDS = CHUNK_BASE + 2 * MAX_CHUNKS
+GARBAGE_BASE = CHUNK_BASE + 2 * MAX_CHUNKS
+HEADER_WORDS = GARBAGE_BASE + 2 * MAX_CHUNKS
 GAUGES = ("conn_count", "reading", "writing")
 COUNTERS = ("read_count", "write_count", "read_error", "write_error", "read_bytes",
             "write_bytes", "accepted", "dropped_idle")
@@ -145,6 +149,19 @@ class StatsView:
             w[CHUNK_BASE + 2 * i + 1] = avail
         self.set("n_chunks", len(chunks))
 
+    def set_garbage(self, garbage: list[tuple[int, int]]) -> None:
+        """Publish (garbage_bytes, used bytes) of the chunks, in set_chunks' order."""
+        w = self.words
+        for i, (g, used) in enumerate(garbage[:MAX_CHUNKS]):
+            w[GARBAGE_BASE + 2 * i] = g
+            w[GARBAGE_BASE + 2 * i + 1] = used
+
+    def garbage(self) -> list[tuple[int, int, int, int]]:
+        """(chunk_id, garbage_bytes, used bytes, avail_space) per chunk."""
+        w = self.words
+        return [(cid, w[GARBAGE_BASE + 2 * i], w[GARBAGE_BASE + 2 * i + 1], avail)
+                for i, (cid, avail) in enumerate(self.chunks())]
+
     def chunks(self) -> list[tuple[int, int]]:
         """(chunk_id, avail_space) as the writer last published them."""
         w = self.words
@@ -199,12 +216,15 @@ class StatsView:
         chunks = self.chunks()
         out.update(
             status=int(self.status()), recovery_seconds=out["recovery_us"] / 1e6,
+            compact_max_slice_seconds=out["compact_max_slice_us"] / 1e6,
             chunks=chunks, requests=requests, errors=errors, latency=latency,
             files=out["file_count"], connections=out["conn_count"],
             read_only=int(self.status()), reads_in_flight=out["reading"],
             writes_in_flight=out["writing"],
             chunk_free_bytes={chunk_name(group_id, cid) if group_id else str(cid): avail
-                              for cid, avail in chunks})
+                              for cid, avail in chunks},
+            chunk_garbage_bytes={chunk_name(group_id, cid) if group_id else str(cid): g
+                                 for cid, g, _used, _avail in self.garbage()})
         return out
 
     def close(self) -> None:

@@ -25,6 +25,9 @@ import time
 from multiprocessing import resource_tracker, shared_memory
 from typing import Callable, Iterator
 
+from speedy.chunkserver.shm.generations import SEGMENT_SIZE as GENS_SIZE
+from speedy.chunkserver.shm.generations import ChunkState, Generations
+
 try:  # the POSIX call SharedMemory.unlink makes, without its resource_tracker message
     import _posixshmem
 except ImportError:  # pragma: no cover - non-POSIX
@@ -184,6 +187,9 @@ class FidIndex:
         self._count = 0
         self._tombstones = 0
         self._closed = False
+        self._gens_shm = _create_segment(gens_name(self.name), GENS_SIZE)
+        self.gens = Generations(self._gens_shm.buf)
+        self.gens.init()
 
     @classmethod
     def create(cls, prefix: str, capacity: int = 1 << 16) -> "FidIndex":
@@ -307,6 +313,61 @@ class FidIndex:
             i = (i + 1) & mask
         return False
 
+    # -- compaction: a chunk's entries move to a new file (shm/generations.py)
+    def chunk_state(self, cid: int) -> ChunkState:
+        """Which file generation chunk cid's locations belong to."""
+        return self.gens.state(cid)
+
+    def begin_move(self, cid: int) -> int:
+        """Readers: cid's locations up to the watermark (none yet) are in a new file."""
+        self._lock()
+        try:
+            return self.gens.begin(cid)
+        finally:
+            self._unlock()
+
+    def move(self, cid: int, moves: list[tuple[int, int]]) -> None:
+        """Point each (fid, new offset) at cid's new file, in offset order, with the watermark,
+        as one change for readers; fids no longer indexed are skipped."""
+        if not moves:
+            return
+        t = self._table
+        slots, mask = t.slots, t.mask
+        self._lock()
+        try:
+            for fid, off in moves:
+                i = ((fid * GOLDEN) & M64) >> t.shift
+                for _ in range(t.capacity):
+                    cur = slots[2 * i + 1]
+                    if cur == EMPTY:
+                        break
+                    if cur != TOMBSTONE and slots[2 * i] == fid:
+                        slots[2 * i + 1] = cid << 32 | off
+                        break
+                    i = (i + 1) & mask
+            self.gens.advance(cid, moves[-1][1])
+        finally:
+            self._unlock()
+
+    def chunk_entries(self, cid: int, start: int, n: int) -> tuple[list[tuple[int, int]], int]:
+        """(offset, fid) of chunk cid's entries in slots start..start+n, and the table
+        generation they were read from (another one means the slots moved: start over)."""
+        slots = self._table.slots
+        out = []
+        for i in range(start, min(start + n, self._table.capacity)):
+            loc = slots[2 * i + 1]
+            if loc > TOMBSTONE and loc >> 32 == cid:
+                out.append((loc & 0xFFFFFFFF, slots[2 * i]))
+        return out, self._gen
+
+    def end_move(self, cid: int, cancel: bool = False) -> None:
+        """Every location of cid is in its new file now (cancel: none is, nor will be)."""
+        self._lock()
+        try:
+            (self.gens.cancel if cancel else self.gens.end)(cid)
+        finally:
+            self._unlock()
+
     def load(self, entries: dict[int, int]) -> None:
         """Replace every entry with entries ({fid: chunk_id << 32 | offset}): one new table,
         filled without per-entry locking, then published (the start-up scan)."""
@@ -417,10 +478,15 @@ class FidIndex:
         self._closed = True
         self._table.close()
         self._ctl.close()
+        self.gens.release()
+        try:
+            self._gens_shm.close()
+        except BufferError:  # pragma: no cover
+            pass
 
     def unlink(self) -> None:
         """Remove every segment: the current table (even if another process grew it) and control."""
-        names = {f"{self.prefix}_t{self._gen}", f"{self.prefix}_ic"}
+        names = {f"{self.prefix}_t{self._gen}", f"{self.prefix}_ic", gens_name(self.name)}
         try:
             ctl = _Control(_attach_segment(f"{self.prefix}_ic"))
             names.add(ctl.table_name())
@@ -440,6 +506,8 @@ class IndexReader:
         self._table: _Table | None = None
         self._gen = -1
         self._stuck = -1  # an odd seq a dead writer left behind
+        self._gens_shm = _attach_segment(gens_name(name))
+        self._gens = Generations(self._gens_shm.buf)
         self._attach()
 
     def _attach(self) -> None:
@@ -473,6 +541,37 @@ class IndexReader:
 
     def get(self, fid: int) -> tuple[int, int] | None:
         """(chunk_id, offset) of fid as the writer last published it, or None."""
+        loc = self._consistent(lambda: self._table.lookup(fid))  # type: ignore[union-attr]
+        return _split(loc) if loc else None
+
+    def locate(self, fid: int) -> tuple[int, int, ChunkState] | None:
+        """(chunk_id, offset, the chunk's ChunkState) of fid, read together, or None."""
+        words = self._ctl.words
+        s1 = words[0]
+        if not s1 & 1 and words[1] == self._gen:  # the usual case, without a retry loop
+            loc = self._table.lookup(fid)  # type: ignore[union-attr]
+            if not loc:
+                if words[0] == s1:
+                    return None
+            else:
+                state = self._gens.state(loc >> 32)
+                if words[0] == s1:
+                    return loc >> 32, loc & 0xFFFFFFFF, state
+
+        def read() -> tuple[int, int, ChunkState] | None:
+            loc = self._table.lookup(fid)  # type: ignore[union-attr]
+            if not loc:
+                return None
+            cid, off = _split(loc)
+            return cid, off, self._gens.state(cid)
+        return self._consistent(read)
+
+    def chunk_state(self, cid: int) -> ChunkState:
+        """Chunk cid's file generation, read consistently."""
+        return self._consistent(lambda: self._gens.state(cid))
+
+    def _consistent(self, read: Callable):
+        """read() inside the seqlock: retried until no change of the writer overlapped it."""
         words = self._ctl.words
         deadline = 0.0
         while True:
@@ -484,7 +583,7 @@ class IndexReader:
                     except TimeoutError:
                         self._stuck = words[0]
                     continue
-                loc = self._table.lookup(fid)  # type: ignore[union-attr]
+                loc = read()
                 if words[0] == s1:
                     break
             if not deadline:
@@ -496,16 +595,28 @@ class IndexReader:
                 deadline = 0.0
                 continue
             time.sleep(0)
-        return _split(loc) if loc else None
+        return loc
 
     def close(self) -> None:
         """Detach."""
+        if self._gens is not None:
+            self._gens.release()
+            try:
+                self._gens_shm.close()
+            except BufferError:  # pragma: no cover
+                pass
+            self._gens = None  # type: ignore[assignment]
         if self._table is not None:
             self._table.close()
             self._table = None
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None  # type: ignore[assignment]
+
+
+def gens_name(control_name: str) -> str:
+    """The generations segment's name next to an index control segment (``_ic``)."""
+    return (control_name[:-3] if control_name.endswith("_ic") else control_name) + "_ig"
 
 
 def _pow2_floor(n: int) -> int:

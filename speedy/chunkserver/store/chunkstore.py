@@ -97,6 +97,7 @@ class ChunkStore:
         self._changed = False
         self.snapshot_interval = SNAPSHOT_INTERVAL  # 0 turns the automatic saves off
         self.journal_limit = JOURNAL_LIMIT
+        self.compaction = None  # the compact.Compaction under way, if any
 
     # ------------------------------------------------------------------ start-up
     def open(self) -> None:
@@ -134,11 +135,12 @@ class ChunkStore:
 
     def save_snapshot(self) -> bool:
         """Persist the index with the chunk stamps it covers; False if not possible now."""
-        if self.staged or not self.chunks or self._lock_fd < 0:
+        if self.staged or not self.chunks or self._lock_fd < 0 or self.compaction is not None:
             return False
         try:
             stamps = [snapshot.ChunkStamp.of(ch.chunk_id, ch.capacity, ch.sb_raw, ch.fd,
-                                             ch.sb.current_offset) for ch in self.ordered_chunks()]
+                                             ch.sb.current_offset, ch.garbage_bytes)
+                      for ch in self.ordered_chunks()]
             shadows = [(fid, cid, off) for fid, locs in self.shadows.items() for cid, off in locs]
             t0 = time.monotonic()
             size = snapshot.save(self.snapshot_path, self.group_id, stamps, shadows, self.index)
@@ -178,6 +180,18 @@ class ChunkStore:
         """True for a live fid, committed or staged."""
         return fid in self.staged or self.index.get(fid) is not None
 
+    def lookup(self, fid: int) -> tuple[int, int] | None:
+        """fid's (chunk_id, offset) in the open chunk files (a compaction's entries not
+        moved yet point into the old file: translated)."""
+        loc = self.index.get(fid)
+        if loc is not None and self.compaction is not None:
+            return self.compaction.translate(loc)
+        return loc
+
+    def chunk_garbage(self) -> list[tuple[int, int]]:
+        """(chunk_id, garbage_bytes) per chunk."""
+        return [(ch.chunk_id, ch.garbage_bytes) for ch in self.ordered_chunks()]
+
     def can_fit(self, size: int) -> bool:
         """Some chunk has room for a body of size bytes now."""
         return self._pick(size) is not None
@@ -208,7 +222,7 @@ class ChunkStore:
     def _pick(self, size: int) -> Chunk | None:
         """First fit: the lowest chunk id with room for size."""
         for ch in self.ordered_chunks():
-            if fits(ch.capacity - ch.tail, size):
+            if fits(ch.capacity - ch.tail, size) and not ch.compacting:
                 return ch
         return None
 
@@ -218,19 +232,24 @@ class ChunkStore:
 
     def _live_header(self, fid: int, cid: int, off: int) -> bool:
         """Whether the record header at (cid, off) is fid's and live (guards a stale index)."""
+        return self._live_size(fid, cid, off) >= 0
+
+    def _live_size(self, fid: int, cid: int, off: int) -> int:
+        """The data size of fid's live record at (cid, off); -1 when the header there is not
+        fid's or not live."""
         try:
             raw = os.pread(self.chunks[cid].fd, RECORD_HEADER_SIZE, off)
-            hfid, ref = RECORD_HEADER.unpack(raw)[:2]
+            hfid, ref, size = RECORD_HEADER.unpack(raw)[:3]
         except (OSError, KeyError, struct.error):
-            return False
-        return hfid == fid and ref == 1
+            return -1
+        return size if hfid == fid and ref == 1 else -1
 
     # ------------------------------------------------------------------ writes
     def stage(self, fid: int, parts: list, size: int, csum: int) -> None:
         """Append a record to a chunk with room; visible only after commit()."""
         if fid in self.staged:
             raise FileExists(f"fid {fid} is being written")
-        loc = self.index.get(fid)
+        loc = self.lookup(fid)
         if loc is not None:
             if self._live_header(fid, *loc):
                 raise FileExists(f"fid {fid} exists")
@@ -339,9 +358,11 @@ class ChunkStore:
         found: list[bool] = []
         groups: list[tuple[int, list[tuple[int, int]]]] = []
         doomed: set[int] = set()
+        sizes: dict[tuple[int, int], int] = {}  # data size of each record to mark deleted
         for fid in fids:
-            loc = None if fid in doomed else self.index.get(fid)
-            if loc is not None and not self._live_header(fid, *loc):
+            loc = None if fid in doomed else self.lookup(fid)
+            size = -1 if loc is None else self._live_size(fid, *loc)
+            if loc is not None and size < 0:
                 log.warning("fid %d: index pointed at %s offset %d, which is not its live "
                             "record; dropped", fid, self.chunk_file(loc[0]), loc[1])
                 self.index.remove(fid)
@@ -349,8 +370,14 @@ class ChunkStore:
             found.append(loc is not None)
             if loc is not None:
                 doomed.add(fid)
-                groups.append((fid, [loc] + [l for l in self.shadows.pop(fid, [])
-                                             if self._live_header(fid, *l)]))
+                locs = [loc]
+                sizes[loc] = size
+                for shadow in self.shadows.pop(fid, []):
+                    size = self._live_size(fid, *shadow)
+                    if size >= 0:
+                        locs.append(shadow)
+                        sizes[shadow] = size
+                groups.append((fid, locs))
         if not groups:
             return found
         touched: dict[int, Chunk] = {}
@@ -364,7 +391,10 @@ class ChunkStore:
                     datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
                     if i == 0:
                         self.index.remove(fid)
+                    if self.compaction is not None:
+                        self.compaction.note_delete(cid, off, sizes[(cid, off)])
                     ch.sb.files_count -= 1
+                    ch.add_dead_record(sizes[(cid, off)])
                     touched[cid] = ch
             for ch in touched.values():
                 ch.sb_raw = ch.sb.encode()
@@ -386,6 +416,8 @@ class ChunkStore:
         """Flush superblocks, fsync, save the index snapshot, release the data dir."""
         if self._lock_fd < 0:
             return
+        if self.compaction is not None:
+            self.compaction.stop()
         if self.staged:
             log.warning("closing with %d uncommitted writes; dropped", len(self.staged))
             self._rollback([ch for ch in self.chunks.values() if ch.staged], [])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from speedy.chunkserver import diskio
 from speedy.chunkserver.store import snapshot
 from speedy.common.daemonize import StartError
-from speedy.format.chunkfile import (MAX_CHUNK_SIZE, SUPERBLOCK_SIZE, FormatError, Superblock, chunk_name,
+from speedy.format.chunkfile import (MAX_CHUNK_SIZE, RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, FormatError, Superblock, chunk_name,
                         parse_chunk_name)
 
 log = logging.getLogger("speedy.chunkserver.store.chunkstore")
@@ -43,6 +43,18 @@ class Chunk:
     staged: int = 0
     pending: list = field(default_factory=list)  # staged records' buffers not written yet,
     pending_at: int = 0  # from this offset up to tail
+    garbage_bytes: int = 0  # deleted records and skipped damage before current_offset
+    compacting: bool = False  # no appends while store/compact.py rewrites it
+
+    def add_garbage(self, n: int) -> None:
+        """Count n more bytes that no live record uses (a delete, skipped damage)."""
+        self.garbage_bytes += n
+
+    def add_dead_record(self, size: int) -> None:
+        """A deleted record of size data bytes is garbage; an empty one is not (it is what a
+        tombstone of store/compact.py looks like, 30 bytes no compaction frees)."""
+        if size:
+            self.garbage_bytes += RECORD_HEADER_SIZE + size
 
     def staged_superblock(self) -> Superblock:
         """The superblock that covers the staged records too."""

@@ -1,10 +1,12 @@
 """Start-up recovery of a ChunkStore: fill the fid index from the snapshot or by a scan.
 
 Rules (CHUNKFILE.md): every live record up to current_offset is indexed, a deleted one
-(ref 0) is not; the first record whose header or checksum is wrong, or that runs past
-current_offset, ends the scan of its chunk (current_offset is cut back there, the
-superblock rewritten, the log says what was cut). A damaged superblock is rebuilt by
-scanning from offset 55 while the records are valid. Of two live records with one fid
+(ref 0) is not; at a record whose header or checksum is wrong, or that runs past
+current_offset, the scan resynchronizes at the next whole valid record (scan.py): the
+damaged range is logged, counted in the chunk's garbage_bytes and left alone; only a
+torn tail (no valid record after it) is cut (current_offset goes back there, the
+superblock is rewritten, the log says what was cut). A damaged superblock is rebuilt by
+scanning from offset 55 up to the first all-zero header. Of two live records with one fid
 the later one (timestamp, then position) wins; the other stays on disk, remembered as a
 "shadow" so that deleting the fid marks both.
 
@@ -16,7 +18,9 @@ entry's record still carrying its fid (ref set to 0 again where a crash came fir
 a later scan agrees), records appended since valid up to current_offset and as many as
 files_alloc says, and files_count what the snapshot, the journal and the appended records
 make it (higher only by the records of the last journal append, a delete the crash cut
-short: fixed then). Anything else means the full scan.
+short: fixed then). Anything else (damage among the appended records too) means the
+full scan. garbage_bytes comes from the snapshot's stamps plus the journaled deletes and
+the deleted records appended since.
 """
 from __future__ import annotations
 
@@ -51,13 +55,15 @@ def scan_all(store: "ChunkStore") -> None:
 
 
 def scan_chunk(store: "ChunkStore", ch: "Chunk", found: dict[int, int]) -> None:
-    """Collect one chunk's live records in found, cut it at the first bad one, fix its
-    superblock."""
+    """Collect one chunk's live records in found, skip damage with valid records after it,
+    cut a torn tail, fix its superblock, count its garbage."""
     end = ch.sb.current_offset if ch.sb_valid else ch.capacity
     out = ScanEnd()
-    records = live = 0
+    records = live = dead = 0
     setdefault, base = found.setdefault, ch.chunk_id << 32
-    for off, fid, ref, _size, ts in scan_records(ch.fd, SUPERBLOCK_SIZE, end, out):
+    for off, fid, ref, size, ts in scan_records(
+            ch.fd, SUPERBLOCK_SIZE, end, out, zeros_end=not ch.sb_valid,
+            records=ch.sb.files_alloc if ch.sb_valid else None):
         records += 1
         if ref:
             live += 1
@@ -66,6 +72,13 @@ def scan_chunk(store: "ChunkStore", ch: "Chunk", found: dict[int, int]) -> None:
             if old != loc and settle_duplicate(store, ch, fid, off, ts,
                                                (old >> 32, old & 0xFFFFFFFF)):
                 found[fid] = loc
+        elif size:  # an empty deleted record is a tombstone (Chunk.add_dead_record)
+            dead += RECORD_HEADER_SIZE + size
+    ch.garbage_bytes = dead + out.skipped_bytes
+    for skip in out.skipped:
+        log.warning("%s: damaged bytes %d-%d skipped (%d bytes: %s); the records after them "
+                    "are kept, the range stays unused", ch.name, skip.start, skip.end,
+                    skip.end - skip.start, skip.reason)
     new = Superblock(ch.chunk_id, records, live, out.offset, ch.capacity - out.offset)
     if not ch.sb_valid:
         log.warning("%s: superblock rebuilt from the records: current_offset %d, %d records, "
@@ -180,6 +193,7 @@ def snapshot_plan(store: "ChunkStore", meta: snapshot.SnapshotMeta) -> dict[int,
             raise snapshot.SnapshotError(f"{ch.name} has a damaged superblock")
         if stamp is None:  # a chunk created since: all its records are new
             knowns[cid] = Superblock.empty(cid, ch.capacity)
+            ch.garbage_bytes = 0
             continue
         st = os.fstat(ch.fd)
         if (st.st_dev, st.st_ino, ch.capacity) != (stamp.dev, stamp.ino, stamp.capacity):
@@ -194,6 +208,7 @@ def snapshot_plan(store: "ChunkStore", meta: snapshot.SnapshotMeta) -> dict[int,
                 or ch.sb.files_alloc < known.files_alloc):
             raise snapshot.SnapshotError(f"{ch.name} has changed, not only grown")
         knowns[cid] = known
+        ch.garbage_bytes = stamp.garbage
     return knowns
 
 
@@ -250,10 +265,11 @@ def redo_deletes(store: "ChunkStore", entries: list[journal.DeleteEntry],
             raise snapshot.SnapshotError(f"the delete journal names chunk {e.chunk_id}, "
                                          "which is gone")
         hfid = ref = -1
+        size = 0
         if SUPERBLOCK_SIZE <= e.offset <= ch.sb.current_offset - RECORD_HEADER_SIZE:
             try:
-                hfid, ref = RECORD_HEADER.unpack(
-                    os.pread(ch.fd, RECORD_HEADER_SIZE, e.offset))[:2]
+                hfid, ref, size = RECORD_HEADER.unpack(
+                    os.pread(ch.fd, RECORD_HEADER_SIZE, e.offset))[:3]
             except struct.error:
                 pass
         if hfid != e.fid or ref not in (REF_DELETED, REF_LIVE):
@@ -263,6 +279,7 @@ def redo_deletes(store: "ChunkStore", entries: list[journal.DeleteEntry],
             fixes.append((ch, e.offset))
         if live and (ch.chunk_id, e.offset) not in seen:
             deleted[ch.chunk_id] = deleted.get(ch.chunk_id, 0) + 1
+            ch.add_dead_record(size)
         seen.add((ch.chunk_id, e.offset))
     for ch, off in fixes:
         datadir.pwrite_all(ch.fd, REF.pack(REF_DELETED), off + REF_OFFSET)
@@ -298,19 +315,24 @@ def forget_deleted(store: "ChunkStore", entries: list[journal.DeleteEntry],
 
 
 def index_appended(store: "ChunkStore", ch: "Chunk", known: Superblock) -> int:
-    """Index the records appended past the snapshot's current_offset; how many are live."""
+    """Index the records appended past the snapshot's current_offset; how many are live.
+    Damage among them (a skipped range) means the full scan, which decides about it."""
     out = ScanEnd()
     records = live = 0
-    for off, fid, ref, _size, ts in scan_records(ch.fd, known.current_offset,
-                                                 ch.sb.current_offset, out):
+    for off, fid, ref, size, ts in scan_records(ch.fd, known.current_offset,
+                                                ch.sb.current_offset, out):
         records += 1
         if ref:
             live += 1
             index_record(store, ch, fid, off, ts)
-    if out.reason or records != ch.sb.files_alloc - known.files_alloc:
+        else:
+            ch.add_dead_record(size)
+    trouble = out.reason or (out.skipped and f"damaged bytes at offset {out.skipped[0].start}: "
+                             f"{out.skipped[0].reason}")
+    if trouble or records != ch.sb.files_alloc - known.files_alloc:
         raise snapshot.SnapshotError(
             f"{ch.name} changed in a way it cannot follow ("
-            f"{out.reason or f'{records} new records, the superblock says {ch.sb.files_alloc - known.files_alloc}'})")
+            f"{trouble or f'{records} new records, the superblock says {ch.sb.files_alloc - known.files_alloc}'})")
     log.info("index snapshot: %s: %d records appended since, indexed", ch.name, records)
     return live
 

@@ -7,7 +7,8 @@
             n_shadows u32 | table_crc32 u32
     stamps  n_chunks x (chunk_id u64 | capacity u64 | superblock[55] |
                         st_dev u64 | st_ino u64 | st_size u64 | st_mtime_ns u64 |
-                        tail_crc32 u32 of the 4 KiB before current_offset)
+                        tail_crc32 u32 of the 4 KiB before current_offset |
+                        garbage u64: bytes of deleted records and skipped damage)
     shadows n_shadows x (fid u64 | chunk_id u32 | offset u32)   older live duplicates
     meta_crc32 u32 (of head, stamps and shadows)
     table   capacity x 16 bytes, the FidIndex slots in native byte order
@@ -30,9 +31,9 @@ from speedy.format.chunkfile import REF, REF_LIVE, REF_OFFSET, SUPERBLOCK_SIZE
 from speedy.chunkserver.shm.index import SLOT_BYTES, FidIndex
 
 MAGIC = b"SPYSNAP1"
-VERSION = 1
+VERSION = 2  # 2: the garbage count per chunk
 HEAD = struct.Struct(">8sIBHIQQQII")
-STAMP = struct.Struct(f">QQ{SUPERBLOCK_SIZE}sQQQQI")
+STAMP = struct.Struct(f">QQ{SUPERBLOCK_SIZE}sQQQQIQ")
 TAIL = 4096
 SHADOW = struct.Struct(">QII")
 CRC = struct.Struct(">I")
@@ -56,14 +57,16 @@ class ChunkStamp:
     size: int
     mtime_ns: int
     tail_crc: int
+    garbage: int = 0
 
     @classmethod
     def of(cls, chunk_id: int, capacity: int, superblock: bytes, fd: int,
-           current_offset: int) -> "ChunkStamp":
-        """The stamp of an open chunk file: its superblock bytes, fstat, tail checksum."""
+           current_offset: int, garbage: int = 0) -> "ChunkStamp":
+        """The stamp of an open chunk file: its superblock bytes, fstat, tail checksum,
+        garbage count."""
         st = os.fstat(fd)
         return cls(chunk_id, capacity, superblock, st.st_dev, st.st_ino, st.st_size,
-                   st.st_mtime_ns, tail_crc(fd, current_offset))
+                   st.st_mtime_ns, tail_crc(fd, current_offset), garbage)
 
 
 def tail_crc(fd: int, current_offset: int, live_refs: Iterable[int] = ()) -> int:
@@ -106,7 +109,7 @@ def save(path: str, group_id: int, stamps: list[ChunkStamp],
                                    len(shadows), table_crc))
         for s in stamps:
             meta += STAMP.pack(s.chunk_id, s.capacity, s.superblock, s.dev, s.ino, s.size,
-                               s.mtime_ns, s.tail_crc)
+                               s.mtime_ns, s.tail_crc, s.garbage)
         for fid, chunk_id, offset in shadows:
             meta += SHADOW.pack(fid, chunk_id, offset)
         meta += CRC.pack(zlib.crc32(meta))
