@@ -326,12 +326,11 @@ def cmd_status(ns: argparse.Namespace) -> int:
         print(f"master {ns.master}: no chunkserver registered")
         return EXIT_OK
     head = ["GROUP", "SERVER", "STATUS", "FREE", "MAXFREE", "PENDING", "WRITING",
-            "READING", "CHUNKS", "HEARTBEAT", "GARBAGE"]
+            "READING", "CHUNKS", "GARBAGE", "HEARTBEAT"]
     table = [head] + [[str(r["group"]), r["server"], r["status"], human(r["free"]),
                        human(r["max_free"]), str(r["pending"]), str(r["writing"]),
-                       str(r["reading"]), str(r["chunks"]),
-                       "-" if r["heartbeat_age"] is None else f"{r['heartbeat_age']:.0f}s ago",
-                       human(r["garbage"])]
+                       str(r["reading"]), str(r["chunks"]), human(r["garbage"]),
+                       "-" if r["heartbeat_age"] is None else f"{r['heartbeat_age']:.0f}s ago"]
                       for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:

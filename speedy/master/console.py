@@ -63,10 +63,9 @@ class Model:
                 "bars": self.bars}
 
 
-def garbage_of(cs: mdb.Chunkserver) -> int | None:
-    """The server's GarbageBytes, or None when this master does not store them."""
-    value = getattr(cs, "garbage_bytes", None)
-    return None if value is None else int(value)
+def garbage_of(cs: mdb.Chunkserver) -> int:
+    """The server's GarbageBytes as last reported (deleted and damaged bytes of its chunks)."""
+    return int(cs.garbage_bytes)
 
 
 def group_problem(servers: list[mdb.Chunkserver]) -> str | None:
@@ -94,12 +93,12 @@ def build_model(app: "MasterApp", now: float | None = None) -> Model:
     c["nerr"] = (str(sum(s.status == Status.ERR for s in servers)), "")
     c["updated"] = (time.strftime("%H:%M:%S", time.localtime(now)), "")
     max_free = max((s.total_free_space for s in servers), default=0)
-    max_garbage = max((garbage_of(s) or 0 for s in servers), default=0)
+    max_garbage = max((garbage_of(s) for s in servers), default=0)
     group_free = {g: min((s.total_free_space for s in ss if s.status != Status.ERR), default=0)
                   for g, ss in ordered}
-    group_garbage = {g: _sum_known([garbage_of(s) for s in ss]) for g, ss in ordered}
+    group_garbage = {g: sum(garbage_of(s) for s in ss) for g, ss in ordered}
     max_group_free = max(group_free.values(), default=0)
-    max_group_garbage = max((v or 0 for v in group_garbage.values()), default=0)
+    max_group_garbage = max(group_garbage.values(), default=0)
     for g, ss in ordered:
         why = group_problem(ss)
         c[f"g{g}-writes"] = ("accepts writes", "badge ok") if why is None else \
@@ -127,10 +126,6 @@ def build_model(app: "MasterApp", now: float | None = None) -> Model:
     return m
 
 
-def _sum_known(values: list[int | None]) -> int | None:
-    """The sum of the known values; None when none is known."""
-    known = [v for v in values if v is not None]
-    return sum(known) if known else None
 
 
 # -- HTML ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import json
 import urllib.parse
 import urllib.request
 
-from tests.support.browser import png
+from tests.support.browser import png, submit, wait_for
 from tests.support.cluster import cluster_fixture
 from tests.support.gateway import Gateway, gateway_fixture
 
@@ -15,9 +15,6 @@ gateway = gateway_fixture()
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
-def wait_for(driver, check, timeout: float, what: str):
-    from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(check, what)
 
 
 def put_path(gw: Gateway, path: str, data: bytes, ctype: str = "") -> dict:
@@ -70,7 +67,7 @@ def test_uploaded_image_is_listed_with_thumbnail_opens_and_serves_its_bytes(
     assert d.execute_script("return arguments[0].naturalWidth", thumb) == 120
     shot(d, "gateway-listing")
 
-    row.find_element(By.CSS_SELECTOR, "a.name").click()
+    submit(d, row.find_element(By.CSS_SELECTOR, "a.name"))
     assert d.find_element(By.ID, "name").text == "pics/photo.png"
     assert d.find_element(By.CSS_SELECTOR, "code.key").text == key
     replicas = d.find_element(By.XPATH, "//code[@class='key']/../following-sibling::td").text
@@ -113,13 +110,13 @@ def test_hostile_names_show_as_text(gateway, open_browser, shot):
     assert not d.find_elements(By.CSS_SELECTOR, 'img[src="x"]')
     assert no_alert(d)
     shot(d, "gateway-hostile")
-    d.find_element(By.LINK_TEXT, "<img src=x onerror=alert(1)>.png").click()
+    submit(d, d.find_element(By.LINK_TEXT, "<img src=x onerror=alert(1)>.png"))
     assert d.find_element(By.ID, "name").text == names[0]
     assert d.title == f"{names[0]} - speedy gateway"
     assert d.execute_script("return document.scripts.length") == 1
     assert no_alert(d)
     d.back()
-    d.find_element(By.LINK_TEXT, "<script>alert(1)</").click()     # the folder
+    submit(d, d.find_element(By.LINK_TEXT, "<script>alert(1)</"))     # the folder
     assert d.find_element(By.CSS_SELECTOR, ".crumbs").text.endswith("<script>alert(1)</")
     assert "script>" in d.find_element(By.ID, "listing").text
     assert no_alert(d)
@@ -132,14 +129,14 @@ def test_plain_forms_without_javascript(gateway, open_browser, shot, tmp_path):
     base = f"http://{gateway.addr}"
     d.get(base + "/ui/?prefix=docs/")
     d.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.txt"))
-    d.find_element(By.CSS_SELECTOR, "#upload button[type=submit]").click()
+    submit(d, d.find_element(By.CSS_SELECTOR, "#upload button[type=submit]"))
     key = d.find_element(By.ID, "key").text
     assert d.find_element(By.ID, "url").text == f"{base}/{key}"
-    d.find_element(By.LINK_TEXT, "docs/notes.txt").click()
-    d.find_element(By.CSS_SELECTOR, "#delete button").click()     # the confirmation page
+    submit(d, d.find_element(By.LINK_TEXT, "docs/notes.txt"))
+    submit(d, d.find_element(By.CSS_SELECTOR, "#delete button"))     # the confirmation page
     assert d.find_element(By.TAG_NAME, "h2").text == "Delete this file?"
     shot(d, "gateway-confirm")
-    d.find_element(By.CSS_SELECTOR, "#delete button").click()
+    submit(d, d.find_element(By.CSS_SELECTOR, "#delete button"))
     assert d.find_element(By.TAG_NAME, "h2").text == "Deleted"
     d.get(base + "/ui/?prefix=docs/")
     assert "docs/notes.txt" not in d.page_source and "notes.txt" not in \
@@ -173,7 +170,7 @@ def test_signing_key_makes_the_console_read_only(cluster, gateway, open_browser,
         assert d.find_elements(By.ID, "upload") == []
         assert d.find_elements(By.TAG_NAME, "img") == []
         assert "read-only" in d.page_source
-        d.find_element(By.LINK_TEXT, "pic.png").click()
+        submit(d, d.find_element(By.LINK_TEXT, "pic.png"))
         assert d.find_elements(By.ID, "delete") == [] and d.find_elements(By.ID, "url") == []
         for path, body in (("/ui/upload?path=ro/x", b"x"),
                            ("/ui/delete", b"path=ro/pic.png&confirm=yes")):

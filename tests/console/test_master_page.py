@@ -6,6 +6,7 @@ import json
 import pytest
 
 from speedy.client.master import explain_no_group
+from tests.support.browser import submit, wait_for
 from tests.support.cluster import cluster_fixture
 from tests.support.master import MasterProc, http
 
@@ -15,10 +16,6 @@ cluster = cluster_fixture(groups=2, per_group=2, heartbeat_timeout=HEARTBEAT_TIM
                           monitor_interval=0.5, report_interval=0.5)
 
 
-def wait_for(driver, check, timeout: float, what: str):
-    """Poll check(driver) until truthy (Selenium's WebDriverWait)."""
-    from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(check, what)
 
 
 def server_row(driver, name: str):
@@ -107,14 +104,14 @@ def test_admin_form_sets_a_status_without_token(cluster, open_browser):
     target = cluster.group(2)[1]
     row = server_row(d, target.name_addr)
     Select(row.find_element(By.NAME, "Status")).select_by_visible_text("ERR")
-    row.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    submit(d, row.find_element(By.CSS_SELECTOR, "button[type=submit]"))
     notice = d.find_element(By.CSS_SELECTOR, ".notice").text
     assert notice == f"2:{target.name_addr} set to ERR"
-    assert status_of(d, target.name_addr) == "ERR"
+    wait_for(d, lambda d: status_of(d, target.name_addr) == "ERR", 10, "ERR on the page")
     row = server_row(d, target.name_addr)
     Select(row.find_element(By.NAME, "Status")).select_by_visible_text("RW")
-    row.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    assert status_of(d, target.name_addr) == "RW"
+    submit(d, row.find_element(By.CSS_SELECTOR, "button[type=submit]"))
+    wait_for(d, lambda d: status_of(d, target.name_addr) == "RW", 10, "RW on the page")
     # A form posted from another site's page is refused.
     r = http(cluster.master.port, "POST", "/ui/setstatus",
              b"GroupId=2&Ip=127.0.0.1&Port=1&Status=3", headers={

@@ -75,3 +75,21 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     return (b"\x89PNG\r\n\x1a\n"
             + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+def wait_for(driver, check, timeout: float, what: str):
+    """Poll check(driver) until truthy; elements that a refresh replaced are looked up again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, timeout, poll_frequency=0.2, ignored_exceptions=(
+        StaleElementReferenceException, NoSuchElementException)).until(check, what)
+
+
+def submit(driver, element, timeout: float = 30.0) -> None:
+    """Click an element that loads a new page; return once the old page is gone."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+    old = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, timeout, poll_frequency=0.1).until(ec.staleness_of(old))
