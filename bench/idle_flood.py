@@ -26,32 +26,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from speedy.wire.protocol import (REQUEST_HEADER, RESPONSE_HEADER, Err, Op,  # noqa: E402
-                                  decode_detail_info, encode_file_key)
+from bench.scale import call  # noqa: E402  (one request, its error and body)
+from speedy.wire.protocol import Err, Op, decode_detail_info, encode_file_key  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def call(sock: socket.socket, op: int, body: bytes = b"") -> tuple[int, bytes]:
-    """One request, its (error, body)."""
-    sock.sendall(REQUEST_HEADER.pack(op, len(body)) + body)
-    head = recv_exact(sock, RESPONSE_HEADER.size)
-    _op, err, n = RESPONSE_HEADER.unpack(head)
-    return err, recv_exact(sock, n)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        got = sock.recv(n - len(out))
-        if not got:
-            raise EOFError("closed")
-        out += got
-    return out
 
 
 def flood(port: int, source: str, n: int, ready, done) -> None:
@@ -162,12 +144,17 @@ def run(conns: int, sources: int, checks: int, flags: list[str]) -> None:
             t_open = time.monotonic() - t0
             time.sleep(1.0)
             lat, failures = health_checks(port, checks)
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                t1 = time.perf_counter()
-                w = call(s, Op.WRITE, encode_file_key(1, 1) + b"x" * 4096)[0]
-                r = call(s, Op.READ, encode_file_key(1, 1))[0]
+            t1 = time.perf_counter()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    w = Err(call(s, Op.WRITE, encode_file_key(1, 1) + b"x" * 4096)[0]).name
+                    r = Err(call(s, Op.READ, encode_file_key(1, 1))[0]).name
+                    wr_ms = (time.perf_counter() - t1) * 1000
+                    held = decode_detail_info(call(s, Op.QUERY_DETAIL_INFOS)[1]).conn_count
+            except (OSError, EOFError) as e:
+                w = r = f"failed ({e})"
                 wr_ms = (time.perf_counter() - t1) * 1000
-                held = decode_detail_info(call(s, Op.QUERY_DETAIL_INFOS)[1]).conn_count
+                held = -1
             rss1 = [rss_kib(w) for w in workers]
             done.set()
             closed = sum(ready.get() for _ in procs)
@@ -180,7 +167,7 @@ def run(conns: int, sources: int, checks: int, flags: list[str]) -> None:
             print(f"  health check (connect + PING) x{len(lat) + failures}: p50 "
                   f"{pct(lat, 0.5):.1f} ms, p99 {pct(lat, 0.99):.1f} ms, max "
                   f"{max(lat) * 1000 if lat else float('nan'):.1f} ms, {failures} failed")
-            print(f"  WRITE + READ of 4 KiB on a new connection: {Err(w).name}, {Err(r).name}, "
+            print(f"  WRITE + READ of 4 KiB on a new connection: {w}, {r}, "
                   f"{wr_ms:.1f} ms")
             print(f"  worker RSS: {' + '.join(f'{a // 1024}' for a in rss0)} MiB before, "
                   f"{' + '.join(f'{b // 1024}' for b in rss1)} MiB with the flood")

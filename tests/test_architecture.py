@@ -41,6 +41,11 @@ def test_worker_leaves_gevent_unloaded_until_it_runs():
     assert "gevent" not in loaded_after_import("speedy.chunkserver.worker")
 
 
+def test_gateway_supervisor_leaves_gevent_unloaded():
+    """The gateway's workers patch gevent after the fork; the supervisor never loads it."""
+    assert "gevent" not in loaded_after_import("speedy.gateway.daemon")
+
+
 def chunk_fds(pid: int) -> list[tuple[str, int]]:
     """(chunk file path, open flags) of every chunk file pid holds open."""
     out = []

@@ -46,7 +46,7 @@ class LoadError(Exception):
 class Target:
     """Where the load goes: a chunkserver (raw protocol) or a master (client library)."""
 
-    kind: str  # "server" or "master"
+    kind: str  # "server", "master" or "gateway"
     host: str
     port: int
     group: int = 1
@@ -265,6 +265,16 @@ class ClientConnection:
         return None
 
 
+def connection(target: Target, payload: bytes, keys: dict) -> Any:
+    """A new connection of the target's kind: server, master or gateway."""
+    if target.kind == "server":
+        return RawConnection(target, payload)
+    if target.kind == "gateway":
+        from speedy.bench.gateway import GatewayConnection
+        return GatewayConnection(target, payload, keys)
+    return ClientConnection(target, payload, keys)
+
+
 def drive(conn: Any, op: str, items: Any, counter: Any, lat: array,
           errors: Counter, samples: list, stop: Any = None) -> None:
     """One connection's thread: take the next item until none is left (or stop is set),
@@ -306,8 +316,7 @@ def load_worker(pipe: Any, target: Target, payload_size: int, nconns: int, seed:
         if cmd[0] == "connect":
             try:
                 for _ in range(nconns):
-                    conn = (RawConnection(target, payload) if target.kind == "server"
-                            else ClientConnection(target, payload, keys))
+                    conn = connection(target, payload, keys)
                     conns.append(conn)
                     conn.connect()
                 pipe.send(("ok",))

@@ -1,7 +1,8 @@
 """``speedy bench``: PUT then GET N files with C connections, against a baseline.
 
 Targets: one chunkserver over the raw protocol (``--server HOST:PORT --group G``), a
-cluster through ``speedy.client.Client`` (``--master HOST:PORT``), or a temporary
+cluster through ``speedy.client.Client`` (``--master HOST:PORT``), an HTTP gateway
+(``--gateway HOST:PORT``, compared with ``--client-baseline MASTER``), or a temporary
 spy_server.py started for the run (``--start-server``).  The load generator is several
 processes (``--procs``), each driving its share of the C persistent connections from
 one thread per connection; every operation's latency is recorded and the parent merges
@@ -93,6 +94,9 @@ def positive_int(text: str) -> int:
 
 def preflight(target: Target) -> None:
     """Fail early and clearly when the target is unreachable or in another group."""
+    if target.kind == "gateway":
+        preflight_gateway(target)
+        return
     if target.kind != "server":
         preflight_master(target)
         return
@@ -128,6 +132,18 @@ def preflight_master(target: Target) -> None:
             client.route(force=True)
     except Exception as e:
         raise BenchError(f"cannot use master {target.address}: {e}") from None
+
+
+def preflight_gateway(target: Target) -> None:
+    """The gateway must answer HTTP (GET /metrics)."""
+    import http.client
+    try:
+        conn = http.client.HTTPConnection(target.host, target.port, timeout=10)
+        conn.request("GET", "/metrics")
+        conn.getresponse().read()
+        conn.close()
+    except (OSError, http.client.HTTPException) as e:
+        raise BenchError(f"cannot reach gateway {target.address}: {e}") from None
 
 
 def measure_disk(directory: str, nbytes: int) -> float:
@@ -307,12 +323,15 @@ def format_report(report: dict) -> str:
         out.append("server: " + " ".join(report["server_command"][1:]))
         out.append("server flags: " + report["server_flags_label"])
     sink = {p.name: p for p in report.get("sink_results", [])}
+    client = {p.name: p for p in report.get("client_results", [])}
     disk = report.get("disk_mb_per_s")
     for r in report["results"]:
         line = phase_line(r)
         notes = []
         if r.name in sink:
             notes.append(f"{ratio(r.ops_per_s, sink[r.name].ops_per_s)} sink")
+        if r.name in client:
+            notes.append(f"{ratio(r.ops_per_s, client[r.name].ops_per_s)} client library")
         if r.name == "PUT" and disk:
             notes.append(f"{ratio(r.mb_per_s, disk)} disk MB/s")
         if notes:
@@ -332,8 +351,10 @@ def format_report(report: dict) -> str:
                 line += f"  ({ratio(r.mb_per_s, disk)} disk MB/s)"
             out.append(line)
         out.append("  " + (cpu_line(small) or "").strip() + " (server: both loads)")
-    if sink or disk:
+    if sink or disk or client:
         out.append("baseline:")
+        for r in report.get("client_results", []):
+            out.append("  " + phase_line(r, "CLIENT "))
         for r in report.get("sink_results", []):
             out.append("  " + phase_line(r, "SINK "))
             out.extend("  " + x for x in (cpu_line(r),) if x)
@@ -350,6 +371,7 @@ def report_json(report: dict) -> str:
     d = dict(report)
     d["results"] = [r.to_dict() for r in report["results"]]
     d["sink_results"] = [r.to_dict() for r in report.get("sink_results", [])]
+    d["client_results"] = [r.to_dict() for r in report.get("client_results", [])]
     if "mixed_results" in report:
         d["mixed_results"] = [r.to_dict() for r in report["mixed_results"]]
     sink = {r.name: r for r in report.get("sink_results", [])}
@@ -382,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a cluster, through speedy.client (put/get)")
     where.add_argument("--start-server", action="store_true",
                        help="start a temporary spy_server.py for this run")
+    where.add_argument("--gateway", type=parse_address, metavar="HOST:PORT",
+                       help="an HTTP gateway: POST /blobs and GET /<key> (keep-alive)")
+    p.add_argument("--client-baseline", type=parse_address, metavar="MASTER",
+                   help="with --gateway: also run the load through speedy.client against "
+                        "this master, the gateway's, and compare")
     p.add_argument("--group", type=group_id, default=1, help="group id of --server (default 1)")
     p.add_argument("--min-replicas", type=positive_int, default=None,
                    help="with --master: RW replicas a group needs to take writes "
@@ -446,11 +473,14 @@ def run(args: argparse.Namespace) -> dict:
             report["server_flags_label"] = flags_label(server.flags)
         elif args.server:
             target = Target("server", args.server[0], args.server[1], args.group, args.timeout)
+        elif args.gateway:
+            target = Target("gateway", args.gateway[0], args.gateway[1], timeout=args.timeout)
         else:
             target = Target("master", args.master[0], args.master[1], timeout=args.timeout,
                             min_replicas=args.min_replicas)
         report["target"] = target.address
-        report["mode"] = "raw protocol" if target.kind == "server" else "speedy.client"
+        report["mode"] = {"server": "raw protocol", "gateway": "HTTP gateway"}.get(
+            target.kind, "speedy.client")
         preflight(target)
         probe = (lambda: processes_cpu(pgid=server.proc.pid)) if server else None
         report["results"] = run_load(target, args.n, args.c, args.size, procs, fid_start,
@@ -466,6 +496,11 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if server is not None:
             server.stop()
+    if args.gateway and args.client_baseline:
+        ct = Target("master", args.client_baseline[0], args.client_baseline[1],
+                    timeout=args.timeout, min_replicas=args.min_replicas)
+        preflight(ct)
+        report["client_results"] = run_load(ct, args.n, args.c, args.size, procs, fid_start)
     if args.baseline:
         from speedy.bench.sink import start_sink
         with start_sink(args.size, args.sink_procs) as sink:
@@ -487,7 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    if args.master and args.fid_start is not None:
+    if args.client_baseline and not args.gateway:
+        print("speedy bench: --client-baseline applies to --gateway only", file=sys.stderr)
+        return EXIT_USAGE
+    if (args.master or args.gateway) and args.fid_start is not None:
         print("speedy bench: --fid-start applies to --server only", file=sys.stderr)
         return EXIT_USAGE
     try:

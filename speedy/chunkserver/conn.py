@@ -125,10 +125,6 @@ class Conn:
             if late > 0 and self.got < late * self.rate:
                 raise TooSlow(f"{self.got} bytes in {late + self.grace:.1f}s")
 
-    def buffered(self) -> int:
-        """Bytes received and not consumed yet."""
-        return self.w - self.r
-
     def release(self) -> None:
         """Drop the buffer (nothing is buffered: the connection is between requests)."""
         if self.r == self.w and self.buf is not None:

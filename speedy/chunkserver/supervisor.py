@@ -442,10 +442,11 @@ class Supervisor:
             self.ctrl = None
 
     def unlink_index(self) -> None:
-        """Unlink a dead writer's fid index segments (workers keep their mappings)."""
+        """Unlink the segments a dead writer made (its fid index; workers keep their
+        mappings): every segment of this server but the pool and the stats."""
+        keep = {self.pool.name, self.stats.name}  # type: ignore[union-attr]
         for name in segments_with_prefix(self.prefix):
-            rest = name[len(self.prefix) + 1:]
-            if rest == "ic" or (rest[:1] == "t" and rest[1:].isdigit()):
+            if name not in keep:
                 unlink_segment(name)
 
     def maintain_workers(self) -> None:

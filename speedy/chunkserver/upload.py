@@ -33,6 +33,7 @@ class Upload:
     blocks: list[int] = field(default_factory=list)
     csum: int = 0
     got: int = 0  # body bytes received so far
+    handed: bool = False  # its blocks went to the writer
 
 
 class UploadMemory:
@@ -72,20 +73,20 @@ class UploadMemory:
         return got[0]
 
     def handed_over(self, up: Upload) -> None:
-        """The writer got up's blocks (it frees them); they still count for the source."""
+        """The writer got up's blocks (it frees them, or the link's end returns them);
+        they count for the source until done()."""
         self.filling.difference_update(up.blocks)
+        up.handed = True
 
-    def answered(self, up: Upload) -> None:
-        """The writer answered up: its blocks no longer count for the source."""
-        self.forget(up.peer, len(up.blocks))
-        up.blocks = []
-
-    def free(self, up: Upload) -> None:
-        """Return the blocks of an upload that never reached the writer."""
+    def done(self, up: Upload) -> None:
+        """up is over (answered, refused, or its connection gone): blocks it still holds
+        go back to the pool, unless the writer has them; none count for the source now."""
         if up.blocks:
-            self.filling.difference_update(up.blocks)
-            self.pool.free(up.blocks)
-            self.answered(up)
+            if not up.handed:
+                self.filling.difference_update(up.blocks)
+                self.pool.free(up.blocks)
+            self.forget(up.peer, len(up.blocks))
+            up.blocks = []
 
     def forget(self, peer: str, n: int) -> None:
         """n blocks of peer are no longer held."""

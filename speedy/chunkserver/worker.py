@@ -2,11 +2,12 @@
 
 gevent is imported and monkey-patched only in run_worker(), after the fork. The worker
 gets its link to the writer and the fid index's name over its control socket from the
-supervisor, at start and again whenever a new writer replaced a dead one (link.py). Each
-connection is one greenlet (bounded by a gevent Pool): requests are read and answered in
-order, so pipelined requests are answered in order. Upload bodies go straight from the
-socket into shared pool blocks (recv_into), checksummed on the way, and the writer gets
-the block numbers. Reads use the shared fid index and the worker's own read-only
+supervisor, at start and again whenever a new writer replaced a dead one (link.py). A
+connection is served by one greenlet at a time: requests are read and answered in order,
+so pipelined requests are answered in order; an idle connection is parked without one
+and counted against the connection limits (conns.py). Upload bodies go into shared pool blocks
+claimed as they arrive (upload.py), checksummed on the way, and the writer gets the
+block numbers. Reads use the shared fid index and the worker's own read-only
 descriptors. Admin opcodes (SET_STATUS, KILL_PD_WR, DUMP_CHUNK) are answered only to
 peers in --admin_allow; others get INTERNAL_ERROR.
 """
@@ -48,6 +49,7 @@ DEFAULT_MAX_CONNS = 10000  # per worker, when --max_conns is 0
 DEFAULT_PER_SOURCE = 1000  # per worker and source address, when --max_conns_per_ip is 0
 DEFAULT_IDLE_TIMEOUT = 300.0
 REFUSE_SLACK = 256  # descriptors kept free beyond --max_conns (refused connections, files)
+RETIRE_AFTER = 60.0  # seconds a replaced reader (old writer's index, its fds) stays open
 BOOT_ERROR = 4  # exit code of a worker that could not start (the supervisor gives up)
 KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 60),
              (getattr(socket, "TCP_KEEPINTVL", None), 10),
@@ -174,14 +176,9 @@ class Worker:
             raise LinkError(f"cannot attach the fid index {msg[1:].decode(errors='replace')}: "
                             f"{e}") from None
         link = self.gevent.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fds[0])
-        if self.reader is None:
-            self.reader = ChunkReader(self.cfg.data_dir, self.group_id, index)
-        else:
-            old, self.reader.index = self.reader.index, index
-            try:
-                old.close()
-            except BufferError:  # a view still in use: the mapping goes with the process
-                pass
+        old, self.reader = self.reader, ChunkReader(self.cfg.data_dir, self.group_id, index)
+        if old is not None:  # READs under way finish with the old descriptors and index
+            self.gevent.spawn_later(RETIRE_AFTER, retire_reader, old)
             log.info("worker %d: attached to the new writer", self.slot)
         self.writer.install(link)
         return True
@@ -390,12 +387,10 @@ class Worker:
             if result is None:
                 return Err.IO_JOB_UNAVAILABLE  # no writer: nothing was sent, nothing stored
             uploads.handed_over(up)
-            err = result.get()
-            uploads.answered(up)
-            return err
+            return result.get()
         finally:
             ws.add("writing", -1)
-            uploads.free(up)
+            uploads.done(up)
 
     def handle_read(self, conn: Conn, blen: int, peer: str) -> int:
         """READ: look the fid up, read and verify, send."""
@@ -582,6 +577,15 @@ class Worker:
             if n == 0:  # the file shrank under us: the stream is broken
                 raise Closed("chunk file shorter than announced")
             offset += n
+
+
+def retire_reader(reader: ChunkReader) -> None:
+    """Close a reader a new writer's replaced: its descriptors, then its index."""
+    reader.close()
+    try:
+        reader.index.close()
+    except BufferError:  # a view still in use: the mapping goes with the process
+        pass
 
 
 def keep_open(server_class):

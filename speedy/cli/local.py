@@ -24,6 +24,7 @@ from speedy.format.chunkfile import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 MASTER_MODULE = ["-m", "speedy.master"]       # spy_master, from any directory
 SERVER_MODULE = ["-m", "speedy.chunkserver"]  # spy_server
+GATEWAY_MODULE = ["-m", "speedy", "gateway"]  # the HTTP gateway
 STATE_FILE = "local.json"
 DEFAULT_DIR = "./speedy-local"
 DEFAULT_BASE_PORT = 8099
@@ -213,6 +214,14 @@ def server_cmd(port: int, group: int, data_dir: str, log: str, master_port: int,
             f"--error_log={log}"]
 
 
+def gateway_cmd(port: int, master_port: int, metadb: str, log: str, workers: int = 1,
+                python: str = sys.executable, min_replicas: int = 2) -> list[str]:
+    """The `speedy gateway` command line (one worker: a local cluster is for trying)."""
+    return [python, *GATEWAY_MODULE, f"--ip={HOST}", f"--port={port}",
+            f"--master={HOST}:{master_port}", f"--metadb=sqlite:///{metadb}",
+            f"--workers={workers}", f"--error_log={log}", f"--min_replicas={min_replicas}"]
+
+
 def route_statuses(master: Master) -> dict[tuple[str, int], int]:
     """(ip, port) -> master status of every server in the route ({} if unreachable)."""
     try:
@@ -252,17 +261,19 @@ class State:
     dir: str
     master: Daemon
     servers: list[Daemon] = field(default_factory=list)
+    gateway: Daemon | None = None
 
     def daemons(self) -> list[Daemon]:
-        """Master first."""
-        return [self.master] + self.servers
+        """Master first, the gateway last."""
+        return [self.master] + self.servers + ([self.gateway] if self.gateway else [])
 
     def save(self) -> None:
         """Write local.json atomically."""
         path = os.path.join(self.dir, STATE_FILE)
         with open(path + ".tmp", "w") as f:
             json.dump({"dir": self.dir, "master": asdict(self.master),
-                       "servers": [asdict(s) for s in self.servers]}, f, indent=1)
+                       "servers": [asdict(s) for s in self.servers],
+                       "gateway": asdict(self.gateway) if self.gateway else None}, f, indent=1)
         os.replace(path + ".tmp", path)
 
     @classmethod
@@ -271,7 +282,9 @@ class State:
         try:
             with open(os.path.join(root, STATE_FILE)) as f:
                 obj = json.load(f)
-            return cls(root, Daemon(**obj["master"]), [Daemon(**s) for s in obj["servers"]])
+            gw = obj.get("gateway")
+            return cls(root, Daemon(**obj["master"]), [Daemon(**s) for s in obj["servers"]],
+                       Daemon(**gw) if gw else None)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -288,14 +301,17 @@ def fresh_state(root: str, base_port: int, n_servers: int) -> State:
     """Ports: the master on base_port, the servers on the ports after it."""
     if not 1 <= base_port <= 65535 - n_servers:
         raise LocalError(f"--base-port {base_port} leaves no room for {n_servers} servers")
+    gw_port = base_port - 11 if base_port > 11 else base_port + n_servers + 1  # 8088
     return State(root, Daemon("master", base_port),
-                 [Daemon(f"cs{i + 1}", base_port + 1 + i, group=1) for i in range(n_servers)])
+                 [Daemon(f"cs{i + 1}", base_port + 1 + i, group=1) for i in range(n_servers)],
+                 Daemon("gateway", gw_port))
 
 
 def describe(state: State) -> str:
     """"master on port P, servers on ports A, B"."""
     return (f"master on port {state.master.port}, servers on ports "
-            f"{', '.join(str(s.port) for s in state.servers)}")
+            f"{', '.join(str(s.port) for s in state.servers)}" +
+            (f", gateway on port {state.gateway.port}" if state.gateway else ""))
 
 
 def chosen_state(ns: argparse.Namespace, root: str) -> State:
@@ -372,6 +388,9 @@ def start(ns: argparse.Namespace, state: State, todo: list[Daemon],
         os.makedirs(os.path.join(root, d.name), exist_ok=True)
         if d is m:
             cmd = master_cmd(m.port, os.path.join(root, "master", "master.db"), d.log(root))
+        elif d is state.gateway:
+            cmd = gateway_cmd(d.port, m.port, os.path.join(root, d.name, "gateway.db"),
+                              d.log(root), min_replicas=min(2, len(state.servers)))
         else:
             data = os.path.join(root, d.name, "data")
             os.makedirs(data, exist_ok=True)
@@ -382,9 +401,10 @@ def start(ns: argparse.Namespace, state: State, todo: list[Daemon],
         procs[d.name] = spawn(cmd, os.path.join(root, d.name, "stdout.log"), cwd=root)
         d.pid = procs[d.name].pid
         state.save()
+        if d is m or d is state.gateway:
+            wait_until(lambda: listening(d.port), ns.wait, f"the {d.name} on port {d.port}",
+                       died(procs[d.name], d, root))
         if d is m:
-            wait_until(lambda: listening(m.port), ns.wait, f"the master on port {m.port}",
-                       died(procs["master"], d, root))
             dropped = drop_stale(master, state)
             if dropped:
                 print(f"dropped the registrations of servers this cluster no longer runs: "
@@ -423,7 +443,11 @@ def print_usage(state: State, already: bool) -> None:
           f"group 1 = {servers}\ndata and logs in {state.dir}\n\n"
           f"  key=$(python -m speedy{flag} put FILE)\n"
           f"  python -m speedy{flag} get \"$key\" -o COPY\n"
-          f"  python -m speedy{flag} status\n"
+          f"  python -m speedy{flag} status\n" +
+          (f"  curl -F file=@FILE http://{HOST}:{state.gateway.port}/blobs    "
+           f"(the HTTP gateway)\n"
+           f"  web console: http://{m}/ (cluster), "
+           f"http://{HOST}:{state.gateway.port}/ui/ (files)\n" if state.gateway else "") +
           f"  python -m speedy local down" +
           ("" if state.dir == os.path.abspath(DEFAULT_DIR) else f" --dir {state.dir}"))
 
@@ -436,7 +460,7 @@ def down(ns: argparse.Namespace) -> int:
         print(f"no local cluster in {root}: nothing to stop")
         return EXIT_OK
     stopped = 0
-    for d in state.servers + [state.master]:
+    for d in ([state.gateway] if state.gateway else []) + state.servers + [state.master]:
         if d.pid > 0:
             stopped += stop_group(d.pid, root, timeout=ns.wait)
             d.pid = 0
@@ -463,7 +487,7 @@ def status(ns: argparse.Namespace) -> int:
     for d in state.daemons():
         ok = running(d, root)
         up_count += ok
-        extra = "" if d is state.master else \
+        extra = "" if d is state.master or d is state.gateway else \
             f"  master says {names.get(st.get((HOST, d.port)), 'nothing')}"
         print(f"{d.name:7} {HOST}:{d.port:<5} pid {d.pid:<7} "
               f"{'running' if ok else 'stopped'}{extra}")

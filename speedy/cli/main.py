@@ -1,4 +1,4 @@
-"""The `speedy` command: put/get/rm/stat/status/admin/bench/local on top of speedy.client.
+"""The `speedy` command: put/get/rm/stat/status/admin/bench/local/gateway/url over the client.
 
 Exit codes: 0 success, 1 not found (a key or a local file), 2 usage error, 3 cluster
 error. Errors are one line on stderr, never a traceback.
@@ -17,7 +17,7 @@ import configargparse
 
 from speedy import __version__
 from speedy.client.chunkconn import format_addr, parse_addr
-from speedy.common.config import ConfigFileParser, HelpFormatter, spellings
+from speedy.common.config import ConfigFileParser, HelpFormatter, int_range, spellings
 from speedy.common.config import positive_float as positive
 from speedy.client.client import (DEFAULT_MASTER, DEFAULT_PART_SIZE, Client, NotFoundError, ServerInfo,
                      SpeedyError, master_address)
@@ -326,12 +326,11 @@ def cmd_status(ns: argparse.Namespace) -> int:
         print(f"master {ns.master}: no chunkserver registered")
         return EXIT_OK
     head = ["GROUP", "SERVER", "STATUS", "FREE", "MAXFREE", "PENDING", "WRITING",
-            "READING", "CHUNKS", "HEARTBEAT", "GARBAGE"]
+            "READING", "CHUNKS", "GARBAGE", "HEARTBEAT"]
     table = [head] + [[str(r["group"]), r["server"], r["status"], human(r["free"]),
                        human(r["max_free"]), str(r["pending"]), str(r["writing"]),
-                       str(r["reading"]), str(r["chunks"]),
-                       "-" if r["heartbeat_age"] is None else f"{r['heartbeat_age']:.0f}s ago",
-                       human(r["garbage"])]
+                       str(r["reading"]), str(r["chunks"]), human(r["garbage"]),
+                       "-" if r["heartbeat_age"] is None else f"{r['heartbeat_age']:.0f}s ago"]
                       for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
@@ -381,6 +380,25 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("bench: speedy.bench.runner is not installed") from None
     return int(bench.main(list(ns.args)) or 0)
+
+
+def cmd_gateway(ns: argparse.Namespace) -> int:
+    """gateway ...: the HTTP gateway daemon (speedy.gateway.daemon.main(argv))."""
+    from speedy.gateway.daemon import main as gateway_main
+    return gateway_main(list(ns.args))
+
+
+def cmd_url(ns: argparse.Namespace) -> int:
+    """url KEY: a signed gateway URL for KEY (or /blobs), valid --expires seconds."""
+    from speedy.gateway import signing
+    if not ns.signing_key:
+        raise UsageError("url: --signing_key (or SPEEDY_GATEWAY_SIGNING_KEY) is required")
+    path = "/" + ns.key.lstrip("/")
+    if path != "/blobs":
+        parse_key(ns.key)
+    query = signing.signed_query(ns.signing_key, ns.method, path, ns.expires)
+    print(f"{ns.gateway.rstrip('/')}{path}?{query}")
+    return EXIT_OK
 
 
 def cmd_completion(ns: argparse.Namespace) -> int:
@@ -467,6 +485,18 @@ def build_parser() -> Parser:
 
     sp = cmd("bench", cmd_bench, "benchmark (speedy bench --help for its options)")
     sp.add_argument("args", nargs=argparse.REMAINDER)
+    sp = cmd("gateway", cmd_gateway, "the HTTP gateway daemon (speedy gateway --help)")
+    sp.add_argument("args", nargs=argparse.REMAINDER)
+    sp = cmd("url", cmd_url, "print a signed gateway URL for a key")
+    sp.add_argument("key", metavar="KEY", help="a key, or /blobs for an upload URL")
+    sp.add_argument("--expires", type=int_range(1, 10 ** 9), default=3600,
+                    help="seconds the URL stays valid (default %(default)s)")
+    sp.add_argument("--method", type=str.upper, choices=["GET", "DELETE", "POST"],
+                    default="GET", help="the request the URL allows (default GET)")
+    sp.add_argument("--gateway", default="http://127.0.0.1:8088",
+                    env_var="SPEEDY_GATEWAY_URL", help="the gateway's base URL")
+    sp.add_argument("--signing_key", "--signing-key", default="",
+                    env_var="SPEEDY_GATEWAY_SIGNING_KEY", help="the gateway's --signing_key")
     from speedy.cli import local
     sp = cmd("local", cmd_local, "a local cluster: up, down or status")
     local.add_arguments(sp)
@@ -486,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return run(lambda: cmd_bench(argparse.Namespace(args=argv[1:])))
+    if argv[:1] == ["gateway"]:
+        return run(lambda: cmd_gateway(argparse.Namespace(args=argv[1:])))
     try:
         ns = build_parser().parse_args(argv)
     except UsageError as e:

@@ -439,6 +439,14 @@ class Client:
         except ClusterError as e:
             raise IntegrityError(f"{key}: part {i}: {e}") from None
 
+    def manifest(self, key: str | Key) -> Manifest:
+        """The manifest (total size, parts) of a multi-part key; for reading it in parts."""
+        return self._read_manifest(as_key(key))
+
+    def read_part(self, key: str | Key, i: int, part: Part) -> bytes:
+        """Part i of a multi-part key's manifest, verified against its size and sha256."""
+        return self._read_part(as_key(key), i, part)
+
     def get(self, key: str | Key) -> bytes:
         """The bytes stored under key."""
         k = as_key(key)

@@ -18,14 +18,14 @@ from typing import Callable, Iterable
 from speedy.client.chunkconn import format_addr, parse_addr
 from speedy.format.chunkfile import RECORD_HEADER_SIZE
 from speedy.wire import master as wm
-from speedy.wire.master import FieldError, GlobalStatus, Status
+from speedy.wire import placement
+from speedy.wire.master import FieldError, Status
 
 DEFAULT_MASTER_PORT = wm.DEFAULT_PORT
 DEFAULT_MASTER = f"127.0.0.1:{DEFAULT_MASTER_PORT}"
 INIT, RW, RO, ERR = Status.INIT, Status.RW, Status.RO, Status.ERR
 STATUS_NAMES = {s: s.name for s in Status}
 STATUS_CODES = {s.name.lower(): s for s in Status}
-LOAD_SLACK = 4
 FID_LOW_WATER = 32
 
 
@@ -134,52 +134,17 @@ class Route:
         return cls(groups, time.monotonic())
 
 
-def group_load(servers: list[ServerInfo]) -> int:
-    """Pending plus in-flight writes reported by a group's servers."""
-    return sum(s.pending_writes + s.writing_count for s in servers)
-
-
-def group_problem(servers: list[ServerInfo], size: int, min_replicas: int) -> str | None:
-    """Why a group cannot take a write of size bytes now, or None when it can."""
-    if not servers:
-        return "no servers"
-    bad = [s for s in servers if s.status in (INIT, RO)]
-    if bad:
-        return ", ".join(f"{s.name} is {s.status_name}" for s in bad)
-    if any(s.global_status == GlobalStatus.TRANSFERRING for s in servers):
-        return "transferring"
-    rw = [s for s in servers if s.status == RW]
-    if len(rw) < min_replicas:
-        return f"only {len(rw)} RW server(s), need {min_replicas}"
-    if min(s.max_free_space for s in rw) <= size + RECORD_HEADER_SIZE:
-        return f"no room for {size} bytes"
-    return None
-
-
-def choose_group(groups: dict[int, list[ServerInfo]], size: int, min_replicas: int = 2,
-                 exclude: Iterable[int] = (), rng: random.Random | None = None) -> int | None:
-    """The group for a write of size bytes (MASTER-API.md policy), or None.
-
-    A candidate has no INIT or RO server, is not transferring, has at least min_replicas
-    RW servers, and each RW server's MaxFreeSpace exceeds the record. Among candidates,
-    the least loaded (pending + writing) win, within LOAD_SLACK; ties are broken at random.
-    """
-    skip = set(exclude)
-    loads = {g: group_load(s) for g, s in groups.items()
-             if g not in skip and group_problem(s, size, min_replicas) is None}
-    if not loads:
-        return None
-    best = min(loads.values())
-    return (rng or random).choice(sorted(g for g, l in loads.items() if l <= best + LOAD_SLACK))
+def choose_group(groups: dict[int, list[ServerInfo]], size: int,
+                 min_replicas: int = placement.MIN_REPLICAS, exclude: Iterable[int] = (),
+                 rng: random.Random | None = None) -> int | None:
+    """speedy.wire.placement.choose_group for this chunk format's records."""
+    return placement.choose_group(groups, size, min_replicas, exclude, rng,
+                                  overhead=RECORD_HEADER_SIZE)
 
 
 def explain_no_group(groups: dict[int, list[ServerInfo]], size: int, min_replicas: int) -> str:
-    """One line saying why no group can take a write."""
-    if not groups:
-        return "the master's route is empty (no chunkserver registered?)"
-    why = "; ".join(f"group {g}: {group_problem(s, size, min_replicas) or 'failed'}"
-                    for g, s in sorted(groups.items()))
-    return f"no writable group for {size} bytes ({why})"
+    """speedy.wire.placement.explain_no_group for this chunk format's records."""
+    return placement.explain_no_group(groups, size, min_replicas, overhead=RECORD_HEADER_SIZE)
 
 
 def read_order(servers: list[ServerInfo]) -> list[ServerInfo]:

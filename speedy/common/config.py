@@ -16,6 +16,7 @@ from speedy.format.chunkfile import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUN
 
 SERVER_ENV_PREFIX = "SPEEDY_SERVER_"
 MASTER_ENV_PREFIX = "SPEEDY_MASTER_"
+GATEWAY_ENV_PREFIX = "SPEEDY_GATEWAY_"
 MAX_MEM_BLOCKS = 5120
 MAX_CHUNKS = 200
 
@@ -273,6 +274,60 @@ def master_parser() -> configargparse.ArgParser:
     return p
 
 
+def gateway_parser() -> configargparse.ArgParser:
+    """The HTTP gateway's option parser."""
+    p = DaemonParser(
+        prog="speedy gateway", env_prefix=GATEWAY_ENV_PREFIX,
+        description="speedy HTTP gateway: blobs over HTTP and the original front end's API.")
+    p.add_argument("--ip", default="127.0.0.1", help="listen address")
+    p.add_argument("--port", type=port_or_zero, default=8088, help="listen port")
+    p.add_argument("--master", default="127.0.0.1:8099", help="chunkmaster HOST:PORT")
+    p.add_argument("--token", default="", help="shared token sent to the master")
+    p.add_argument("--metadb", default="sqlite:///./speedy_gateway.db",
+                   help="metadata database URL: sqlite:///path or postgresql://...")
+    p.add_argument("--workers", type=int_range(1, 256), default=os.cpu_count() or 1,
+                   help="gevent worker processes")
+    p.add_argument("--signing_key", default="",
+                   help="secret for signed URLs; when set, blob routes need ?expires=&sig=")
+    p.add_argument("--max_body", type=int_range(0), default=5 << 30,
+                   help="largest upload in bytes (413 above)")
+    p.add_argument("--timeout", type=positive_float, default=10.0,
+                   help="seconds for each chunkserver call")
+    p.add_argument("--metrics_port", type=port_or_zero, default=0,
+                   help="Prometheus metrics port (0: off; GET /metrics is always served)")
+    gateway_s3_options(p)
+    _common(p, "pid file of the gateway's supervisor (written at start, removed at exit)")
+    return p
+
+
+def gateway_s3_options(p: configargparse.ArgParser) -> None:
+    """The gateway's S3 API and maintenance options."""
+    p.add_argument("--s3_access_key", default="",
+                   help="S3 access key id (with --s3_secret_key; the S3 API is off without keys)")
+    p.add_argument("--s3_secret_key", default="", help="S3 secret access key")
+    p.add_argument("--s3_keys", default="",
+                   help="more S3 key pairs, comma-separated ACCESS_KEY:SECRET (config file)")
+    p.add_argument("--s3_region", default="us-east-1", help="the region S3 clients sign for")
+    p.add_argument("--s3_upload_ttl", type=positive_float, default=7 * 24 * 3600.0,
+                   help="seconds after which an unfinished multipart upload is aborted")
+    p.add_argument("--min_replicas", type=int_range(1, 64), default=2,
+                   help="RW servers a group needs to take writes (1 for a one-server store)")
+    p.add_argument("--maintenance_interval", type=positive_float, default=30.0,
+                   help="seconds between retries of blob frees and clean-ups of abandoned "
+                        "uploads (worker 0)")
+
+
+def s3_key_pairs(ns: argparse.Namespace) -> dict[str, str]:
+    """{access key: secret} from --s3_access_key/--s3_secret_key and --s3_keys."""
+    pairs: dict[str, str] = {}
+    if ns.s3_access_key or ns.s3_secret_key:
+        pairs[ns.s3_access_key] = ns.s3_secret_key
+    for item in filter(None, (x.strip() for x in ns.s3_keys.split(","))):
+        key, sep, secret = item.partition(":")
+        pairs[key.strip()] = secret.strip() if sep else ""
+    return pairs
+
+
 def master_limits(p: configargparse.ArgParser) -> None:
     """The master's database initialization and connection limits."""
     p.add_argument("--init_db", action="store_true",
@@ -369,4 +424,22 @@ def load_master_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parent = os.path.dirname(ns.db) or "."
     if not os.path.isdir(parent):
         p.error(f"argument --db: directory {parent} does not exist")
+    return ns
+
+
+def load_gateway_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The gateway's configuration, checked; exits 2 with a message when invalid."""
+    p = gateway_parser()
+    ns = parse(p, argv, ("error_log", "pidfile"))
+    if ns.metadb.startswith("sqlite:///"):
+        path = os.path.abspath(ns.metadb[len("sqlite:///"):])
+        if not os.path.isdir(os.path.dirname(path)):
+            p.error(f"argument --metadb: directory {os.path.dirname(path)} does not exist")
+        ns.metadb = "sqlite:///" + path
+    elif not ns.metadb.startswith(("postgresql://", "postgres://")):
+        p.error("argument --metadb: expected sqlite:///path or postgresql://...")
+    for key, secret in s3_key_pairs(ns).items():
+        if not key or not secret or not key.isprintable() or " " in key:
+            p.error("argument --s3_access_key/--s3_secret_key/--s3_keys: every S3 key pair "
+                    "needs an access key (no spaces) and a secret")
     return ns

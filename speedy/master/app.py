@@ -98,6 +98,8 @@ class MasterApp:
         self.metrics = MasterMetrics(self.snapshot, self.counts)
         self.deleter = Deleter(db, self.counts)
         self._monitor: gevent.Greenlet | None = None
+        from speedy.master.console import Console  # the web console (GET /, /ui/...)
+        self.console = Console(self)
         # path -> method -> (handler, needs token); groupinfo is matched by pattern.
         self.routes: dict[str, dict[str, tuple[Handler, bool]]] = {
             wm.INITSERVER: {"POST": (self.initserver, True)},
@@ -147,6 +149,8 @@ class MasterApp:
     def _dispatch(self, method: str, path: str, environ: dict) -> \
             tuple[str, Handler, re.Match | None]:
         """(route name, handler, groupinfo match) or HTTPError 404/405/403."""
+        if self.console.wants(path):
+            return "console", self.console.handle, None
         match = wm.GROUPINFO_PATTERN.match(path)
         name = wm.GROUPINFO if match else path
         methods = self.routes.get(name)

@@ -1,6 +1,7 @@
 """`speedy local up|status|down`: a real local cluster, and no process left behind."""
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 
@@ -13,7 +14,7 @@ def free_range(n: int) -> int:
     """A base port with base..base+n-1 free now."""
     for _ in range(50):
         base = free_port()
-        if base + n < 65536 and all(local.port_free(base + i) for i in range(n)):
+        if base + n < 65536 and all(local.port_free(base + i) for i in range(-11, n)):
             return base
     raise RuntimeError("no free port range")
 
@@ -38,13 +39,17 @@ def test_local_up_status_down_leaves_no_process(tmp_path):
         r = run_cli("local", "up", *opts, timeout=60)  # idempotent
         assert r.returncode == 0 and b"already" in r.stdout, r.stderr
         r = run_cli("local", "status", "--dir", root)
-        assert r.returncode == 0 and r.stdout.count(b"running") == 4
+        assert r.returncode == 0 and r.stdout.count(b"running") == 5  # with the gateway
         assert r.stdout.count(b"master says RW") == 3
         master = ["--master", f"127.0.0.1:{base}"]
         r = run_cli(*master, "put", "-", input=b"hello local")
         assert r.returncode == 0, r.stderr
         key = r.stdout.decode().strip()
         assert run_cli(*master, "get", key).stdout == b"hello local"
+        gw = http.client.HTTPConnection("127.0.0.1", base - 11, timeout=30)
+        gw.request("GET", "/" + key)
+        assert gw.getresponse().read() == b"hello local"
+        gw.close()
         # a server that died is started again by the next `up`
         state = local.State.load(root)
         assert state is not None
@@ -109,6 +114,12 @@ def test_one_server_cluster_and_another_base_port(tmp_path):
         r = run_cli(*master, "--min-replicas", "1", "put", "-", input=b"one replica")
         assert r.returncode == 0, r.stderr
         key = r.stdout.decode().strip()
+        gw = http.client.HTTPConnection("127.0.0.1", first - 11, timeout=30)  # its gateway
+        gw.request("POST", "/blobs", body=b"through the gateway")
+        answer = gw.getresponse()
+        assert answer.status == 201, answer.read()
+        gw.close()
+        assert f"http://127.0.0.1:{first - 11}/ui/" in out
 
         r = run_cli("local", "up", *opts, "--base-port", str(second), timeout=60)
         assert r.returncode == 3

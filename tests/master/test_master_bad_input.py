@@ -85,7 +85,7 @@ CASES = [
     ("GET", "/v1/chunkserver/-1/groupinfo", None, 400, "not an integer"),
     ("GET", "/v1/chunkserver//groupinfo", None, 400, "not an integer"),
     ("GET", "/v1/chunkserver/99999999999999999999/groupinfo", None, 400, "1..65535"),
-    ("GET", "/", None, 404, "no such route"),
+    ("GET", "/nothing", None, 404, "no such route"),  # GET / is the web console
     ("GET", "/v1/chunkmaster/nothing", None, 404, "no such route"),
     ("GET", "/v1/chunkserver/1/groupinfo/x", None, 404, "no such route"),
     ("POST", "/v1/chunkmaster/route", b"{}", 405, "not allowed"),

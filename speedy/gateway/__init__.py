@@ -1,0 +1,1 @@
+"""The HTTP gateway: blobs for browsers, CDNs and curl, and the original front end's API."""

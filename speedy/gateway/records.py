@@ -1,0 +1,92 @@
+"""Blob records: the Content-Type, size, ETag and upload time of keys uploaded over HTTP.
+
+The stored bytes of a key stay exactly what was uploaded (`speedy get KEY` returns them);
+what HTTP needs besides lives in one table of the gateway's --metadb database, next to
+the path metadata:
+
+    CREATE TABLE gateway_blob (
+        key          TEXT PRIMARY KEY,   -- "3,10452" or "3,10460m"
+        content_type TEXT NOT NULL,      -- as uploaded, or sniffed at upload
+        size         BIGINT NOT NULL,    -- bytes
+        etag         TEXT NOT NULL,      -- first 32 hex digits of the body's sha256
+        mtime        BIGINT NOT NULL     -- upload time, unix seconds (Last-Modified)
+    );
+
+The table is schema version 3 of the gateway database (speedy.gateway.meta: SQLite or
+PostgreSQL, one connection per worker). Records are immutable (a key's bytes never
+change), so each worker keeps an LRU cache of them.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from speedy.gateway.meta.store import MetaError, MetaStore
+
+__all__ = ["BlobRecord", "RecordStore", "RecordError"]
+
+CACHE_SIZE = 10000
+UPSERT = ("INSERT INTO gateway_blob (key, content_type, size, etag, mtime) "
+          "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+          "content_type = excluded.content_type, size = excluded.size, "
+          "etag = excluded.etag, mtime = excluded.mtime")
+SELECT = "SELECT key, content_type, size, etag, mtime FROM gateway_blob WHERE key = ?"
+DELETE = "DELETE FROM gateway_blob WHERE key = ?"
+
+RecordError = MetaError   # one error class for the one metadata database
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    """What HTTP needs to know about one uploaded key."""
+
+    key: str
+    content_type: str
+    size: int
+    etag: str
+    mtime: int
+
+
+class RecordStore:
+    """get/put/delete of BlobRecords in the metadata database, with an LRU cache."""
+
+    def __init__(self, meta: MetaStore):
+        self.meta = meta
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, BlobRecord] = OrderedDict()
+
+    def get(self, key: str) -> BlobRecord | None:
+        """The record of key, or None when it was not uploaded through a gateway."""
+        with self._lock:
+            rec = self._cache.get(key)
+            if rec is not None:
+                self._cache.move_to_end(key)
+                return rec
+        with self.meta.txn() as c:
+            row = c.one(SELECT, (key,))
+        if row is None:
+            return None
+        rec = BlobRecord(row[0], row[1], int(row[2]), row[3], int(row[4]))
+        self._remember(rec)
+        return rec
+
+    def put(self, rec: BlobRecord) -> None:
+        """Store rec (replacing an older record of the same key)."""
+        with self.meta.txn(write=True) as c:
+            c.run(UPSERT, (rec.key, rec.content_type, rec.size, rec.etag, rec.mtime))
+        self._remember(rec)
+
+    def delete(self, key: str) -> None:
+        """Forget key's record."""
+        with self._lock:
+            self._cache.pop(key, None)
+        with self.meta.txn(write=True) as c:
+            c.run(DELETE, (key,))
+
+    def _remember(self, rec: BlobRecord) -> None:
+        with self._lock:
+            self._cache[rec.key] = rec
+            self._cache.move_to_end(rec.key)
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
