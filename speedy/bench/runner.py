@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -28,12 +27,11 @@ from dataclasses import dataclass, field
 
 from speedy.bench.load import (GET_FRAME, MIXED_MAX, MiB, LoadError, PhaseResult, Target, processes_cpu,
                                run_load, run_mixed)
+from speedy.common.config import byte_size
 from speedy.wire.protocol import FILE_KEY, RESPONSE_HEADER, Err, Op
 
 SERVER_MODULE = ["-m", "speedy.chunkserver"]  # spy_server, from any directory
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_FAILED = 0, 3, 2, 3
-SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
-UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 class BenchError(Exception):
@@ -42,10 +40,7 @@ class BenchError(Exception):
 
 def parse_size(text: str) -> int:
     """'4k', '64KiB', '1m', '1MB', '4096' -> bytes (k/m/g are powers of 1024)."""
-    m = SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 4k, 64k, 1m)")
-    value = int(m.group(1)) * UNITS[m.group(2).lower()]
+    value = byte_size(text)
     if value > 0xFFFFFFFF - FILE_KEY.size:
         raise argparse.ArgumentTypeError(f"{text!r} is too large for one file")
     return value

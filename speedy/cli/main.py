@@ -17,7 +17,8 @@ import configargparse
 
 from speedy import __version__
 from speedy.client.chunkconn import format_addr, parse_addr
-from speedy.common.config import ConfigFileParser, HelpFormatter, int_range, spellings
+from speedy.common.config import (ConfigFileParser, HelpFormatter, byte_size, int_range,
+                                  spellings)
 from speedy.common.config import positive_float as positive
 from speedy.client.client import (DEFAULT_MASTER, DEFAULT_PART_SIZE, Client, NotFoundError, ServerInfo,
                      SpeedyError, master_address)
@@ -26,7 +27,6 @@ from speedy.wire.manifest import KeyFormatError, parse_key
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_CLUSTER = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_PIPE = 130, 141
 PROGRESS_MIN = 4 << 20
-SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def config_files() -> list[str]:
@@ -88,14 +88,6 @@ def group_id(text: str) -> int:
     return int(text)
 
 
-def size_arg(text: str) -> int:
-    """An argparse type: a byte count such as 4194304, 256K, 4M."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = t[-1:] if t[-1:] in ("k", "m", "g") else ""
-    num = t[:-1] if unit else t
-    if not num.isdigit() or int(num) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4M, 256K)")
-    return int(num) * SIZE_UNITS[unit]
 
 
 def count(text: str) -> int:
@@ -431,7 +423,7 @@ def build_parser() -> Parser:
                    help="token for the master's write routes (X-Speedy-Token)")
     p.add_argument("--timeout", type=positive, default=10.0, env_var="SPEEDY_TIMEOUT",
                    help="seconds per socket operation (default %(default)s)")
-    p.add_argument("--part-size", type=size_arg, default=DEFAULT_PART_SIZE,
+    p.add_argument("--part-size", type=byte_size, default=DEFAULT_PART_SIZE,
                    env_var="SPEEDY_PART_SIZE",
                    help="files larger than this are stored in parts (default 4M)")
     p.add_argument("--parallel", type=count, default=4, env_var="SPEEDY_PARALLEL",

@@ -158,6 +158,18 @@ def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a byte count such as 4096, 256K, 64KiB, 4M, 1MB (powers of 1024)."""
+    m = SIZE_RE.match(text)
+    if not m or int(m.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 256K, 4M)")
+    return int(m.group(1)) * SIZE_UNITS[m.group(2).lower()]
+
+
 def fraction(text: str) -> float:
     """An argparse type: a number in 0..1."""
     try:
@@ -310,6 +322,8 @@ def gateway_s3_options(p: configargparse.ArgParser) -> None:
     p.add_argument("--s3_region", default="us-east-1", help="the region S3 clients sign for")
     p.add_argument("--s3_upload_ttl", type=positive_float, default=7 * 24 * 3600.0,
                    help="seconds after which an unfinished multipart upload is aborted")
+    p.add_argument("--part_size", type=byte_size, default=4 << 20,
+                   help="uploads larger than this are stored in parts of this size (4M)")
     p.add_argument("--min_replicas", type=int_range(1, 64), default=2,
                    help="RW servers a group needs to take writes (1 for a one-server store)")
     p.add_argument("--maintenance_interval", type=positive_float, default=30.0,

@@ -20,7 +20,6 @@ BOOT_ERROR = 4          # exit code: the worker could not start (the supervisor 
 STOP_TIMEOUT = 20.0     # seconds in-flight requests get on SIGTERM
 CONNECTION_TIMEOUT = 60.0
 MAX_CONNECTIONS = 10000
-PART_SIZE = 4 << 20
 UPLOAD_PARALLEL = 2     # parts in flight per upload: bounds an upload's memory
 IDLE_CHUNK_CONNECTIONS = 64  # per chunkserver, per worker
 
@@ -46,7 +45,7 @@ def maintain(app, interval: float) -> None:
         gevent.sleep(interval)
         try:
             if app.meta is not None:
-                sweep_garbage(app)
+                sweep_garbage(app, older_than=interval)
             if app.s3 is not None:
                 sweep_uploads(app, app.s3)
         except Exception as e:  # noqa: BLE001 (maintenance never stops the worker)
@@ -79,7 +78,7 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
         return BOOT_ERROR
     records = RecordStore(meta)
     client = Client(cfg.master, token=cfg.token or None, timeout=cfg.timeout,
-                    connect_timeout=min(3.0, cfg.timeout), part_size=PART_SIZE,
+                    connect_timeout=min(3.0, cfg.timeout), part_size=cfg.part_size,
                     parallel=UPLOAD_PARALLEL, min_replicas=cfg.min_replicas)
     # many HTTP connections at once: keep enough idle chunkserver connections to reuse
     client.pool.max_idle = max(client.pool.max_idle, IDLE_CHUNK_CONNECTIONS)

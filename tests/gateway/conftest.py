@@ -2,12 +2,7 @@
 from __future__ import annotations
 
 import http.client
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
-from typing import Iterator
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
@@ -31,33 +26,6 @@ def meta_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/gateway.db"
     return request.getfixturevalue("postgres").new_database()
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, *args) -> None:  # no access log on stderr
-        pass
-
-
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-@contextmanager
-def serve_wsgi(app) -> Iterator[tuple[str, int]]:
-    """Serve a WSGI app on 127.0.0.1:<free port> in background threads; yields the address.
-
-    Stand-in for the gateway daemon until branch gateway lands (then tests start it)."""
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingWSGIServer,
-                         handler_class=_QuietHandler)
-    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True)
-    t.start()
-    try:
-        yield server.server_address[:2]
-    finally:
-        server.shutdown()
-        server.server_close()
-        t.join(5)
 
 
 @dataclass

@@ -124,7 +124,7 @@ def test_lsb_script_start_status_reload_stop(tmp_path):
                                  "metadb", "signing_key", "max_body", "metrics_port",
                                  "daemonize", "pidfile", "error_log", "log_level",
                                  "s3_access_key", "s3_secret_key", "s3_keys", "s3_region",
-                                 "s3_upload_ttl", "maintenance_interval", "min_replicas"])
+                                 "s3_upload_ttl", "maintenance_interval", "min_replicas", "part_size"])
 def test_example_names_every_option(key):
     assert re.search(rf"^#?{key} =", open(EXAMPLE).read(), re.M), key
 

@@ -1,7 +1,7 @@
 """The path routes (IMAGESERVER-API.md) over real HTTP, a real cluster and real databases.
 
-Every test runs twice: metadata in SQLite and in PostgreSQL. The gateway is the WSGI app
-served in-process (tests.gateway.conftest.serve_wsgi) with a real Client.
+Every test runs twice: metadata in SQLite and in PostgreSQL. The gateway is the real
+daemon (`speedy gateway`, tests.support.gateway) with a small --part_size.
 """
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import socket
 
 import pytest
 
-from speedy.client import Client
-from speedy.gateway.app import GatewayApp
 from speedy.gateway.meta import open_meta
 from speedy.wire.protocol import Err
-from tests.gateway.conftest import http_call, serve_wsgi
+from tests.gateway.conftest import http_call
 from tests.support.cluster import blob, cluster_fixture
+from tests.support.gateway import Gateway
 
 PART = 64 << 10      # the gateway's client part size: larger fragments are multi-part blobs
 cluster = cluster_fixture(groups=1, per_group=2)
@@ -24,7 +23,7 @@ cluster = cluster_fixture(groups=1, per_group=2)
 MODTIME = r'"ModTime":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"'
 
 
-class Gateway:
+class PathAPI:
     """A gateway's address, its metadata database (own connection), path API helpers."""
 
     def __init__(self, addr, meta):
@@ -50,15 +49,12 @@ class Gateway:
 
 
 @pytest.fixture
-def gw(cluster, meta_url):
-    """The gateway app served in-process (to become the daemon with a PART part size)."""
-    meta, ours = open_meta(meta_url), open_meta(meta_url)
-    client = Client(cluster.master_addr, part_size=PART)
-    with serve_wsgi(GatewayApp(client, meta)) as addr:
-        yield Gateway(addr, ours)
-    client.close()
-    meta.close()
-    ours.close()
+def gw(cluster, meta_url, tmp_path):
+    """A gateway daemon on meta_url with a PART part size, and our own metadata connection."""
+    with Gateway(cluster, tmp_path, metadb=meta_url, extra=[f"--part_size={PART}"]) as daemon:
+        ours = open_meta(meta_url)
+        yield PathAPI(("127.0.0.1", daemon.port), ours)
+        ours.close()
 
 
 def stored_on(cluster, key_blob) -> list[bool]:

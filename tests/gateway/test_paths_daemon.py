@@ -1,20 +1,16 @@
-"""The path routes served by gevent in a separate process (monkey-patched, as the daemon's
-workers): chunked uploads, streamed multi-part reads, concurrent clients, both databases."""
+"""The path routes served by the gateway daemon's gevent workers: chunked uploads, streamed
+multi-part reads, concurrent clients, both databases."""
 from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.gateway.conftest import http_call
-from tests.support import ROOT, free_port, wait_port
 from tests.support.cluster import blob, cluster_fixture
+from tests.support.gateway import Gateway
 
 PART = 64 << 10
 cluster = cluster_fixture(groups=1, per_group=2)
@@ -22,20 +18,9 @@ cluster = cluster_fixture(groups=1, per_group=2)
 
 @pytest.fixture
 def addr(cluster, meta_url, tmp_path):
-    port = free_port()
-    log = open(tmp_path / "gateway.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.gateway.gevent_gateway",
-                             cluster.master_addr, meta_url, str(port), str(PART)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        wait_port(port, 30.0)
-        yield "127.0.0.1", port
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        log.close()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "gateway.log").read_text()[-2000:]
+    with Gateway(cluster, tmp_path, workers=2, metadb=meta_url,
+                 extra=[f"--part_size={PART}"]) as daemon:
+        yield "127.0.0.1", daemon.port
 
 
 def test_chunked_upload_and_streamed_read(addr):
