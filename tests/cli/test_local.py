@@ -19,6 +19,14 @@ def free_range(n: int) -> int:
     raise RuntimeError("no free port range")
 
 
+def other_range(first: int) -> int:
+    """A free base port whose ports (gateway at base-11 included) miss first's."""
+    while True:
+        base = free_range(2)
+        if abs(base - first) > 13:
+            return base
+
+
 def processes_under(path: str) -> list[int]:
     """Live processes whose command line mentions path."""
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and
@@ -98,9 +106,7 @@ def test_one_server_cluster_and_another_base_port(tmp_path):
     ports drops the old registrations (which would turn RO and block every put)."""
     root = str(tmp_path / "one")
     first = free_range(2)
-    second = free_range(2)
-    while abs(second - first) < 2:
-        second = free_range(2)
+    second = other_range(first)
     opts = ["--dir", root, "--servers", "1", "--chunks", "1", "--chunk-size", str(4 << 20),
             "--mem-blocks", "8"]
     try:
@@ -128,6 +134,7 @@ def test_one_server_cluster_and_another_base_port(tmp_path):
                f"{first + 1}" in err, err
 
         assert run_cli("local", "down", "--dir", root, timeout=120).returncode == 0
+        second = other_range(first)   # picked again: the machine's other tests take ports
         r = run_cli("local", "up", *opts, "--base-port", str(second), timeout=120)
         assert r.returncode == 0, r.stderr
         assert f"127.0.0.1:{first + 1}".encode() in r.stderr  # dropped, and said so
