@@ -13,24 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from speedy.cli import local  # noqa: E402
-from speedy.client import Master  # noqa: E402
+from benchcluster import bench_cluster  # noqa: E402
 
 RUNS = [("4k", 5000, 16), ("1m", 500, 8)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -42,39 +32,15 @@ def main() -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the sink and disk runs")
     args = p.parse_args()
     runs = [(args.size, args.n or 5000, args.c or 16)] if args.size else RUNS
-    root = tempfile.mkdtemp(prefix="speedy-gwbench-")
-    procs: list = []
-    try:
-        mport, gport = free_port(), free_port()
-        os.makedirs(f"{root}/master")
-        procs.append(local.spawn(local.master_cmd(mport, f"{root}/master/m.db",
-                                                  f"{root}/master/m.log"), f"{root}/out.log"))
-        local.wait_until(lambda: local.listening(mport), 30, "the master")
-        master = Master(f"127.0.0.1:{mport}")
-        addrs = []
-        for i in range(2):
-            sport = free_port()
-            os.makedirs(f"{root}/cs{i}/data")
-            master.init_server(1, "127.0.0.1", sport)
-            procs.append(local.spawn(local.server_cmd(
-                sport, 1, f"{root}/cs{i}/data", f"{root}/cs{i}/s.log", mport, chunks=8,
-                chunk_size=256 << 20, mem_blocks=64), f"{root}/out.log"))
-            addrs.append(("127.0.0.1", sport))
-        local.wait_until(lambda: local.all_rw(master, addrs), 60, "the chunkservers")
-        procs.append(local.spawn(local.gateway_cmd(gport, mport, f"{root}/g.db", f"{root}/g.log",
-                                                   workers=args.workers), f"{root}/out.log"))
-        local.wait_until(lambda: local.listening(gport), 30, "the gateway")
-        for size, n, c in runs:
-            cmd = [sys.executable, "-m", "speedy", "bench", "--gateway", f"127.0.0.1:{gport}",
-                   "--client-baseline", f"127.0.0.1:{mport}", "--size", size, "-n", str(n),
-                   "-c", str(c), "--disk-dir", root, "--disk-size", "64m"]
+    with bench_cluster("speedy-gwbench-", args.workers) as c:
+        for size, n, conns in runs:
+            cmd = [sys.executable, "-m", "speedy", "bench", "--gateway",
+                   f"127.0.0.1:{c.gateway_port}", "--client-baseline",
+                   f"127.0.0.1:{c.master_port}", "--size", size, "-n", str(n), "-c", str(conns),
+                   "--disk-dir", c.root, "--disk-size", "64m"]
             cmd += ["--no-baseline"] if args.no_baseline else []
             print("$ speedy " + " ".join(cmd[3:]), flush=True)
             subprocess.run(cmd, check=False)
-    finally:
-        for proc in reversed(procs):
-            local.stop_group(proc.pid, root, timeout=20, proc=proc)
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

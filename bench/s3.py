@@ -17,11 +17,7 @@ import argparse
 import http.client
 import json
 import os
-import shutil
-import socket
-import statistics
 import sys
-import tempfile
 import threading
 import time
 import timeit
@@ -32,19 +28,14 @@ from botocore.auth import S3SigV4Auth  # noqa: E402
 from botocore.awsrequest import AWSRequest  # noqa: E402
 from botocore.credentials import Credentials  # noqa: E402
 
+from benchcluster import bench_cluster  # noqa: E402
 from speedy.bench.runner import parse_size  # noqa: E402
-from speedy.cli import local  # noqa: E402
-from speedy.client import Master  # noqa: E402
 from speedy.gateway.s3 import sigv4  # noqa: E402
 
 AKID, SECRET = "AKIABENCH00000000001", "bench-secret-0000000000000000000000000001"
 RUNS = [("4k", 4000, 16), ("1m", 300, 8)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def signed_headers(method: str, url: str, body: bytes) -> dict[str, str]:
@@ -152,29 +143,9 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="gateway workers (default 2)")
     args = p.parse_args()
     runs = [(args.size, args.n or 4000, args.c or 16)] if args.size else RUNS
-    root = tempfile.mkdtemp(prefix="speedy-s3bench-")
-    procs: list = []
-    try:
-        mport, gport = free_port(), free_port()
-        os.makedirs(f"{root}/master")
-        procs.append(local.spawn(local.master_cmd(mport, f"{root}/master/m.db",
-                                                  f"{root}/master/m.log"), f"{root}/out.log"))
-        local.wait_until(lambda: local.listening(mport), 30, "the master")
-        master = Master(f"127.0.0.1:{mport}")
-        addrs = []
-        for i in range(2):
-            sport = free_port()
-            os.makedirs(f"{root}/cs{i}/data")
-            master.init_server(1, "127.0.0.1", sport)
-            procs.append(local.spawn(local.server_cmd(
-                sport, 1, f"{root}/cs{i}/data", f"{root}/cs{i}/s.log", mport, chunks=8,
-                chunk_size=256 << 20, mem_blocks=64), f"{root}/out.log"))
-            addrs.append(("127.0.0.1", sport))
-        local.wait_until(lambda: local.all_rw(master, addrs), 60, "the chunkservers")
-        cmd = local.gateway_cmd(gport, mport, f"{root}/g.db", f"{root}/g.log", workers=args.workers)
-        cmd += [f"--s3_access_key={AKID}", f"--s3_secret_key={SECRET}"]
-        procs.append(local.spawn(cmd, f"{root}/out.log"))
-        local.wait_until(lambda: local.listening(gport), 30, "the gateway")
+    with bench_cluster("speedy-s3bench-", args.workers,
+                       [f"--s3_access_key={AKID}", f"--s3_secret_key={SECRET}"]) as cl:
+        gport = cl.gateway_port
         c = http.client.HTTPConnection("127.0.0.1", gport, timeout=30)
         c.request("PUT", "/bench", headers=signed_headers("PUT", f"http://127.0.0.1:{gport}/bench", b""))
         assert c.getresponse().status == 200
@@ -182,10 +153,6 @@ def main() -> int:
         verify_cost()
         for size, n, conns in runs:
             run(gport, parse_size(size), n, conns)
-    finally:
-        for proc in reversed(procs):
-            local.stop_group(proc.pid, root, timeout=20, proc=proc)
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
