@@ -10,10 +10,10 @@ stages the record straight from the blocks and, once per round, starts one commi
 touched chunk (records, superblock, one fsync with --sync=1, index inserts); when a
 chunk's commit is done it frees the blocks and answers its writes. Commits of large
 records run in I/O threads (:mod:`speedy.chunkserver.commits`), one chunk each, in
-parallel; those of small records only in
-the loop (see ChunkStore._pick for which chunk). The DELETEs of a round that no WRITE
-separates are one group too (after every commit under way; one delete-journal append,
-one fsync per touched file). Nothing is acknowledged before the fsync covering it.
+parallel; those of small records only in the loop (see ChunkStore._pick for which
+chunk). The DELETEs of a round that no WRITE separates are one group too (after every
+commit under way; one delete-journal append, one fsync per touched file). Nothing is
+acknowledged before the fsync covering it.
 """
 from __future__ import annotations
 
