@@ -145,7 +145,7 @@ class Supervisor:
         disable_resource_tracker()
         remove_stale_segments()
         try:
-            self.pool = BlockPool.create(f"{self.prefix}_pool", cfg.mem_blocks)
+            self.pool = BlockPool.create(f"{self.prefix}_pool", cfg.mem_blocks, cfg.workers)
             self.stats = StatsView.create(f"{self.prefix}_stats", cfg.workers)
         except OSError as e:
             raise StartError(f"cannot create shared memory of {cfg.mem_blocks} MiB in "

@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from speedy.chunkserver.conn import RECV_BUF, Conn
-from speedy.chunkserver.shm.pool import BLOCK_SIZE, BlockPool
+from speedy.chunkserver.shm.pool import BLOCK_SIZE, BlockPool, HomeSlice
 
 CLAIM_AT = RECV_BUF
 
@@ -39,9 +39,10 @@ class Upload:
 class UploadMemory:
     """The blocks this worker's uploads hold: claimed, being filled, and per source."""
 
-    def __init__(self, pool: BlockPool, owner: int, per_source: int) -> None:
+    def __init__(self, pool: BlockPool, owner: int, per_source: int, slot: int = -1) -> None:
         self.pool = pool
         self.owner = owner
+        self.home = HomeSlice(pool, slot, owner)  # slot -1: no home slice
         self.per_source = per_source
         self.filling: set[int] = set()  # claimed, not handed to the writer yet
         self.by_source: dict[str, int] = {}  # blocks held per source address
@@ -65,12 +66,12 @@ class UploadMemory:
         held = self.by_source.get(peer, 0)
         if held >= self.per_source:
             raise PoolFull(f"{peer} holds {held} blocks")
-        got = self.pool.allocate(1, self.owner)
-        if not got:
+        got = self.home.allocate_one()
+        if got is None:
             raise PoolFull("the pool is empty")
-        self.filling.add(got[0])
+        self.filling.add(got)
         self.by_source[peer] = held + 1
-        return got[0]
+        return got
 
     def handed_over(self, up: Upload) -> None:
         """The writer got up's blocks (it frees them, or the link's end returns them);

@@ -79,7 +79,7 @@ class Worker:
         self.stats = stats
         self.ws: WorkerStats = stats.worker(slot)
         self.uploads = UploadMemory(pool, owner, getattr(cfg, "mem_blocks_per_ip", 0)
-                                    or per_source_default(pool.nblocks))
+                                    or per_source_default(pool.nblocks), slot)
         self.group_id = cfg.group_id
         self.max_body = max_data_size(cfg.chunk_size)
         self.stall = stall_timeout()

@@ -9,15 +9,14 @@ WRITER_OWNER; a message of a worker that died meanwhile finds them gone and is d
 stages the record straight from the blocks and, once per round, starts one commit per
 touched chunk (records, superblock, one fsync with --sync=1, index inserts); when a
 chunk's commit is done it frees the blocks and answers its writes. Commits of large
-records run in I/O threads, one chunk each, in parallel; those of small records only in
-the loop (see ChunkStore._pick for which chunk). The DELETEs of a round that no WRITE
-separates are one group too (after every commit under way; one delete-journal append,
-one fsync per touched file). Nothing is acknowledged before the fsync covering it.
+records run in I/O threads (:mod:`speedy.chunkserver.commits`), one chunk each, in
+parallel; those of small records only in the loop (see ChunkStore._pick for which
+chunk). The DELETEs of a round that no WRITE separates are one group too (after every
+commit under way; one delete-journal append, one fsync per touched file). Nothing is
+acknowledged before the fsync covering it.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import logging
 import os
 import selectors
@@ -28,6 +27,7 @@ import time
 from argparse import Namespace
 from dataclasses import dataclass
 
+from speedy.chunkserver.commits import Commits
 from speedy.chunkserver.compactor import Compactor
 from speedy.chunkserver.messages import (FID_MSG, FRAME, HEAD, KIND_COMPACT, KIND_DELETE,
                                          KIND_KILL, KIND_WRITE, MAX_MSG, OWNER,
@@ -38,8 +38,7 @@ from speedy.common.logs import reopen_logs
 from speedy.chunkserver.shm.pool import BlockPool, unlink_prefix
 from speedy.wire.protocol import Err
 from speedy.chunkserver.shm.counters import StatsView
-from speedy.chunkserver.store.chunkstore import (ChunkCommit, ChunkStore, FileExists, NoRoom,
-                                                WriteFailed)
+from speedy.chunkserver.store.chunkstore import ChunkStore, FileExists, NoRoom, WriteFailed
 from speedy.common.daemonize import StartError
 
 log = logging.getLogger("speedy.chunkserver.writer")
@@ -49,7 +48,6 @@ PENDING_WAIT = 5.0
 SEND_TIMEOUT = 5.0
 STOP_GRACE = 30.0
 MAX_ROUND = 4096  # messages taken from one link per loop round
-IO_THREADS = 8  # at most this many chunks written at once (pwritev/fsync release the GIL)
 
 
 @dataclass
@@ -97,11 +95,8 @@ class Writer:
         self.compactor: Compactor | None = None
         self.max_size = 0
         self._signals: list[int] = []
-        self.io: concurrent.futures.ThreadPoolExecutor | None = None
+        self.commits: Commits | None = None
         self.waiting: dict[int, list[Job]] = {}  # chunk id -> its staged writes
-        self.inflight: dict[int, tuple[concurrent.futures.Future | None, list[Job]]] = {}
-        self.written: collections.deque[ChunkCommit] = collections.deque()  # by the threads
-        self._io_w = -1
 
     # ------------------------------------------------------------------ start
     def run(self) -> int:
@@ -123,9 +118,7 @@ class Writer:
             return self._start_failed(f"writer start-up failed ({self.cfg.data_dir}): {e}")
         self.store = store
         store.flush_bytes = 0  # the records are written by the commits, off this thread
-        self.io = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, min(IO_THREADS, len(store.chunk_ids()))),
-            thread_name_prefix="speedy-io")
+        self.commits = Commits(store)
         self.compactor = Compactor(store, self.stats, getattr(self.cfg, "compact_threshold", 0.0),
                                    getattr(self.cfg, "compact_rate", 64 << 20), self.reply,
                                    getattr(self.cfg, "compact_keep_deleted", 7 * 86400))
@@ -136,8 +129,7 @@ class Writer:
         self.ctrl.sendall(b"R" + self.index.name.encode())
         self.sel.register(self.ctrl, selectors.EVENT_READ, "ctrl")
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
-        io_r, self._io_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.sel.register(io_r, selectors.EVENT_READ, "io")
+        self.sel.register(self.commits.wake_r, selectors.EVENT_READ, "io")
         self.ctrl.setblocking(False)
         try:
             self.loop(wake_r)
@@ -453,42 +445,20 @@ class Writer:
         self.reply(job.link, job.req_id, err)
 
     def submit(self) -> None:
-        """Start a commit for every chunk with staged writes and none under way. A commit
-        holding a large record is written by an I/O thread (records, superblock, fsync),
-        so large records go to disk in parallel, one chunk each, and the loop goes on; a
-        commit of small records only is written here at once, as before (a hand-off to a
-        thread would cost more than its pwritev, and its fsync is the group commit)."""
-        store = self.store
-        for ch in store.staged_chunks():  # type: ignore[union-attr]
-            c = store.begin_commit(ch)  # type: ignore[union-attr]
-            jobs = self.waiting.pop(ch.chunk_id, [])
-            if not c.large:
-                self.inflight[ch.chunk_id] = (None, jobs)
-                self.written.append(store.write_commit(c))  # type: ignore[union-attr]
-                continue
-            future = self.io.submit(store.write_commit, c)  # type: ignore[union-attr]
-            self.inflight[ch.chunk_id] = (future, jobs)
-            future.add_done_callback(self._written)
-
-    def _written(self, future: concurrent.futures.Future) -> None:
-        """(An I/O thread) a commit is written: queue it, wake the loop."""
-        self.written.append(future.result())
-        try:
-            os.write(self._io_w, b"w")
-        except BlockingIOError:  # the loop has wake-ups to read already
-            pass
+        """Start a commit for every chunk with staged writes and none under way."""
+        self.commits.start(self.waiting)  # type: ignore[union-attr]
 
     def finish_commits(self) -> None:
         """Make the written commits visible, answer their writes, start the next ones."""
-        if not self.written:
+        commits = self.commits
+        if not commits.written:  # type: ignore[union-attr]
             return
         store, st = self.store, self.stats
         answers: list[tuple[Link, int, int]] = []
         freed: list[int] = []
-        while self.written:
-            c = self.written.popleft()
+        while (done := commits.take()) is not None:  # type: ignore[union-attr]
+            c, jobs = done
             cid = c.chunk.chunk_id
-            _future, jobs = self.inflight.pop(cid)
             try:
                 store.end_commit(c)  # type: ignore[union-attr]
                 err = Err.SUCCESS
@@ -506,10 +476,10 @@ class Writer:
                 st.add("committed_writes", len(jobs))
                 if len(jobs) > st.get("max_batch"):
                     st.set("max_batch", len(jobs))
-            if not self.written:
+            if not commits.written:  # type: ignore[union-attr]
                 self.submit()  # the chunks freed now; small commits come back at once
         self.pool.free(freed)
-        if not self.inflight:
+        if not commits.inflight:  # type: ignore[union-attr]
             store.maybe_save_snapshot()  # type: ignore[union-attr]
         self.publish()
         self.reply_many(answers)
@@ -517,10 +487,8 @@ class Writer:
     def drain(self) -> None:
         """Commit everything staged and wait for every commit under way to finish."""
         self.submit()
-        while self.inflight:
-            concurrent.futures.wait([f for f, _ in self.inflight.values() if f is not None])
-            while len(self.written) < len(self.inflight):  # the callbacks run just after
-                time.sleep(0.0001)
+        while self.commits.inflight:  # type: ignore[union-attr]
+            self.commits.wait_written()  # type: ignore[union-attr]
             self.finish_commits()
 
     def handle_deletes(self, calls: list[tuple[Link, int, int]]) -> None:
@@ -576,9 +544,9 @@ class Writer:
     # ------------------------------------------------------------------ stop
     def shutdown(self) -> None:
         """Answer what is queued, finish the commits under way, flush and close the store."""
-        if self.io is not None:
+        if self.commits is not None:
             self.drain()
-            self.io.shutdown(wait=True)
+            self.commits.shutdown()
         for job in self.pending:
             self.finish(job, Err.CHUNK_UNAVAILABLE)
         self.pending.clear()

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from speedy.chunkserver.shm.pool import (BLOCK_SIZE, WRITER_OWNER, BlockPool, blocks_for, remove_stale_segments,
+from speedy.chunkserver.shm.pool import (BLOCK_SIZE, WRITER_OWNER, BlockPool, HomeSlice, blocks_for,
+                                         remove_stale_segments,
                          segments_with_prefix, unlink_prefix)
 from speedy.wire.protocol import Err, Op
 from speedy.chunkserver.shm.counters import StatsView
@@ -54,6 +55,60 @@ def test_claim_moves_ownership_only_from_the_owner(prefix):
         pool.free(other)
         pool.free(blocks)
         assert pool.in_use() == 0
+    finally:
+        pool.close()
+
+
+def test_home_slices_first_then_the_common_part(prefix):
+    pool = BlockPool.create(f"{prefix}_pool", 64, slots=2)  # homes of 4 blocks, 56 common
+    try:
+        assert (pool.home_size, pool.home(0), pool.home(1)) == (4, range(0, 4), range(4, 8))
+        assert pool.home(2) == range(0)
+        mine = HomeSlice(pool, 1, owner=5)
+        got = [mine.allocate_one() for _ in range(6)]
+        assert got[:4] == [4, 5, 6, 7] and all(b >= 8 for b in got[4:])  # then common
+        other = BlockPool.attach(pool.name)
+        assert (other.common_from, other.home(1)) == (8, range(4, 8))
+        other.close()
+        common = pool.allocate(56 - 2, 9)  # the common part never hands out home blocks
+        assert common is not None and min(common) >= 8
+        assert mine.allocate_one() is None and pool.allocate(1, 9) is None
+        assert HomeSlice(pool, 0, owner=6).allocate_one() == 0  # slot 0's home is free
+        pool.free([5])
+        assert mine.allocate_one() == 5 and pool.in_use() == 61
+        assert pool.free_owner(5) == 6 and mine.allocate_one() == 6  # a dead worker's
+    finally:
+        pool.close()
+
+
+def test_home_slices_never_hand_one_block_to_two_processes(prefix):
+    """Two processes allocate from their homes (no lock) and the common part (locked) and
+    free at once; each stamps its blocks and checks them: no block is shared."""
+    pool = BlockPool.create(f"{prefix}_pool", 32, slots=2)  # homes of 2, 28 common
+    pids = []
+    for slot in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                home, held = HomeSlice(pool, slot, owner=slot + 1), []
+                for i in range(3000):
+                    b = home.allocate_one()
+                    if b is not None:
+                        pool.view(b)[:8] = bytes([slot + 1]) * 8
+                        held.append(b)
+                    if len(held) > 12 or (b is None and held):
+                        for h in held:
+                            assert bytes(pool.view(h)[:8]) == bytes([slot + 1]) * 8
+                            assert pool._owners[h] == slot + 1
+                        pool.free(held[:7])
+                        held = held[7:]
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    try:
+        assert all(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in pids)
     finally:
         pool.close()
 
