@@ -251,7 +251,8 @@ def describe(e: BaseException) -> str:
 
 
 class ConnPool:
-    """Idle connections kept per chunkserver address; thread-safe."""
+    """Idle connections kept per chunkserver address; thread-safe (list pop and append
+    are atomic, so taking and giving back a connection takes no lock)."""
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -265,26 +266,31 @@ class ConnPool:
 
     def _take(self, addr: tuple[str, int], check: bool = True) -> ChunkConn | None:
         """An idle connection to addr (a healthy one when check), or None."""
-        while True:
-            with self._lock:
-                conns = self._idle.get(addr)
-                conn = conns.pop() if conns else None
-            if conn is None:
+        conns = self._idle.get(addr)
+        while conns:
+            try:
+                conn = conns.pop()   # atomic: no lock on the hot path
+            except IndexError:
                 return None
             if conn.healthy(check):
                 return conn
             conn.close()
+        return None
 
     def _give(self, conn: ChunkConn) -> None:
         """Return a clean connection to the pool (or close it when the pool is full)."""
         conn.used = True
         conn.idle_since = time.monotonic()
-        with self._lock:
-            conns = self._idle.setdefault(conn.addr, [])
-            if not self._closed and len(conns) < self.max_idle:
-                conns.append(conn)
-                return
-        conn.close()
+        conns = self._idle.get(conn.addr)
+        if conns is None:
+            with self._lock:
+                conns = self._idle.setdefault(conn.addr, [])
+        if self._closed or len(conns) >= self.max_idle:
+            conn.close()
+            return
+        conns.append(conn)
+        if self._closed:   # close() ran meanwhile: it may have missed this one
+            conn.close()
 
     @contextmanager
     def connection(self, addr: tuple[str, int], fresh: bool = False) -> Iterator[ChunkConn]:
@@ -331,10 +337,13 @@ class ConnPool:
         """Close every idle connection; later connections are not pooled."""
         with self._lock:
             self._closed = True
-            conns = [c for lst in self._idle.values() for c in lst]
-            self._idle.clear()
-        for c in conns:
-            c.close()
+            lists = list(self._idle.values())
+        for lst in lists:
+            while lst:
+                try:
+                    lst.pop().close()
+                except IndexError:
+                    break
 
     # -- the opcodes -------------------------------------------------------------------
 
