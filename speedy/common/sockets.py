@@ -14,3 +14,16 @@ def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
     n = sock.send(data)
     if n < len(data):
         sock.sendall(memoryview(data)[n:])
+
+
+def send_parts(sock: socket.socket, parts: list) -> None:
+    """Send the concatenation of parts (a head and a large body) without joining them:
+    one sendmsg, then sendall of what it left."""
+    n = sock.sendmsg(parts)
+    for part in parts:
+        size = len(part)
+        if n >= size:
+            n -= size
+            continue
+        sock.sendall(memoryview(part)[n:])
+        n = 0

@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
-from speedy.common.sockets import send_all
+from speedy.common.sockets import send_all, send_parts
 from speedy.gateway.http import one_line, status_line
 
 log = logging.getLogger("speedy.gateway.access")
@@ -357,9 +357,9 @@ class HTTPServer:
                     piece = b"%x\r\n%s\r\n" % (len(piece), piece)
                 if out and len(piece) <= COALESCE:
                     send_all(sock, out + piece)
+                elif out:
+                    send_parts(sock, [out, piece])
                 else:
-                    if out:
-                        send_all(sock, out)
                     send_all(sock, piece)
                 out = b""
             if out:
