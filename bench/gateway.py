@@ -4,7 +4,8 @@
 Starts a temporary master, one group of two chunkservers and a gateway (`--workers 2`)
 on loopback, then runs `speedy bench --gateway ... --client-baseline MASTER` for 4 KiB
 and 1 MiB blobs (PUT then GET over keep-alive HTTP, the same load through
-speedy.client, the sink and disk baselines) and stops everything.
+speedy.client, the sink and disk baselines) and stops everything. "CPU per request:
+server" is the gateway's (supervisor and workers).
 
     .venv/bin/python bench/gateway.py                  # both sizes
     .venv/bin/python bench/gateway.py --size 4k -n 20000 -c 16
@@ -67,7 +68,8 @@ def main() -> int:
         for size, n, c in runs:
             cmd = [sys.executable, "-m", "speedy", "bench", "--gateway", f"127.0.0.1:{gport}",
                    "--client-baseline", f"127.0.0.1:{mport}", "--size", size, "-n", str(n),
-                   "-c", str(c), "--disk-dir", root, "--disk-size", "64m"]
+                   "-c", str(c), "--disk-dir", root, "--disk-size", "64m",
+                   "--server-pgid", str(procs[-1].pid)]  # the gateway's CPU per request
             cmd += ["--no-baseline"] if args.no_baseline else []
             print("$ speedy " + " ".join(cmd[3:]), flush=True)
             subprocess.run(cmd, check=False)
