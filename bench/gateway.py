@@ -4,7 +4,8 @@
 Starts a temporary master, one group of two chunkservers and a gateway (`--workers 2`)
 on loopback, then runs `speedy bench --gateway ... --client-baseline MASTER` for 4 KiB
 and 1 MiB blobs (PUT then GET over keep-alive HTTP, the same load through
-speedy.client, the sink and disk baselines) and stops everything.
+speedy.client, the sink and disk baselines) and stops everything. "CPU per request:
+server" is the gateway's (supervisor and workers).
 
     .venv/bin/python bench/gateway.py                  # both sizes
     .venv/bin/python bench/gateway.py --size 4k -n 20000 -c 16
@@ -31,13 +32,16 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="gateway workers (default 2)")
     p.add_argument("--no-baseline", action="store_true", help="skip the sink and disk runs")
     args = p.parse_args()
-    runs = [(args.size, args.n or 5000, args.c or 16)] if args.size else RUNS
+    defaults = {size: (n, c) for size, n, c in RUNS}
+    n0, c0 = defaults.get(args.size, (5000, 16))
+    runs = [(args.size, args.n or n0, args.c or c0)] if args.size else RUNS
     with bench_cluster("speedy-gwbench-", args.workers) as c:
         for size, n, conns in runs:
             cmd = [sys.executable, "-m", "speedy", "bench", "--gateway",
                    f"127.0.0.1:{c.gateway_port}", "--client-baseline",
                    f"127.0.0.1:{c.master_port}", "--size", size, "-n", str(n), "-c", str(conns),
-                   "--disk-dir", c.root, "--disk-size", "64m"]
+                   "--disk-dir", c.root, "--disk-size", "64m",
+                   "--server-pgid", str(c.procs[-1].pid)]  # the gateway's CPU per request
             cmd += ["--no-baseline"] if args.no_baseline else []
             print("$ speedy " + " ".join(cmd[3:]), flush=True)
             subprocess.run(cmd, check=False)

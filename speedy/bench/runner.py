@@ -427,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes written to measure the disk (default 256m)")
     p.add_argument("--timeout", type=positive_float, default=30.0,
                    help="seconds before a silent request counts as an error (default 30)")
+    p.add_argument("--server-pgid", type=positive_int, default=None, metavar="PGID",
+                   help="count the CPU of this process group as the server's (the "
+                        "gateway's, when bench/gateway.py started it)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--mixed", type=parse_size, default=None, metavar="SIZE",
                    help="after GET, PUT N more files of --size while --mixed-c connections "
@@ -477,7 +480,8 @@ def run(args: argparse.Namespace) -> dict:
         report["mode"] = {"server": "raw protocol", "gateway": "HTTP gateway"}.get(
             target.kind, "speedy.client")
         preflight(target)
-        probe = (lambda: processes_cpu(pgid=server.proc.pid)) if server else None
+        pgid = server.proc.pid if server else args.server_pgid
+        probe = (lambda: processes_cpu(pgid=pgid)) if pgid else None
         report["results"] = run_load(target, args.n, args.c, args.size, procs, fid_start,
                                      probe)
         if args.mixed:

@@ -2,7 +2,11 @@
 
 Plain sockets, no gevent: safe in any Python program and in threads. Every socket
 operation has a timeout. A connection goes back to the pool only after a whole response
-was read; one that saw any error is closed.
+was read; one that saw any error is closed. A pooled connection is reused for a read
+(or any idempotent request) without a readiness check: when the server closed it
+meanwhile, the failed exchange says so (StaleConnection) and the request is sent again
+on a new connection. Writes still check the pooled connection first, since a write
+whose connection dies is never sent twice.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
+from speedy.common.sockets import send_all
 from speedy.wire import protocol as p
 from speedy.wire.protocol import Err, Op
 
@@ -24,6 +29,7 @@ IDLE_LIFETIME = 60.0
 MAX_BODY = 0xFFFFFFFF
 STREAM_BLOCK = 1 << 20
 SMALL_REQUEST = 64 << 10
+FIRST_RECV = 64 << 10     # the first receive of a response: its header and a small body
 IDEMPOTENT = frozenset({Op.READ, Op.PING, Op.CHECK_DISK, Op.GET_STATUS,
                         Op.QUERY_IO_STATUS, Op.QUERY_DETAIL_INFOS, Op.DUMP_CHUNK,
                         Op.SET_STATUS})
@@ -112,10 +118,13 @@ class ChunkConn:
         except OSError:
             pass
 
-    def healthy(self) -> bool:
-        """False when the idle connection was closed by the server (or has stray bytes)."""
+    def healthy(self, check: bool = True) -> bool:
+        """False when the idle connection is too old or (check) was closed by the server
+        or has stray bytes."""
         if time.monotonic() - self.idle_since > IDLE_LIFETIME:
             return False
+        if not check:
+            return True
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
         except (OSError, ValueError):
@@ -130,13 +139,16 @@ class ChunkConn:
         try:
             head = p.encode_request_header(op, size)
             if size < SMALL_REQUEST:  # one segment for small requests
-                self.sock.sendall(b"".join([head, *parts]))
+                send_all(self.sock, b"".join([head, *parts]))
                 return
-            self.sock.sendall(head)
+            send_all(self.sock, head)
             for x in parts:
                 if len(x):
-                    self.sock.sendall(x)
+                    send_all(self.sock, x)
         except OSError as e:
+            if self.used and isinstance(e, ConnectionError):
+                # the server closed the pooled connection: it got no whole request
+                raise StaleConnection(f"{format_addr(self.addr)}: {describe(e)}") from None
             raise ChunkError(f"{format_addr(self.addr)}: send failed: {describe(e)}") from None
 
     def recv_header(self, op: int) -> tuple[int, int]:
@@ -148,9 +160,50 @@ class ChunkConn:
                              f"to request {op}")
         return err, size
 
-    def recv_exact(self, n: int, first: bool = False) -> bytearray:
-        """Exactly n bytes; StaleConnection when a reused socket gave nothing at all."""
-        buf = bytearray(n)
+    def recv_reply(self, op: int) -> Reply:
+        """The whole response to op; the header and a small body from one receive."""
+        first = b""
+        while len(first) < p.RESPONSE_HEADER_SIZE:
+            more = self._recv(FIRST_RECV, first=not first)
+            first = first + more if first else more
+        rop, err, size = p.decode_response_header(first[:p.RESPONSE_HEADER_SIZE])
+        if rop != op:
+            raise ChunkError(f"{format_addr(self.addr)}: response opcode {rop} "
+                             f"to request {op}")
+        have = len(first) - p.RESPONSE_HEADER_SIZE
+        if have > size:
+            raise ChunkError(f"{format_addr(self.addr)}: {have - size} bytes after the "
+                             f"response")
+        if have == size:
+            return Reply(err, first[p.RESPONSE_HEADER_SIZE:] if size else b"")
+        body = bytearray(size)
+        body[:have] = memoryview(first)[p.RESPONSE_HEADER_SIZE:]
+        self.recv_exact(size - have, into=memoryview(body)[have:])
+        return Reply(err, body)
+
+    def _recv(self, n: int, first: bool = False) -> bytes:
+        """Up to n bytes (at least one) from one receive."""
+        try:
+            data = self.sock.recv(n)
+        except socket.timeout:
+            raise ChunkError(f"{format_addr(self.addr)}: timed out after "
+                             f"{self.timeout:g} s") from None
+        except OSError as e:
+            if first and self.used:
+                raise StaleConnection(f"{format_addr(self.addr)}: {describe(e)}") from None
+            raise ChunkError(f"{format_addr(self.addr)}: receive failed: "
+                             f"{describe(e)}") from None
+        if not data:
+            if first and self.used:
+                raise StaleConnection(f"{format_addr(self.addr)}: closed by peer")
+            raise ChunkError(f"{format_addr(self.addr)}: connection closed mid-response")
+        return data
+
+    def recv_exact(self, n: int, first: bool = False,
+                   into: memoryview | None = None) -> bytearray | memoryview:
+        """Exactly n bytes (into the given view, when one is given); StaleConnection when a
+        reused socket gave nothing at all."""
+        buf = bytearray(n) if into is None else into
         view = memoryview(buf)
         got = 0
         while got < n:
@@ -175,9 +228,7 @@ class ChunkConn:
     def call(self, op: int, parts: Sequence[bytes | memoryview] = ()) -> Reply:
         """Send a request and read its whole response."""
         self.send(op, parts)
-        err, size = self.recv_header(op)
-        body = self.recv_exact(size) if size else b""
-        return Reply(err, body)
+        return self.recv_reply(op)
 
     def call_to(self, op: int, body: bytes, out: BinaryIO) -> tuple[int, int]:
         """Send a request and stream a successful response body to out: (error, size)."""
@@ -200,7 +251,8 @@ def describe(e: BaseException) -> str:
 
 
 class ConnPool:
-    """Idle connections kept per chunkserver address; thread-safe."""
+    """Idle connections kept per chunkserver address; thread-safe (list pop and append
+    are atomic, so taking and giving back a connection takes no lock)."""
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -212,28 +264,33 @@ class ConnPool:
         self._lock = threading.Lock()
         self._closed = False
 
-    def _take(self, addr: tuple[str, int]) -> ChunkConn | None:
-        """A healthy idle connection to addr, or None."""
-        while True:
-            with self._lock:
-                conns = self._idle.get(addr)
-                conn = conns.pop() if conns else None
-            if conn is None:
+    def _take(self, addr: tuple[str, int], check: bool = True) -> ChunkConn | None:
+        """An idle connection to addr (a healthy one when check), or None."""
+        conns = self._idle.get(addr)
+        while conns:
+            try:
+                conn = conns.pop()   # atomic: no lock on the hot path
+            except IndexError:
                 return None
-            if conn.healthy():
+            if conn.healthy(check):
                 return conn
             conn.close()
+        return None
 
     def _give(self, conn: ChunkConn) -> None:
         """Return a clean connection to the pool (or close it when the pool is full)."""
         conn.used = True
         conn.idle_since = time.monotonic()
-        with self._lock:
-            conns = self._idle.setdefault(conn.addr, [])
-            if not self._closed and len(conns) < self.max_idle:
-                conns.append(conn)
-                return
-        conn.close()
+        conns = self._idle.get(conn.addr)
+        if conns is None:
+            with self._lock:
+                conns = self._idle.setdefault(conn.addr, [])
+        if self._closed or len(conns) >= self.max_idle:
+            conn.close()
+            return
+        conns.append(conn)
+        if self._closed:   # close() ran meanwhile: it may have missed this one
+            conn.close()
 
     @contextmanager
     def connection(self, addr: tuple[str, int], fresh: bool = False) -> Iterator[ChunkConn]:
@@ -250,25 +307,43 @@ class ConnPool:
 
     def call(self, addr: tuple[str, int], op: int,
              parts: Sequence[bytes | memoryview] = ()) -> Reply:
-        """One request; an idempotent one is retried once on a fresh connection when a
-        pooled connection turns out to be dead."""
-        try:
-            with self.connection(addr) as conn:
-                return conn.call(op, parts)
-        except StaleConnection:
-            if op not in IDEMPOTENT:
+        """One request; an idempotent one goes out on a pooled connection unchecked and
+        is retried once on a fresh connection when that one turns out to be dead."""
+        retry = op in IDEMPOTENT
+        conn = self._take(addr, check=not retry)
+        if conn is not None:
+            try:
+                reply = conn.call(op, parts)
+            except StaleConnection:
+                conn.close()
+                if not retry:
+                    raise
+            except BaseException:
+                conn.close()
                 raise
-        with self.connection(addr, fresh=True) as conn:
-            return conn.call(op, parts)
+            else:
+                self._give(conn)
+                return reply
+        conn = ChunkConn(addr, self.timeout, self.connect_timeout)
+        try:
+            reply = conn.call(op, parts)
+        except BaseException:
+            conn.close()
+            raise
+        self._give(conn)
+        return reply
 
     def close(self) -> None:
         """Close every idle connection; later connections are not pooled."""
         with self._lock:
             self._closed = True
-            conns = [c for lst in self._idle.values() for c in lst]
-            self._idle.clear()
-        for c in conns:
-            c.close()
+            lists = list(self._idle.values())
+        for lst in lists:
+            while lst:
+                try:
+                    lst.pop().close()
+                except IndexError:
+                    break
 
     # -- the opcodes -------------------------------------------------------------------
 

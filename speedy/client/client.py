@@ -159,6 +159,9 @@ class Client:
 
     def route(self, force: bool = False) -> Route:
         """The route, refetched when older than route_ttl (a stale one if the master fails)."""
+        r = self._route   # the fresh route needs no lock
+        if r is not None and not force and time.monotonic() - r.fetched < self.route_ttl:
+            return r
         with self._route_lock:
             r = self._route
             if r is not None and not force and time.monotonic() - r.fetched < self.route_ttl:

@@ -153,7 +153,11 @@ def read_order(servers: list[ServerInfo]) -> list[ServerInfo]:
     servers = [s for s in servers if not s.pending_deletes]
     rw = [s for s in servers if s.status == RW]
     rest = [s for s in servers if s.status != RW]
-    random.shuffle(rw)
+    if len(rw) == 2:          # the usual group: a coin, not shuffle()'s Python loop
+        if random.getrandbits(1):
+            rw.reverse()
+    elif len(rw) > 2:
+        random.shuffle(rw)
     return rw + rest
 
 

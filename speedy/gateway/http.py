@@ -13,6 +13,8 @@ Everything is plain Python: importing this module patches nothing (no gevent).
 """
 from __future__ import annotations
 
+import functools
+
 import json as _json
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -49,6 +51,7 @@ def one_line(text: str, limit: int = 300) -> str:
     return flat[:limit]
 
 
+@functools.lru_cache(maxsize=256)
 def status_line(status: int) -> str:
     """'404 Not Found' for 404 (WSGI's status string)."""
     try:

@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
+from speedy.common.sockets import send_all, send_parts
 from speedy.gateway.http import one_line, status_line
 
 log = logging.getLogger("speedy.gateway.access")
@@ -346,7 +347,7 @@ class HTTPServer:
                 head.append("Connection: keep-alive\r\n")
             out = ("".join(head) + "\r\n").encode("latin-1")
             if no_body:
-                sock.sendall(out)
+                send_all(sock, out)
                 return code, 0, keep
             for piece in result:
                 if not piece:
@@ -355,16 +356,16 @@ class HTTPServer:
                 if chunked:
                     piece = b"%x\r\n%s\r\n" % (len(piece), piece)
                 if out and len(piece) <= COALESCE:
-                    sock.sendall(out + piece)
+                    send_all(sock, out + piece)
+                elif out:
+                    send_parts(sock, [out, piece])
                 else:
-                    if out:
-                        sock.sendall(out)
-                    sock.sendall(piece)
+                    send_all(sock, piece)
                 out = b""
             if out:
-                sock.sendall(out + (b"0\r\n\r\n" if chunked else b""))
+                send_all(sock, out + (b"0\r\n\r\n" if chunked else b""))
             elif chunked:
-                sock.sendall(b"0\r\n\r\n")
+                send_all(sock, b"0\r\n\r\n")
             if length is not None and sent != int(length):
                 return code, sent, False  # the app broke its own length: do not reuse
             return code, sent, keep
@@ -382,7 +383,7 @@ class HTTPServer:
         """A one-line plain-text error answer; the connection closes after it."""
         body = (one_line(reason) + "\n").encode()
         try:
-            sock.sendall((f"HTTP/1.1 {status_line(status)}\r\nContent-Type: text/plain; "
+            send_all(sock, (f"HTTP/1.1 {status_line(status)}\r\nContent-Type: text/plain; "
                           f"charset=utf-8\r\nContent-Length: {len(body)}\r\nDate: "
                           f"{self.date()}\r\nConnection: close\r\n\r\n").encode() + body)
         except OSError:

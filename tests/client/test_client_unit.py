@@ -191,6 +191,14 @@ def test_read_order_puts_rw_servers_first():
         assert set(order[:2]) == {2, 4} and order[2:] == [1, 3]
 
 
+def test_read_order_spreads_reads_over_the_rw_servers():
+    for servers in ([srv(1, 1), srv(1, 2)], [srv(1, 1), srv(1, 2), srv(1, 3)]):
+        firsts = [read_order(servers)[0].port for _ in range(200)]
+        assert set(firsts) == {s.port for s in servers}      # every one comes first
+        assert all(sorted(s.port for s in read_order(servers)) ==
+                   [s.port for s in servers] for _ in range(20))
+
+
 # -- fid cache --------------------------------------------------------------------------
 
 def test_fid_allocator_hands_out_each_fid_once_and_refills_ahead():
