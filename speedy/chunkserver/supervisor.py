@@ -22,7 +22,6 @@ keep serving READs from the old index meanwhile (it holds only acknowledged writ
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import resource
@@ -38,6 +37,7 @@ from speedy.common import notify
 from speedy.common.config import load_server_config
 from speedy.common.daemonize import (PidfileError, StartError, daemonize, remove_pidfile,
                                      write_pidfile)
+from speedy.common.listener import bind_listener
 from speedy.common.logs import reopen_logs, setup_logging
 from speedy.chunkserver.shm.pool import (BlockPool, MAX_OWNER, WRITER_OWNER, disable_resource_tracker,
                    remove_stale_segments, segments_with_prefix, server_prefix, unlink_prefix,
@@ -132,7 +132,7 @@ class Supervisor:
         """Bind, detach, shared memory, writer (recovery), workers, reporter."""
         cfg = self.cfg
         raise_nofile_limit()
-        self.listener = bind_listener(cfg.ip, cfg.port)
+        self.listener = bind_listener(cfg.ip, cfg.port, inheritable=True)
         if cfg.daemonize:
             if not cfg.error_log:
                 log.warning("--daemonize=1 without --error_log: the log goes nowhere")
@@ -557,24 +557,6 @@ class Supervisor:
 
 
 # ---------------------------------------------------------------------- helpers
-def bind_listener(ip: str, port: int) -> socket.socket:
-    """The listening TCP socket (SO_REUSEADDR), inherited by the workers."""
-    try:
-        infos = socket.getaddrinfo(ip, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise StartError(f"--ip {ip}: {e.strerror}") from None
-    family, stype, proto, _name, addr = infos[0]
-    sock = socket.socket(family, stype, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(1024)
-    except OSError as e:
-        sock.close()
-        hint = " (is another server running?)" if e.errno == errno.EADDRINUSE else ""
-        raise StartError(f"cannot listen on {ip}:{port}: {e.strerror}{hint}") from None
-    sock.set_inheritable(True)
-    return sock
 
 
 def raise_nofile_limit() -> None:

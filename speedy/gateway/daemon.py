@@ -24,7 +24,9 @@ from typing import Sequence
 from speedy import __version__
 from speedy.common import notify
 from speedy.common.config import load_gateway_config
-from speedy.common.daemonize import PidfileError, daemonize, remove_pidfile, write_pidfile
+from speedy.common.daemonize import (PidfileError, StartError, daemonize, remove_pidfile,
+                                     write_pidfile)
+from speedy.common.listener import bind_listener
 from speedy.common.logs import reopen_logs, setup_logging
 from speedy.gateway.meta import MetaError, open_meta
 from speedy.gateway.meta.postgres import redact
@@ -38,27 +40,8 @@ RESPAWN_DELAY = 1.0
 WAKE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
-class StartError(Exception):
-    """The gateway cannot start; the message is the one-line reason."""
 
 
-def listen(ip: str, port: int) -> socket.socket:
-    """The listening socket the workers share (inheritable, SO_REUSEADDR)."""
-    try:
-        family, kind, proto, _n, addr = socket.getaddrinfo(
-            ip, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as e:
-        raise StartError(f"--ip {ip}: {e.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(1024)
-    except OSError as e:
-        sock.close()
-        raise StartError(f"cannot listen on {ip}:{port}: {e.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
 
 
 class Supervisor:
@@ -107,7 +90,7 @@ class Supervisor:
             open_meta(cfg.metadb).close()   # create or migrate it now: a bad one is a start error
         except MetaError as e:
             raise StartError(f"--metadb: {e}") from None
-        self.listener = listen(cfg.ip, cfg.port)
+        self.listener = bind_listener(cfg.ip, cfg.port, inheritable=True)
         if cfg.daemonize:
             if not cfg.error_log:
                 log.warning("--daemonize=1 without --error_log: the log goes nowhere")

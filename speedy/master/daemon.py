@@ -21,40 +21,21 @@ from speedy import __version__
 from speedy.master import db as mdb
 from speedy.master.conns import ConnTable, Limits
 from speedy.common.config import load_master_config
-from speedy.common.daemonize import (PidfileError, daemonize, read_pidfile, remove_pidfile,
+from speedy.common.daemonize import (PidfileError, StartError, daemonize, read_pidfile, remove_pidfile,
                         write_pidfile)
+from speedy.common.listener import bind_listener
 from speedy.common.logs import reopen_logs, setup_logging
 
 log = logging.getLogger("speedy.master")
 
-LISTEN_BACKLOG = 1024
 STOP_TIMEOUT = 2.0         # seconds in-flight requests get on a graceful stop
 SPARE_FDS = 64             # descriptors kept free of connections (database, logs)
 LINGER_SECONDS = 2.0       # after a 413: drain the client's unread body this long ...
 LINGER_BYTES = 16 << 20    # ... or this many bytes, then close
 
 
-class StartError(Exception):
-    """The master cannot start; the message is the one-line reason."""
 
 
-def bind(ip: str, port: int) -> socket.socket:
-    """A listening TCP socket on ip:port (plain socket: gevent is not set up yet)."""
-    try:
-        infos = socket.getaddrinfo(ip, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise StartError(f"cannot listen on {ip}:{port}: {e.strerror}") from None
-    family, kind, proto, _name, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as e:
-        sock.close()
-        raise StartError(f"cannot listen on {ip}:{port}: {e.strerror}") from None
-    sock.set_inheritable(False)
-    return sock
 
 
 def linger(sock: socket.socket, seconds: float = LINGER_SECONDS,
@@ -274,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     pidfile_written = False
     try:
-        listener = bind(cfg.ip, cfg.port)
+        listener = bind_listener(cfg.ip, cfg.port)
         lock_fd = check_database(cfg.db, cfg.init_db)
         limits = Limits(cfg.max_connections, cfg.max_source_connections, cfg.read_timeout,
                         cfg.idle_timeout)
