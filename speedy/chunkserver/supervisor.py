@@ -37,6 +37,7 @@ from speedy.common import notify
 from speedy.common.config import load_server_config
 from speedy.common.daemonize import (PidfileError, StartError, daemonize, remove_pidfile,
                                      write_pidfile)
+from speedy.common.children import describe_exit, exit_code, exited_children
 from speedy.common.listener import bind_listener
 from speedy.common.logs import reopen_logs, setup_logging
 from speedy.chunkserver.shm.pool import (BlockPool, MAX_OWNER, WRITER_OWNER, disable_resource_tracker,
@@ -353,13 +354,7 @@ class Supervisor:
 
     def reap_workers(self) -> None:
         """Collect every exited child: replace workers, stop if the writer died."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if not pid:
-                return
+        for pid, status in exited_children():
             how = describe_exit(status)
             if pid == self.writer_pid:
                 self.writer_pid = 0
@@ -375,7 +370,7 @@ class Supervisor:
                 continue
             log.error("worker %d (pid %d) %s; %d pool blocks returned", w.slot, pid, how,
                       freed)
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == BOOT_ERROR and \
+            if exit_code(status) == BOOT_ERROR and \
                     self.writer_ready and w.started > self.writer_since:
                 # (one that raced a writer's death is replaced like any other)
                 log.error("a worker could not start; stopping the server")
@@ -569,16 +564,6 @@ def raise_nofile_limit() -> None:
         pass
 
 
-def describe_exit(status: int) -> str:
-    """'exited with code N' or 'was killed by SIGX'."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return f"was killed by {name}"
-    return f"exited with code {os.WEXITSTATUS(status)}"
 
 
 def main(argv: list[str] | None = None) -> None:

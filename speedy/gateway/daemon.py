@@ -26,6 +26,7 @@ from speedy.common import notify
 from speedy.common.config import load_gateway_config
 from speedy.common.daemonize import (PidfileError, StartError, daemonize, remove_pidfile,
                                      write_pidfile)
+from speedy.common.children import describe_exit, exit_code, exited_children
 from speedy.common.listener import bind_listener
 from speedy.common.logs import reopen_logs, setup_logging
 from speedy.gateway.meta import MetaError, open_meta
@@ -191,23 +192,16 @@ class Supervisor:
 
     def reap(self) -> None:
         """Collect exited workers; schedule replacements (or stop on a boot error)."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if not pid:
-                return
+        for pid, status in exited_children():
             slot, started = self.workers.pop(pid, (None, 0.0))
             if slot is None or self.stopping:
                 continue
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == BOOT_ERROR:
+            if exit_code(status) == BOOT_ERROR:
                 log.error("worker %d could not start: stopping", slot)
                 self.code = EXIT_WORKER_BOOT
                 self.stopping = True
                 continue
-            log.error("worker %d (pid %d) exited (status %#x): replacing it", slot, pid,
-                      status)
+            log.error("worker %d (pid %d) %s: replacing it", slot, pid, describe_exit(status))
             quick = time.monotonic() - started < RESPAWN_DELAY
             self.due[slot] = time.monotonic() + (RESPAWN_DELAY if quick else 0.0)
 
