@@ -115,11 +115,6 @@ def checksum(data) -> int:
     return zlib.adler32(data, 0)
 
 
-def plausible_timestamp(ts: int) -> bool:
-    """Whether a record timestamp can be one a write stamped (0 is a torn header)."""
-    return 0 < ts < MAX_TIMESTAMP
-
-
 def length_ambiguous(csum: int) -> bool:
     """Whether zero bytes added to or cut from the end of the data keep this checksum.
 

@@ -200,9 +200,6 @@ class Cluster:
     def group(self, g: int) -> list[Daemon]:
         return [d for d in self.servers if d.group == g]
 
-    def by_addr(self, name: str) -> Daemon:
-        return next(d for d in self.servers if d.name_addr == name)
-
     def read_direct(self, d: Daemon, group: int, fid: int) -> Reply:
         """READ a fid from one chunkserver over the raw protocol."""
         return self.pool.read(d.addr, group, fid)

@@ -215,10 +215,6 @@ class ChunkStore:
             return self.compaction.translate(loc)
         return loc
 
-    def chunk_garbage(self) -> list[tuple[int, int]]:
-        """(chunk_id, garbage_bytes) per chunk."""
-        return [(ch.chunk_id, ch.garbage_bytes) for ch in self.ordered_chunks()]
-
     def can_fit(self, size: int) -> bool:
         """Some chunk has room for a body of size bytes now."""
         return self._pick(size) is not None

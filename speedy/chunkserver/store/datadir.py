@@ -46,10 +46,6 @@ class Chunk:
     garbage_bytes: int = 0  # deleted records and skipped damage before current_offset
     compacting: bool = False  # no appends while store/compact.py rewrites it
 
-    def add_garbage(self, n: int) -> None:
-        """Count n more bytes that no live record uses (a delete, skipped damage)."""
-        self.garbage_bytes += n
-
     def add_dead_record(self, size: int) -> None:
         """A deleted record of size data bytes is garbage; an empty one is not (it is what a
         tombstone of store/compact.py looks like, 30 bytes no compaction frees)."""
