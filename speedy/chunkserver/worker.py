@@ -29,6 +29,7 @@ from speedy.chunkserver.conn import AdminPolicy, Closed, Conn, TooSlow, min_rate
 from speedy.chunkserver.conns import SWEEP_EVERY, ConnTable, Park
 from speedy.chunkserver.shm.index import IndexReader
 from speedy.common.logs import reopen_logs
+from speedy.common.sockets import send_all
 from speedy.chunkserver.shm.pool import BlockPool, blocks_for
 from speedy.wire.protocol import (ADMIN_OPCODES, FILE_KEY, FILE_KEY_SIZE, MAX_CHUNK_NAME, REQUEST_HEADER,
                        RESPONSE_HEADER, DetailInfo, Err, Op, ServerStatus, encode_detail_info,
@@ -599,11 +600,6 @@ def keep_open(server_class):
     return Server
 
 
-def send_all(sock, data: bytes) -> None:
-    """sendall, with one plain send first (a small response nearly always goes at once)."""
-    n = sock.send(data)
-    if n < len(data):
-        sock.sendall(memoryview(data)[n:])
 
 
 def connection_limit(wanted: int = 0) -> int:

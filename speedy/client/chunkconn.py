@@ -373,13 +373,6 @@ class ConnPool:
         """SET_STATUS (0 RW, 1 RO)."""
         return self.call(addr, Op.SET_STATUS, [bytes([status])])
 
-    def get_status(self, addr: tuple[str, int]) -> int:
-        """GET_STATUS: the server's own status (0 RW, 1 RO)."""
-        reply = self.call(addr, Op.GET_STATUS)
-        if not reply.ok or len(reply.body) != 1:
-            raise ChunkError(f"{format_addr(addr)}: GET_STATUS answered {reply.err_name}")
-        return reply.body[0]
-
     def detail_info(self, addr: tuple[str, int]) -> p.DetailInfo:
         """QUERY_DETAIL_INFOS, decoded."""
         reply = self.call(addr, Op.QUERY_DETAIL_INFOS)
@@ -390,16 +383,6 @@ class ConnPool:
             return p.decode_detail_info(reply.body)
         except p.ProtocolError as e:
             raise ChunkError(f"{format_addr(addr)}: {e}") from None
-
-    def dump_chunk(self, addr: tuple[str, int], name: str, out: BinaryIO) -> int:
-        """DUMP_CHUNK name streamed to out; returns its size (ChunkError on failure)."""
-        with self.connection(addr, fresh=True) as conn:
-            err, size = conn.call_to(Op.DUMP_CHUNK, name.encode(), out)
-        if err != Err.SUCCESS:
-            raise ChunkError(f"{format_addr(addr)}: DUMP_CHUNK {name} answered "
-                             f"{Reply(err).err_name}")
-        return size
-
 
     def garbage(self, addr: tuple[str, int]) -> tuple[int, list[p.ChunkGarbage]]:
         """QUERY_GARBAGE (new, admin): (chunk being compacted or 0, per chunk garbage)."""

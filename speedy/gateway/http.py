@@ -102,11 +102,6 @@ class Request:
         """True when the body comes with Transfer-Encoding: chunked."""
         return "chunked" in self.headers.get("transfer-encoding", "").lower()
 
-    @property
-    def has_body(self) -> bool:
-        """True when a body follows the headers."""
-        return bool(self.content_length) or self.chunked
-
     def read(self, n: int = BODY_PIECE) -> bytes:
         """Up to n bytes of the body (b"" at its end); 400 when the client stops early."""
         if self._input is None or n <= 0 or self._left == 0:
@@ -153,12 +148,6 @@ class Request:
                 limit -= len(b)
         except HTTPError:
             return
-
-    @property
-    def bytes_read(self) -> int:
-        """Body bytes read so far."""
-        return self._got
-
 
 def _headers(environ: dict) -> dict[str, str]:
     """The request headers, lower-case names."""

@@ -335,13 +335,6 @@ class _Cursor:
         return self.conn.execute(self.sql(q), args).fetchall()
 
 
-def check_int(value: int, what: str) -> int:
-    """value when it fits the database's integers; ValueError otherwise."""
-    if not 0 <= value <= MAX_INT:
-        raise ValueError(f"{what} {value} is out of range")
-    return value
-
-
 def prepare_or_close(conn: Any, prepare: Callable[[], None], where: str,
                      errors: tuple[type[BaseException], ...]) -> Any:
     """Run prepare() on a new connection: the connection, or closed and MetaError."""

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Iterator
 from urllib.parse import quote, unquote
 
 from speedy.client import ClusterError, NotFoundError, SpeedyError, parse_key
-from speedy.gateway.blobs import byte_range, content_safety, http_date, stream_parts
+from speedy.gateway.blobs import (byte_range, content_safety, http_date, http_date_text,
+                                  stream_parts)
 from speedy.gateway.http import HTTPError, Request, Response
 from speedy.gateway.paths import free_blob
 from speedy.wire.manifest import Key
@@ -85,7 +86,6 @@ def handle(app: "GatewayApp", req: Request) -> Response:
     s3: S3Service = app.s3
     bucket, key = split_path(req.path)
     try:
-        req.route = "s3"
         verified = authenticate(s3, req, bucket)
         return route(app, s3, req, bucket, key, verified)
     except (S3Error, AuthError, BodyError) as e:
@@ -425,7 +425,7 @@ def user_meta(req: Request) -> dict[str, str]:
 
 
 def object_headers(o: ObjectInfo) -> list[tuple[str, str]]:
-    hs = [("ETag", f'"{o.etag}"'), ("Last-Modified", xml.http_date(o.mtime)),
+    hs = [("ETag", f'"{o.etag}"'), ("Last-Modified", http_date_text(o.mtime)),
           ("Accept-Ranges", "bytes")]
     hs += [(f"x-amz-meta-{k}", v) for k, v in o.meta.items()]
     return hs

@@ -25,9 +25,6 @@ def iso8601(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
-def http_date(ts: float) -> str:
-    """Fri, 04 Dec 2026 22:14:25 GMT (RFC 9110 IMF-fixdate)."""
-    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(ts))
 
 
 def _el(name: str, value: object) -> str:
