@@ -277,10 +277,12 @@ def add_servers(db: sqlite_utils.Database, keys: Iterable[tuple[int, str, int]],
 
 
 def remove_server(db: sqlite_utils.Database, group_id: int, ip: str, port: int) -> bool:
-    """Delete a chunkserver's row; True if it existed."""
+    """Delete a chunkserver's row and its pending deletes; True if it existed."""
     with write_txn(db) as c:
         cur = c.execute("DELETE FROM chunkserver WHERE group_id = ? AND ip = ? AND port = ?",
                         (group_id, ip, port))
+        c.execute("DELETE FROM pending_delete WHERE group_id = ? AND ip = ? AND port = ?",
+                  (group_id, ip, port))
     return cur.rowcount > 0
 
 
@@ -460,10 +462,10 @@ def add_pending_deletes(db: sqlite_utils.Database, items: Iterable[PendingDelete
     now = time.time() if now is None else now
     table = db["pending_delete"]
     with write_txn(db):
-        before = table.count
+        before = db.conn.total_changes
         table.insert_all(({"group_id": p.group_id, "ip": p.ip, "port": p.port,
                            "fid": p.fid, "create_time": now} for p in items), ignore=True)
-        return table.count - before
+        return db.conn.total_changes - before
 
 
 def pending_deletes(db: sqlite_utils.Database, group_id: int, ip: str, port: int,
@@ -471,7 +473,7 @@ def pending_deletes(db: sqlite_utils.Database, group_id: int, ip: str, port: int
     """The fids still to delete on one server, oldest first."""
     return [r["fid"] for r in db["pending_delete"].rows_where(
         "group_id = ? AND ip = ? AND port = ?", [group_id, ip, port],
-        order_by="create_time, fid", select="fid", limit=limit)]
+        order_by="create_time, fid" if limit > 1 else None, select="fid", limit=limit)]
 
 
 def finish_pending_deletes(db: sqlite_utils.Database, group_id: int, ip: str, port: int,

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from speedy.master import db as mdb
-from speedy.wire.master import REPORT_RO, REPORT_RW, Report, Status
+from speedy.wire.master import REPORT_RO, REPORT_RW, PendingDelete, Report, Status
 
 DOCUMENTED_COLUMNS = {
     "group_id", "ip", "port", "status", "global_status", "total_free_space",
@@ -107,7 +107,10 @@ def test_fid_ranges_continue_above_every_reservation(db, tmp_path):
 
 def test_remove_server(db):
     mdb.add_server(db, 3, "h", 9)
+    assert mdb.add_pending_deletes(db, [PendingDelete(3, "h", 9, 7), PendingDelete(3, "h", 9, 7),
+                                        PendingDelete(3, "h", 9, 8)]) == 2
     assert mdb.remove_server(db, 3, "h", 9) is True
+    assert mdb.pending_deletes(db, 3, "h", 9) == []   # none left to resurface
     assert mdb.remove_server(db, 3, "h", 9) is False
     assert mdb.list_servers(db) == []
 
