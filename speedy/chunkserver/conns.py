@@ -84,7 +84,10 @@ class ConnTable:
         conn.idle_since = time.monotonic()
         conn.waiter = greenlet  # serve() clears it when the wait ends
         self.idle[conn] = None
-        self.idle_of.setdefault(conn.peer, OrderedDict())[conn] = None
+        mine = self.idle_of.get(conn.peer)
+        if mine is None:  # (setdefault would build an OrderedDict on every request)
+            mine = self.idle_of[conn.peer] = OrderedDict()
+        mine[conn] = None
         self.waiting[conn] = None
 
     def idle_end(self, conn) -> None:

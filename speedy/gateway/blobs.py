@@ -15,10 +15,11 @@ import time
 from email.utils import formatdate, parsedate_to_datetime
 from typing import TYPE_CHECKING, Iterator
 
-from speedy.client import NotFoundError, SpeedyError, parse_key
+from speedy.client import NotFoundError, parse_key
 from speedy.gateway import signing
 from speedy.gateway.form import FormFile
 from speedy.gateway.http import BODY_PIECE, HTTPError, Request, Response
+from speedy.gateway.paths import free_blob
 from speedy.gateway.records import BlobRecord, RecordError
 from speedy.wire.manifest import Key, Manifest
 
@@ -129,18 +130,12 @@ def upload(app: "GatewayApp", req: Request) -> Response:
         try:
             app.records.put(rec)
         except RecordError as e:
-            _forget(app, key)
+            free_blob(app, parse_key(key), queued=False)
             raise HTTPError(503, f"upload undone: {e}") from None
     return Response.json(201, {"key": key, "size": rec.size, "etag": rec.etag},
                          [("Location", f"/{key}"), ("ETag", f'"{rec.etag}"')])
 
 
-def _forget(app: "GatewayApp", key: str) -> None:
-    """Delete a key that was just written (its record could not be stored)."""
-    try:
-        app.client.delete(key)
-    except SpeedyError:
-        pass
 
 
 # -- download ----------------------------------------------------------------------------

@@ -409,11 +409,8 @@ class _Prefixed:
 
 
 def forget(app: "GatewayApp", key: str) -> None:
-    """Delete a blob that was just written and will not be used."""
-    try:
-        app.client.delete(key)
-    except SpeedyError as e:
-        log.warning("s3: could not delete unused blob %s: %s", key, e)
+    """Delete a blob that was just written and will not be used (queued if that fails)."""
+    free_blob(app, parse_key(key), queued=False)
 
 
 def user_meta(req: Request) -> dict[str, str]:
