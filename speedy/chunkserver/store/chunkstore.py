@@ -85,6 +85,10 @@ class ChunkCommit:
     sync: bool
     large: int = 0  # large records among them
     error: OSError | None = None
+    sb_raw: bytes = b""  # sb encoded once (written by write_commit, kept by end_commit)
+
+    def __post_init__(self) -> None:
+        self.sb_raw = self.sb.encode()
 
 
 class ChunkStore:
@@ -408,7 +412,7 @@ class ChunkStore:
         try:
             if c.bufs:
                 datadir.pwritev_all(ch.fd, c.bufs, c.at)
-            datadir.pwrite_all(ch.fd, c.sb.encode(), 0)
+            datadir.pwrite_all(ch.fd, c.sb_raw, 0)
             if c.sync:
                 diskio.fsync(ch.fd)
         except OSError as e:
@@ -435,7 +439,7 @@ class ChunkStore:
         if c.sync:
             self.fsync_count += 1
         ch.sb = c.sb
-        ch.sb_raw = c.sb.encode()
+        ch.sb_raw = c.sb_raw
         insert = self.index.insert
         cid = ch.chunk_id
         for fid, off in c.fids:
