@@ -19,7 +19,7 @@ from speedy.client import NotFoundError, parse_key
 from speedy.gateway import signing
 from speedy.gateway.form import FormFile
 from speedy.gateway.http import BODY_PIECE, HTTPError, Request, Response
-from speedy.gateway.paths import free_blob
+from speedy.gateway.garbage import free_blob
 from speedy.gateway.records import BlobRecord, RecordError
 from speedy.wire.manifest import Key, Manifest
 

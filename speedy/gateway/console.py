@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from speedy.client import NotFoundError, SpeedyError
 from speedy.common import web
 from speedy.common.web import esc
-from speedy.gateway import blobs, paths
+from speedy.gateway import blobs, garbage
 from speedy.gateway.console_pages import (Entry, FileView, Listing, file_link, prefix_link,
                                           render_confirm, render_file, render_listing,
                                           render_message)
@@ -218,10 +218,10 @@ def upload(app: "GatewayApp", req: Request) -> Response:
     try:
         freed = app.meta.put_fragment(Fragment(path, 0, 0, body.size, blob, True))
     except MetaError as e:
-        paths.free_blobs(app, [blob], queued=False)
+        garbage.free_blobs(app, [blob], queued=False)
         raise HTTPError(500, f"upload undone: {e}") from None
     forget_records(app, [str(b) for b in freed])
-    paths.free_blobs(app, freed)
+    garbage.free_blobs(app, freed)
     url = f"{base_url(req)}/{key}"
     if "application/json" in (req.header("accept") or ""):
         return Response.json(201, {"path": path, "key": key, "url": url, "size": body.size,
@@ -261,7 +261,7 @@ def delete(app: "GatewayApp", req: Request) -> Response:
     except MetaError as e:
         raise HTTPError(500, str(e)) from None
     forget_records(app, [str(b) for b in freed])
-    paths.free_blobs(app, freed)
+    garbage.free_blobs(app, freed)
     cut = path.rfind("/")
     return html(render_message("Deleted", [("Path", f"<code>{esc(path)}</code>"),
                                            ("Bytes freed", str(len(freed)) + " blob(s)")],

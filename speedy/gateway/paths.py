@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import re
-import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from speedy.client import ClusterError, MasterError, NotFoundError, SpeedyError
+from speedy.client import MasterError, SpeedyError
+from speedy.gateway.blobs import read_whole, stream_parts
+from speedy.gateway.garbage import free_blobs
 from speedy.gateway.http import HTTPError, Request, Response
 from speedy.gateway.meta import MAX_PATH_BYTES, Fragment, Key, MetaError
 from speedy.wire.manifest import parse_key
@@ -38,9 +38,6 @@ BAD_RANGE = "bytesRange error!"
 BAD_LENGTH = "length of data and range are different"
 MAX_VALUE = 2 ** 63 - 1                         # the metadata database's integers
 U64 = 2 ** 64 - 1
-GARBAGE_RETRY_AFTER = 30.0                      # seconds before a failed free is retried
-GARBAGE_SWEEP = 8                               # old queued blobs retried per freeing request
-STREAM_TIMEOUT = 120.0                          # seconds to wait for the next part of a read
 RANGE_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 
 
@@ -227,17 +224,18 @@ def download(app: Any, req: Request) -> Response:
     headers = [("Content-Type", "octet-stream")]
     if f.blob is None:
         return Response.raw(200, b"", "", headers)
+    k = f.blob
     try:
-        if not f.blob.multipart:
-            data = app.client.get(f.blob)
+        if not k.multipart:
+            data = read_whole(app, k)
             if len(data) != f.size:
-                raise fail(500, f"stored blob {f.blob} has {len(data)} bytes, "
-                                f"expected {f.size}")
+                raise fail(500, f"stored blob {k} has {len(data)} bytes, expected {f.size}")
             return Response.raw(200, data, "", headers)
-        pieces, stop = stream_blob(app.client, str(f.blob))
+        m = app.client.manifest(k)   # and the first part now: a failure is still an answer
+        first = app.client.read_part(k, 0, m.parts[0]) if m.parts else None
     except SpeedyError as e:
         raise cluster_failure(e, "read failed") from None
-    return Response.stream(200, pieces, f.size, headers, on_close=stop)
+    return Response.stream(200, stream_parts(app, k, m, 0, f.size, first), f.size, headers)
 
 
 def file_info(app: Any, req: Request) -> Response:
@@ -313,115 +311,3 @@ def handle(app: Any, req: Request) -> Response:
 
 
 # -- freeing blobs ----------------------------------------------------------------------
-
-
-def free_blobs(app: Any, blobs: list[Key], queued: bool = True) -> None:
-    """Delete blobs no path refers to from every replica; failures stay queued for later.
-
-    Also retries a few blobs whose earlier free failed. queued=False: the blob was never
-    recorded (its upload's metadata failed), so a failed free queues it.
-    """
-    for b in blobs:
-        free_blob(app, b, queued)
-    if blobs:
-        sweep_garbage(app, GARBAGE_SWEEP)
-
-
-def sweep_garbage(app: Any, limit: int = 100, older_than: float = GARBAGE_RETRY_AFTER) -> int:
-    """Retry freeing queued blobs (a daemon may call this periodically); how many are gone."""
-    try:
-        queued = app.meta.garbage(older_than, limit)
-    except MetaError as e:
-        log.warning("cannot read the garbage queue: %s", e)
-        return 0
-    return sum(free_blob(app, b, True) for b in queued)
-
-
-def free_blob(app: Any, blob: Key, queued: bool) -> bool:
-    """Delete one blob everywhere; True when it is gone (and dropped from the queue)."""
-    try:
-        missed = app.client.delete(blob)
-    except NotFoundError:
-        missed = []
-    except (SpeedyError, OSError) as e:
-        missed = [str(e)]
-    try:
-        if not missed:
-            if queued:
-                app.meta.forget_garbage(blob)
-            return True
-        log.warning("blob %s not freed everywhere (%s): retried later", blob,
-                    "; ".join(missed))
-        if queued:
-            app.meta.retry_garbage_later(blob)
-        else:
-            app.meta.queue_garbage(blob)
-    except MetaError as e:
-        log.warning("blob %s: cannot update the garbage queue: %s", blob, e)
-    return False
-
-
-# -- streaming a multi-part blob --------------------------------------------------------
-
-
-class _QueueWriter:
-    """A file object whose writes go to a bounded queue (get_to's output)."""
-
-    def __init__(self, q: "queue.Queue", stopped: threading.Event):
-        self.q, self.stopped = q, stopped
-
-    def write(self, data: bytes) -> int:
-        while not self.stopped.is_set():
-            try:
-                self.q.put(bytes(data), timeout=1.0)
-                return len(data)
-            except queue.Full:
-                continue
-        raise ClusterError("reader went away")
-
-
-_END = object()
-
-
-def stream_blob(client: Any, key: str) -> tuple[Iterator[bytes], Callable[[], None]]:
-    """The bytes of a multi-part blob as pieces (at most a few parts in memory), and a stop
-    function; the first part is read before returning, so that a failure is an answer."""
-    q: queue.Queue = queue.Queue(maxsize=2)
-    stopped = threading.Event()
-
-    def run() -> None:
-        try:
-            client.get_to(key, _QueueWriter(q, stopped))
-            item: object = _END
-        except BaseException as e:  # noqa: BLE001 (handed to the reader)
-            item = e
-        while not stopped.is_set():
-            try:
-                q.put(item, timeout=1.0)
-                return
-            except queue.Full:
-                continue
-
-    threading.Thread(target=run, name=f"stream {key}", daemon=True).start()
-
-    def next_item() -> object:
-        try:
-            return q.get(timeout=STREAM_TIMEOUT)
-        except queue.Empty:
-            return ClusterError(f"reading {key}: no data for {STREAM_TIMEOUT:.0f} s")
-
-    first = next_item()
-    if isinstance(first, BaseException):
-        stopped.set()
-        raise first
-
-    def pieces() -> Iterator[bytes]:
-        item = first
-        while item is not _END:
-            if isinstance(item, BaseException):
-                log.warning("read of %s failed mid-stream: %s", key, item)
-                return
-            yield item
-            item = next_item()
-
-    return pieces(), stopped.set

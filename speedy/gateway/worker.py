@@ -39,7 +39,7 @@ def maintain(app, interval: float) -> None:
     """Worker 0, forever: retry queued blob frees, abort abandoned S3 uploads."""
     import gevent
 
-    from speedy.gateway.paths import sweep_garbage
+    from speedy.gateway.garbage import sweep_garbage
     from speedy.gateway.s3.api import sweep_uploads
     while True:
         gevent.sleep(interval)

@@ -28,7 +28,7 @@ from speedy.client import ClusterError, NotFoundError, SpeedyError, parse_key
 from speedy.gateway.blobs import (byte_range, content_safety, http_date, http_date_text,
                                   stream_parts)
 from speedy.gateway.http import HTTPError, Request, Response
-from speedy.gateway.paths import free_blob
+from speedy.gateway.garbage import free_blob
 from speedy.wire.manifest import Key
 from speedy.gateway.s3 import sigv4, xml
 from speedy.gateway.s3.chunked import AwsChunkedReader, BodyError, Checksum, header_checksum
