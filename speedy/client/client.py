@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
 from speedy.client.chunkconn import ChunkError, ConnPool, Reply, format_addr, parse_addr
+from speedy.client.pipeline import PipeSet
 from speedy.wire.manifest import MAGIC as MANIFEST_MAGIC
 from speedy.wire.manifest import (Key, KeyFormatError, Manifest, ManifestError, Part, as_key,
                        digest, parse_key)
@@ -110,11 +111,16 @@ class Client:
                  timeout: float = 10.0, connect_timeout: float = 3.0,
                  master_timeout: float = 5.0, part_size: int = DEFAULT_PART_SIZE,
                  parallel: int = 4, min_replicas: int = 2, route_ttl: float = 5.0,
-                 write_attempts: int = 3, undo_attempts: int = UNDO_ATTEMPTS):
+                 write_attempts: int = 3, undo_attempts: int = UNDO_ATTEMPTS,
+                 pipelined: bool = False):
+        """pipelined: READs share a few connections per chunkserver, answered in order
+        (speedy.client.pipeline): for a process with many concurrent readers."""
         if part_size < 1:
             raise ValueError("part_size must be >= 1")
         self.master = Master(master_address(master), token, master_timeout)
         self.pool = ConnPool(timeout, connect_timeout)
+        self.reads: ConnPool | PipeSet = PipeSet(timeout, connect_timeout) if pipelined \
+            else self.pool   # where READs go
         self.fids = FidAllocator(self.master.fid_range)
         self.part_size = part_size
         self.parallel = max(1, parallel)
@@ -144,6 +150,8 @@ class Client:
                     ex.shutdown(wait=True, cancel_futures=True)
             self._io = self._parts = None
         self.pool.close()
+        if self.reads is not self.pool:
+            self.reads.close()
 
     def _executor(self, kind: str) -> ThreadPoolExecutor:
         with self._pools_lock:
@@ -392,7 +400,7 @@ class Client:
         damaged = False
         for s in read_order(self._group(key.group_id)):
             try:
-                r = self.pool.read(s.addr, key.group_id, key.fid)
+                r = self.reads.read(s.addr, key.group_id, key.fid)
             except ChunkError as e:
                 errors.append(str(e))
                 self.invalidate_route()
@@ -495,7 +503,7 @@ class Client:
         """Size, parts and the replicas that hold key (READs every replica)."""
         k = as_key(key)
         servers = self._group(k.group_id)
-        replies = self._fan_out(lambda s: self.pool.read(s.addr, k.group_id, k.fid), servers)
+        replies = self._fan_out(lambda s: self.reads.read(s.addr, k.group_id, k.fid), servers)
         have = [(s, r) for s, r in zip(servers, replies) if isinstance(r, Reply) and r.ok]
         missing = [s.name for s, r in zip(servers, replies)
                    if not (isinstance(r, Reply) and r.ok)]

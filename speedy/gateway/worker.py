@@ -79,7 +79,8 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     records = RecordStore(meta)
     client = Client(cfg.master, token=cfg.token or None, timeout=cfg.timeout,
                     connect_timeout=min(3.0, cfg.timeout), part_size=cfg.part_size,
-                    parallel=UPLOAD_PARALLEL, min_replicas=cfg.min_replicas)
+                    parallel=UPLOAD_PARALLEL, min_replicas=cfg.min_replicas,
+                    pipelined=True)
     # many HTTP connections at once: keep enough idle chunkserver connections to reuse
     client.pool.max_idle = max(client.pool.max_idle, IDLE_CHUNK_CONNECTIONS)
     app = GatewayApp(client, meta, signing_key=cfg.signing_key, max_body=cfg.max_body,

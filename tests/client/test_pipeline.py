@@ -1,0 +1,148 @@
+"""Pipelined READs (speedy.client.pipeline) against a real chunkserver: every caller gets
+its own answer in any interleaving, dead and silent connections fail or retry, never hang."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from contextlib import closing
+
+import pytest
+
+from tests.support.cluster import Cluster
+from tests.support.server import servers  # noqa: F401 (fixture)
+
+from speedy.client.chunkconn import ChunkError, ConnPool
+from speedy.client.pipeline import Pipe, PipeSet
+from speedy.wire.protocol import Err
+
+
+def stored(pool: ConnPool, addr, sizes: dict[int, int]) -> dict[int, bytes]:
+    """Write one blob per fid (of the given sizes) through a plain pool; {fid: bytes}."""
+    blobs = {}
+    for fid, size in sizes.items():
+        data = os.urandom(size)
+        assert pool.write(addr, 1, fid, data).ok
+        blobs[fid] = data
+    return blobs
+
+
+def test_concurrent_callers_each_get_their_own_answer(servers):
+    srv = servers("cs")
+    addr = ("127.0.0.1", srv.port)
+    sizes = {fid: random.choice([0, 1, 4096, 70_000, 600_000]) for fid in range(1, 41)}
+    with closing(ConnPool()) as pool:
+        blobs = stored(pool, addr, sizes)
+    pipes = PipeSet(timeout=10, per_server=2)
+    errors: list[str] = []
+
+    def reader(seed: int) -> None:
+        rnd = random.Random(seed)
+        for _ in range(60):
+            fid = rnd.choice(list(blobs) + [999])   # 999: not stored
+            r = pipes.read(addr, 1, fid)
+            if fid == 999:
+                if r.err != Err.FILE_NOT_FOUND:
+                    errors.append(f"fid 999: {r.err}")
+            elif not r.ok or bytes(r.body) != blobs[fid]:
+                errors.append(f"fid {fid}: wrong answer ({r.err}, {len(r.body)} bytes)")
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(12)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        live = pipes._pipes[addr]
+        assert 1 <= len(live) <= 2   # twelve callers shared at most two connections
+    finally:
+        pipes.close()
+
+
+def test_a_connection_the_server_closed_is_replaced_without_an_error(servers):
+    srv = servers("cs", idle_timeout=1)
+    addr = ("127.0.0.1", srv.port)
+    with closing(ConnPool()) as pool:
+        blobs = stored(pool, addr, {5: 3000})
+    with closing(PipeSet(timeout=10)) as pipes:
+        assert bytes(pipes.read(addr, 1, 5).body) == blobs[5]
+        [first] = pipes._pipes[addr]
+        deadline = time.monotonic() + 20
+        while not first.dead and time.monotonic() < deadline:
+            time.sleep(0.1)       # the server drops the idle connection
+        assert first.dead
+        assert bytes(pipes.read(addr, 1, 5).body) == blobs[5]
+        srv.stop()
+        srv.start()               # same port: the pipe made before the restart is dead
+        assert bytes(pipes.read(addr, 1, 5).body) == blobs[5]
+
+
+def test_a_silent_server_fails_every_waiting_caller_within_the_timeout(servers):
+    srv = servers("cs")
+    addr = ("127.0.0.1", srv.port)
+    with closing(ConnPool()) as pool:
+        stored(pool, addr, {6: 100})
+    pipe = Pipe(addr, timeout=1.0)
+    results: list[str] = []
+
+    def call() -> None:
+        try:
+            pipe.read(1, 6)
+            results.append("answered")
+        except ChunkError as e:
+            results.append(str(e))
+
+    os.killpg(srv.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        took = time.monotonic() - t0
+    finally:
+        os.killpg(srv.pid, signal.SIGCONT)
+    assert not any(t.is_alive() for t in threads)
+    assert len(results) == 4 and all("timed out" in r for r in results), results
+    assert took < 5
+    assert pipe.dead
+
+
+def test_an_answer_nobody_asked_for_ends_the_pipe_with_an_error():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        addr = listener.getsockname()
+
+        def serve() -> None:   # a peer that answers a READ with a PING response
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(100)
+                conn.sendall(bytes([10, 0, 0, 0, 0, 0]))
+                time.sleep(1)
+
+        t = threading.Thread(target=serve)
+        t.start()
+        pipe = Pipe(addr, timeout=5)
+        with pytest.raises(ChunkError, match="opcode 10"):
+            pipe.read(1, 1)
+        t.join()
+        assert pipe.dead
+
+
+def test_client_reads_fail_over_between_replicas_through_pipes(tmp_path):
+    with Cluster(tmp_path, groups=1, per_group=2) as cluster, \
+            cluster.client(pipelined=True, timeout=5) as c:
+        key = c.put(b"pipelined" * 1000)
+        for _ in range(4):
+            assert c.get(key) == b"pipelined" * 1000
+        assert isinstance(c.reads, PipeSet) and c.reads._pipes   # reads went through pipes
+        cluster.kill(cluster.servers[0])
+        for _ in range(4):   # whichever replica it tries first, the read answers
+            assert c.get(key) == b"pipelined" * 1000
