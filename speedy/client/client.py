@@ -38,6 +38,7 @@ __all__ = ["Client", "Stat", "ServerInfo", "Route", "Master", "FidAllocator",
            "DEFAULT_PART_SIZE", "INIT", "RW", "RO", "ERR", "STATUS_NAMES", "STATUS_CODES"]
 
 DEFAULT_PART_SIZE = 4 << 20
+LARGE_READ = 256 << 10     # pipelined clients read blobs this large on their own connection
 UNDO_ATTEMPTS = 4          # DELETEs of a failed put's fid per server, at most
 UNDO_BACKOFF = 0.25        # seconds before the 2nd attempt, doubled after each
 Progress = Callable[[int, "int | None"], None]
@@ -394,13 +395,16 @@ class Client:
 
     # -- reads -------------------------------------------------------------------------
 
-    def _read_blob(self, key: Key, verify: Callable[[bytes], bool] | None = None):
-        """A blob's bytes from the first replica that has them, RW servers first."""
+    def _read_blob(self, key: Key, verify: Callable[[bytes], bool] | None = None, *,
+                   large: bool = False):
+        """A blob's bytes from the first replica that has them, RW servers first. large:
+        on a connection of its own, not behind others on a pipe (pipelined clients)."""
         not_found, errors = [], []
         damaged = False
+        reads = self.pool if large else self.reads
         for s in read_order(self._group(key.group_id)):
             try:
-                r = self.reads.read(s.addr, key.group_id, key.fid)
+                r = reads.read(s.addr, key.group_id, key.fid)
             except ChunkError as e:
                 errors.append(str(e))
                 self.invalidate_route()
@@ -444,7 +448,8 @@ class Client:
         """One part, verified against its size and sha256."""
         try:
             return self._read_blob(part.key, lambda b: len(b) == part.size
-                                   and digest(b) == part.sha256)
+                                   and digest(b) == part.sha256,
+                                   large=part.size >= LARGE_READ)
         except NotFoundError:
             raise IntegrityError(f"{key}: part {i} ({part.key}) is missing") from None
         except ClusterError as e:
@@ -457,6 +462,14 @@ class Client:
     def read_part(self, key: str | Key, i: int, part: Part) -> bytes:
         """Part i of a multi-part key's manifest, verified against its size and sha256."""
         return self._read_part(as_key(key), i, part)
+
+    def read(self, key: str | Key, *, size_hint: int | None = None) -> bytes | bytearray:
+        """The bytes of a plain key as they were received (no copy). size_hint: the size
+        the caller expects, when it knows (a large blob skips the shared pipes)."""
+        k = as_key(key)
+        if k.multipart:
+            raise ValueError(f"{k} is a multi-part key: use get_to or read_part")
+        return self._read_blob(k, large=size_hint is not None and size_hint >= LARGE_READ)
 
     def get(self, key: str | Key) -> bytes:
         """The bytes stored under key."""

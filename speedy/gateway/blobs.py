@@ -153,7 +153,7 @@ def download(app: "GatewayApp", req: Request, key: str) -> Response:
             manifest = app.client.manifest(k)
             size = manifest.total_size
         else:
-            first = read_whole(app, k)
+            first = app.client.read(k, size_hint=rec.size if rec is not None else None)
             size = len(first)
     except NotFoundError:
         raise HTTPError(404, f"{key} not found") from None
@@ -182,22 +182,6 @@ def download(app: "GatewayApp", req: Request, key: str) -> Response:
         return Response.raw(status, piece, "", headers)
     return Response.stream(status, stream_parts(app, k, manifest, start, end, first),
                            end - start, headers)
-
-
-class _Keep:
-    """A write() target that keeps what it is given (no copy of the blob)."""
-
-    data: bytes | bytearray = b""
-
-    def write(self, data: bytes | bytearray) -> None:
-        self.data = data
-
-
-def read_whole(app: "GatewayApp", k: Key) -> bytes | bytearray:
-    """The bytes of a plain key, as the client library received them."""
-    keep = _Keep()
-    app.client.get_to(k, keep)
-    return keep.data
 
 
 def stream_parts(app: "GatewayApp", k: Key, m: Manifest, start: int, end: int,

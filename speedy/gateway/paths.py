@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable
 
 from speedy.client import MasterError, SpeedyError
-from speedy.gateway.blobs import read_whole, stream_parts
+from speedy.gateway.blobs import stream_parts
 from speedy.gateway.garbage import free_blobs
 from speedy.gateway.http import HTTPError, Request, Response
 from speedy.gateway.meta import MAX_PATH_BYTES, Fragment, Key, MetaError
@@ -227,7 +227,7 @@ def download(app: Any, req: Request) -> Response:
     k = f.blob
     try:
         if not k.multipart:
-            data = read_whole(app, k)
+            data = app.client.read(k, size_hint=f.size)
             if len(data) != f.size:
                 raise fail(500, f"stored blob {k} has {len(data)} bytes, expected {f.size}")
             return Response.raw(200, data, "", headers)

@@ -16,6 +16,7 @@ from tests.support.cluster import Cluster
 from tests.support.server import servers  # noqa: F401 (fixture)
 
 from speedy.client.chunkconn import ChunkError, ConnPool
+from speedy.client.client import LARGE_READ
 from speedy.client.pipeline import Pipe, PipeSet
 from speedy.wire.protocol import Err
 
@@ -146,3 +147,17 @@ def test_client_reads_fail_over_between_replicas_through_pipes(tmp_path):
         cluster.kill(cluster.servers[0])
         for _ in range(4):   # whichever replica it tries first, the read answers
             assert c.get(key) == b"pipelined" * 1000
+
+
+def test_a_large_read_takes_a_connection_of_its_own(tmp_path):
+    big = os.urandom(LARGE_READ + 1)
+    with Cluster(tmp_path, groups=1, per_group=2) as cluster, \
+            cluster.client(pipelined=True, timeout=5, part_size=1 << 20) as c:
+        small_key, big_key = c.put(b"small"), c.put(big)
+        assert bytes(c.read(big_key, size_hint=len(big))) == big
+        assert not c.reads._pipes and any(c.pool._idle.values())   # the pool, no pipe
+        assert bytes(c.read(small_key)) == b"small"
+        assert c.reads._pipes                                    # small: through a pipe
+        assert bytes(c.read(big_key)) == big   # no hint: a pipe too, the answer whole
+        with pytest.raises(ValueError, match="multi-part"):
+            c.read(c.put(os.urandom((1 << 20) + 1)))

@@ -570,7 +570,7 @@ def read_range(app: "GatewayApp", o: ObjectInfo, start: int, end: int) -> Iterat
                 m = app.client.manifest(k)
                 yield from stream_parts(app, k, m, lo, hi, None)
             else:
-                data = app.client.get(k)
+                data = app.client.read(k, size_hint=size)
                 yield data if (lo, hi) == (0, len(data)) else data[lo:hi]
         off += size
 
