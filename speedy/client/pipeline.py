@@ -18,7 +18,9 @@ caller at a time gains nothing and uses the ConnPool.
 Failures: a connection that ends or breaks fails every caller still waiting on it; a
 caller whose answer had not begun gets StaleConnection and is retried once on a new
 connection (READ is idempotent). No answer byte within the timeout while callers wait:
-the connection is dropped and they get ChunkError (their read fails over).
+the connection is dropped and they get ChunkError (their read fails over). A watchdog
+thread per pipe checks that a few times per timeout, so the socket waits carry no timer
+of their own (under gevent a timer per wait costs more than the rest of a small READ).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ class Ticket:
         self.lock.release()
 
     def wait(self) -> Reply:
-        """The answer (the pipe's reader enforces the timeout); the error, raised."""
+        """The answer (the pipe's watchdog enforces the timeout); the error, raised."""
         self.lock.acquire()
         if self.error is not None:
             raise self.error
@@ -78,7 +80,7 @@ class Pipe:
         try:
             self.sock = socket.create_connection(addr, timeout=connect_timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.settimeout(timeout)
+            self.sock.settimeout(None)   # the watchdog keeps the time
         except OSError as e:
             raise ChunkError(f"{self.name}: cannot connect: {describe(e)}") from None
         self.waiting: deque[Ticket] = deque()
@@ -87,7 +89,10 @@ class Pipe:
         self.send_lock = threading.Lock()  # one batch on the socket at a time
         self.batching = False
         self.dead = False
+        self.since = time.monotonic()   # last progress: bytes in, or the first caller
         threading.Thread(target=self._receive, name=f"pipe-{self.name}", daemon=True).start()
+        threading.Thread(target=self._watch, name=f"pipe-watch-{self.name}",
+                         daemon=True).start()
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -99,6 +104,8 @@ class Pipe:
         with self.lock:
             if self.dead:
                 raise StaleConnection(f"{self.name}: connection closed")
+            if not self.waiting:
+                self.since = time.monotonic()
             self.waiting.append(ticket)
             self.out.append(request)
             lead = not self.batching
@@ -155,24 +162,27 @@ class Pipe:
         except Exception as e:  # noqa: BLE001 (the reader never dies leaving callers waiting)
             self.fail(ChunkError(f"{self.name}: receive failed: {describe(e)}"))
 
+    def _watch(self) -> None:
+        """Fail the pipe when callers wait and no byte came for the timeout."""
+        tick = min(1.0, self.timeout / 4)
+        while not self.dead:
+            time.sleep(tick)
+            if self.waiting and time.monotonic() - self.since > self.timeout:
+                self.fail(ChunkError(f"{self.name}: timed out after {self.timeout:g} s"))
+
     def _recv_some(self, partial: bool) -> bytes:
-        """Some bytes; waits without limit while nobody waits for an answer.
-        StaleConnection when the connection ends before an answer began (partial: it had)."""
-        while True:
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except socket.timeout:
-                if self.waiting or self.dead or partial:
-                    raise ChunkError(f"{self.name}: timed out after {self.timeout:g} s") \
-                        from None
-                continue
-            except OSError as e:
-                cls = CutShort if partial else StaleConnection
-                raise cls(f"{self.name}: receive failed: {describe(e)}") from None
-            if not data:
-                cls = CutShort if partial else StaleConnection
-                raise cls(f"{self.name}: closed by peer")
-            return data
+        """Some bytes. StaleConnection when the connection ends before an answer began
+        (partial: it had begun)."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except OSError as e:
+            cls = CutShort if partial else StaleConnection
+            raise cls(f"{self.name}: receive failed: {describe(e)}") from None
+        if not data:
+            cls = CutShort if partial else StaleConnection
+            raise cls(f"{self.name}: closed by peer")
+        self.since = time.monotonic()
+        return data
 
     def _recv_into(self, view: memoryview) -> None:
         """Fill view from the socket (the rest of a large answer)."""
@@ -180,18 +190,19 @@ class Pipe:
         while got < len(view):
             try:
                 n = self.sock.recv_into(view[got:])
-            except socket.timeout:
-                raise ChunkError(f"{self.name}: timed out after {self.timeout:g} s") from None
             except OSError as e:
                 raise CutShort(f"{self.name}: receive failed: {describe(e)}") from None
             if not n:
                 raise CutShort(f"{self.name}: connection closed mid-response")
+            self.since = time.monotonic()
             got += n
 
     def fail(self, error: ChunkError, stale_from: int | None = None) -> None:
         """End the pipe: close it and fail everyone still waiting. The callers from
         position stale_from on had no byte of their answer: they may try once more."""
         with self.lock:
+            if self.dead and not self.waiting:
+                return
             self.dead = True
             waiting, self.waiting = self.waiting, deque()
         try:
