@@ -20,8 +20,9 @@ from speedy.client.chunkconn import format_addr, parse_addr
 from speedy.common.config import (ConfigFileParser, HelpFormatter, byte_size, int_range,
                                   spellings)
 from speedy.common.config import positive_float as positive
-from speedy.client.client import (DEFAULT_MASTER, DEFAULT_PART_SIZE, Client, NotFoundError, ServerInfo,
-                     SpeedyError, master_address)
+from speedy.client.client import (DEFAULT_MASTER, DEFAULT_PART_SIZE, Client, NotFoundError,
+                                  ServerInfo, SpeedyError)
+from speedy.client.master import master_address
 from speedy.wire.manifest import KeyFormatError, parse_key
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_CLUSTER = 0, 1, 2, 3

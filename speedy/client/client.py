@@ -19,17 +19,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
-from speedy.client.chunkconn import ChunkError, ConnPool, Reply, format_addr, parse_addr
+from speedy.client.chunkconn import ChunkError, ConnPool, Reply, format_addr
 from speedy.client.pipeline import PipeSet
 from speedy.wire.manifest import MAGIC as MANIFEST_MAGIC
 from speedy.wire.manifest import (Key, KeyFormatError, Manifest, ManifestError, Part, as_key,
                        digest, parse_key)
 from speedy.wire.protocol import Err, WriteOutcome, write_outcome
-from speedy.client.master import (DEFAULT_MASTER, DEFAULT_MASTER_PORT, ERR, INIT, RO, RW,
+from speedy.client.master import (DEFAULT_MASTER, ERR, INIT, RO, RW,
                       STATUS_CODES, STATUS_NAMES, ClusterError, FidAllocator,
                       IntegrityError, Master, MasterError, NotFoundError, Route,
                       ServerInfo, SpeedyError, UploadError, choose_group,
-                      explain_no_group, read_order)
+                      explain_no_group, master_address, not_multipart, read_order,
+                      upload_error)
 
 __all__ = ["Client", "Stat", "ServerInfo", "Route", "Master", "FidAllocator",
            "SpeedyError", "ClusterError", "NotFoundError", "IntegrityError",
@@ -55,42 +56,6 @@ class Stat:
     replicas: list[str]          # servers that hold the (manifest) blob
     missing: list[str]           # servers of the group that do not, or did not answer
     part_keys: list[str] = field(default_factory=list)
-
-
-def not_multipart(key: Key) -> NotFoundError:
-    """The error for a multi-part key whose blob is a plain file."""
-    return NotFoundError(f"{key} is not a multi-part file ({key.blob()} is a plain file: "
-                         f"use the key without the m)")
-
-
-def master_address(text: str) -> str:
-    """"host:port" of the master from HOST[:PORT] or http://HOST[:PORT][/]; ValueError."""
-    t = text.strip()
-    low = t.lower()
-    if low.startswith(("http://", "https://")):
-        if low.startswith("https://"):
-            raise ValueError(f"{text!r}: the master speaks plain HTTP (http://)")
-        t = t[len("http://"):].rstrip("/")
-        if "/" in t:
-            raise ValueError(f"{text!r}: give the master's address, not a path")
-    return format_addr(parse_addr(t, DEFAULT_MASTER_PORT))
-
-
-def upload_error(message: str, cleaned: list[str], orphans: dict[str, str]) -> UploadError:
-    """The UploadError of a failed put; names the keys that may be partially stored.
-
-    orphans: {"key@host:port": why its DELETE failed}.
-    """
-    text = message
-    if orphans:
-        keys = sorted({o.split("@", 1)[0] for o in orphans})
-        text += (f"; {'key' if len(keys) == 1 else 'keys'} {', '.join(keys)} may be "
-                 f"partially stored: could not delete "
-                 + "; ".join(f"{o} ({why})" for o, why in orphans.items())
-                 + " (remove it later with `speedy rm KEY`)")
-    err = UploadError(text, cleaned, list(orphans))
-    err.message, err.reasons = message, dict(orphans)  # type: ignore[attr-defined]
-    return err
 
 
 def read_full(f: BinaryIO, n: int) -> bytes:

@@ -13,13 +13,16 @@ import urllib.error
 import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from speedy.client.chunkconn import format_addr, parse_addr
 from speedy.format.chunkfile import RECORD_HEADER_SIZE
 from speedy.wire import master as wm
 from speedy.wire import placement
 from speedy.wire.master import FieldError, Status
+
+if TYPE_CHECKING:
+    from speedy.wire.manifest import Key
 
 DEFAULT_MASTER_PORT = wm.DEFAULT_PORT
 DEFAULT_MASTER = f"127.0.0.1:{DEFAULT_MASTER_PORT}"
@@ -64,6 +67,42 @@ class UploadError(ClusterError):
         super().__init__(message)
         self.cleaned = cleaned or []    # keys written somewhere, then deleted
         self.orphans = orphans or []    # "key@host:port" that could not be deleted
+
+
+def not_multipart(key: Key) -> NotFoundError:
+    """The error for a multi-part key whose blob is a plain file."""
+    return NotFoundError(f"{key} is not a multi-part file ({key.blob()} is a plain file: "
+                         f"use the key without the m)")
+
+
+def upload_error(message: str, cleaned: list[str], orphans: dict[str, str]) -> UploadError:
+    """The UploadError of a failed put; names the keys that may be partially stored.
+
+    orphans: {"key@host:port": why its DELETE failed}.
+    """
+    text = message
+    if orphans:
+        keys = sorted({o.split("@", 1)[0] for o in orphans})
+        text += (f"; {'key' if len(keys) == 1 else 'keys'} {', '.join(keys)} may be "
+                 f"partially stored: could not delete "
+                 + "; ".join(f"{o} ({why})" for o, why in orphans.items())
+                 + " (remove it later with `speedy rm KEY`)")
+    err = UploadError(text, cleaned, list(orphans))
+    err.message, err.reasons = message, dict(orphans)  # type: ignore[attr-defined]
+    return err
+
+
+def master_address(text: str) -> str:
+    """"host:port" of the master from HOST[:PORT] or http://HOST[:PORT][/]; ValueError."""
+    t = text.strip()
+    low = t.lower()
+    if low.startswith(("http://", "https://")):
+        if low.startswith("https://"):
+            raise ValueError(f"{text!r}: the master speaks plain HTTP (http://)")
+        t = t[len("http://"):].rstrip("/")
+        if "/" in t:
+            raise ValueError(f"{text!r}: give the master's address, not a path")
+    return format_addr(parse_addr(t, DEFAULT_MASTER_PORT))
 
 
 def _alias(name: str) -> property:
