@@ -24,21 +24,22 @@ from argparse import Namespace
 from functools import partial
 
 from speedy.format.chunkfile import RECORD_HEADER_SIZE, max_data_size
-from speedy.chunkserver.compaction_admin import handle_compact, handle_query_garbage
+from speedy.chunkserver.admin import (handle_compact, handle_dump_chunk, handle_kill,
+                                      handle_query_garbage, handle_set_status)
 from speedy.chunkserver.conn import AdminPolicy, Closed, Conn, TooSlow, min_rate, stall_timeout
 from speedy.chunkserver.conns import SWEEP_EVERY, ConnTable, Park
 from speedy.chunkserver.shm.index import IndexReader
 from speedy.common.logs import reopen_logs
 from speedy.common.sockets import send_all
 from speedy.chunkserver.shm.pool import BlockPool, blocks_for
-from speedy.wire.protocol import (ADMIN_OPCODES, FILE_KEY, FILE_KEY_SIZE, MAX_CHUNK_NAME, REQUEST_HEADER,
+from speedy.wire.protocol import (ADMIN_OPCODES, FILE_KEY, FILE_KEY_SIZE, REQUEST_HEADER,
                        RESPONSE_HEADER, DetailInfo, Err, Op, ServerStatus, encode_detail_info,
                        encode_io_status)
 from speedy.chunkserver.reader import ChunkReader, NotFound, ReadFailed
 from speedy.chunkserver.shm.counters import StatsView, WorkerStats
 from speedy.chunkserver.link import WriterSlot
 from speedy.chunkserver.upload import PoolFull, Upload, UploadMemory, per_source_default
-from speedy.chunkserver.messages import FID_MSG, HEAD, KIND_DELETE, KIND_KILL, KIND_WRITE, WRITE_MSG
+from speedy.chunkserver.messages import FID_MSG, KIND_DELETE, KIND_WRITE, WRITE_MSG
 
 log = logging.getLogger("speedy.chunkserver.worker")
 
@@ -97,11 +98,12 @@ class Worker:
         self.handlers = {
             Op.WRITE: self.handle_write, Op.READ: self.handle_read,
             Op.DELETE: self.handle_delete, Op.PING: self.handle_ping,
-            Op.CHECK_DISK: self.handle_check_disk, Op.SET_STATUS: self.handle_set_status,
-            Op.GET_STATUS: self.handle_get_status, Op.KILL_PD_WR: self.handle_kill,
+            Op.CHECK_DISK: self.handle_check_disk,
+            Op.SET_STATUS: partial(handle_set_status, self),
+            Op.GET_STATUS: self.handle_get_status, Op.KILL_PD_WR: partial(handle_kill, self),
             Op.QUERY_IO_STATUS: self.handle_io_status,
             Op.QUERY_DETAIL_INFOS: self.handle_detail_infos,
-            Op.DUMP_CHUNK: self.handle_dump_chunk,
+            Op.DUMP_CHUNK: partial(handle_dump_chunk, self),
             Op.QUERY_GARBAGE: partial(handle_query_garbage, self),
             Op.COMPACT: partial(handle_compact, self),
         }
@@ -495,27 +497,9 @@ class Worker:
             return self.answer(conn, op, Err.CHUNK_CHECK_ERROR)
         return self.answer(conn, op, Err.SUCCESS)
 
-    def handle_set_status(self, conn: Conn, blen: int, peer: str) -> int:
-        """SET_STATUS (admin): 0 RW, 1 RO, for every process of the server."""
-        op = Op.SET_STATUS
-        if blen != 1:
-            return self.refuse_body(conn, op, blen, Err.INTERNAL_ERROR)
-        status = conn.read_exact(1)[0]
-        if status not in (ServerStatus.RW, ServerStatus.RO):
-            return self.answer(conn, op, Err.INTERNAL_ERROR)
-        if status != self.stats.get("admin_status"):
-            log.warning("status set to %s by %s", ServerStatus(status).name, peer)
-        self.stats.set("admin_status", status)
-        return self.answer(conn, op, Err.SUCCESS)
-
     def handle_get_status(self, conn: Conn, blen: int, peer: str) -> int:
         """GET_STATUS: the effective status byte."""
         return self.answer(conn, Op.GET_STATUS, Err.SUCCESS, bytes([self.stats.status()]))
-
-    def handle_kill(self, conn: Conn, blen: int, peer: str) -> int:
-        """KILL_PD_WR (admin): the writer answers every pending write KILLED."""
-        op = Op.KILL_PD_WR
-        return self.answer(conn, op, self.call_writer(HEAD, KIND_KILL))
 
     def handle_io_status(self, conn: Conn, blen: int, peer: str) -> int:
         """QUERY_IO_STATUS: pending, writing, reading."""
@@ -536,49 +520,6 @@ class Worker:
             read_bytes=st.sum("read_bytes"), write_bytes=st.sum("write_bytes"),
             chunks=st.chunks(), total_file_count=st.get("file_count"))
         return self.answer(conn, op, Err.SUCCESS, encode_detail_info(info))
-
-    def handle_dump_chunk(self, conn: Conn, blen: int, peer: str) -> int:
-        """DUMP_CHUNK (admin): one of this server's chunk files, raw, by exact name."""
-        op = Op.DUMP_CHUNK
-        if blen >= MAX_CHUNK_NAME:
-            return self.refuse_body(conn, op, blen, Err.INTERNAL_ERROR)
-        raw = conn.read_exact(blen)
-        try:
-            path = self.reader.chunk_path(raw.decode("ascii"))
-        except UnicodeDecodeError:
-            path = None
-        if path is None:
-            return self.answer(conn, op, Err.FILE_NOT_FOUND)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            log.error("DUMP_CHUNK %s: %s", path, e.strerror)
-            return self.answer(conn, op, Err.READ_ERROR)
-        try:
-            size = os.fstat(fd).st_size
-            if size > 0xFFFFFFFF:
-                return self.answer(conn, op, Err.INTERNAL_ERROR)
-            conn.sock.sendall(RESPONSE_HEADER.pack(op, Err.SUCCESS, size))
-            self.sendfile(conn.sock, fd, size)
-        finally:
-            os.close(fd)
-        return Err.SUCCESS
-
-    def sendfile(self, sock, fd: int, size: int) -> None:
-        """Send size bytes of fd with sendfile(2), cooperatively; Closed if it comes short."""
-        from gevent.socket import wait_write
-        out = sock.fileno()
-        offset = 0
-        while offset < size:
-            try:
-                n = os.sendfile(out, fd, offset, min(size - offset, 1 << 30))
-            except BlockingIOError:
-                wait_write(out, timeout=self.stall, timeout_exc=socket.timeout("send stalled"))
-                continue
-            if n == 0:  # the file shrank under us: the stream is broken
-                raise Closed("chunk file shorter than announced")
-            offset += n
-
 
 def retire_reader(reader: ChunkReader) -> None:
     """Close a reader a new writer's replaced: its descriptors, then its index."""
