@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from speedy.bench.load import LoadGenerator, PhaseResult, Target  # noqa: E402
-from speedy.chunkserver.shm.pool import unlink_prefix  # noqa: E402
+from speedy.chunkserver.shm.segments import unlink_prefix  # noqa: E402
 from speedy.wire.protocol import (COMPACT_RESULT, FILE_KEY, REQUEST_HEADER,  # noqa: E402
                                   RESPONSE_HEADER, Err, Op, decode_garbage,
                                   encode_compact_request)

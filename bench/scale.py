@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 
 from speedy.bench.load import LoadGenerator, Target, processes_cpu  # noqa: E402
 from speedy.format.chunkfile import SUPERBLOCK_SIZE, Superblock, encode_record_header  # noqa: E402
-from speedy.chunkserver.shm.pool import unlink_prefix  # noqa: E402
+from speedy.chunkserver.shm.segments import unlink_prefix  # noqa: E402
 from speedy.wire.protocol import FILE_KEY, REQUEST_HEADER, RESPONSE_HEADER, Err, Op  # noqa: E402
 
 SERVER = os.path.join(ROOT, "spy_server.py")

@@ -40,9 +40,10 @@ from speedy.common.daemonize import (PidfileError, StartError, daemonize, remove
 from speedy.common.children import describe_exit, exit_code, exited_children
 from speedy.common.listener import bind_listener
 from speedy.common.logs import reopen_logs, setup_logging
-from speedy.chunkserver.shm.pool import (BlockPool, MAX_OWNER, WRITER_OWNER, disable_resource_tracker,
-                   remove_stale_segments, segments_with_prefix, server_prefix, unlink_prefix,
-                   unlink_segment)
+from speedy.chunkserver.shm.pool import MAX_OWNER, WRITER_OWNER, BlockPool
+from speedy.chunkserver.shm.segments import (disable_resource_tracker, remove_stale_segments,
+                                             segments_with_prefix, server_prefix,
+                                             unlink_prefix, unlink_segment)
 from speedy.chunkserver.shm.counters import StatsView
 from speedy.chunkserver.worker import BOOT_ERROR, run_worker
 from speedy.chunkserver.messages import OWNER

@@ -35,7 +35,8 @@ from speedy.chunkserver.messages import (FID_MSG, FRAME, HEAD, KIND_COMPACT, KIN
 from speedy.chunkserver.store.compact import used_bytes
 from speedy.chunkserver.shm.index import FidIndex
 from speedy.common.logs import reopen_logs
-from speedy.chunkserver.shm.pool import BlockPool, unlink_prefix
+from speedy.chunkserver.shm.pool import BlockPool
+from speedy.chunkserver.shm.segments import unlink_prefix
 from speedy.wire.protocol import Err
 from speedy.chunkserver.shm.counters import StatsView
 from speedy.chunkserver.store.chunkstore import ChunkStore, FileExists, NoRoom, WriteFailed

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from speedy.chunkserver.shm.pool import (BLOCK_SIZE, WRITER_OWNER, BlockPool, HomeSlice, blocks_for,
-                                         remove_stale_segments,
-                         segments_with_prefix, unlink_prefix)
+from speedy.chunkserver.shm.pool import (BLOCK_SIZE, WRITER_OWNER, BlockPool, HomeSlice,
+                                         blocks_for)
+from speedy.chunkserver.shm.segments import (remove_stale_segments, segments_with_prefix,
+                                             unlink_prefix)
 from speedy.wire.protocol import Err, Op
 from speedy.chunkserver.shm.counters import StatsView
 

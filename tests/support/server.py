@@ -14,7 +14,8 @@ import pytest
 from tests.support import PYTHON, ROOT, free_port
 from tests.support.daemon import children_of, exited, spawn, stop_session, wait_ready
 
-from speedy.chunkserver.shm.pool import BlockPool, server_prefix, unlink_prefix
+from speedy.chunkserver.shm.pool import BlockPool
+from speedy.chunkserver.shm.segments import server_prefix, unlink_prefix
 from speedy.wire.protocol import REQUEST_HEADER, RESPONSE_HEADER, Err, Op, encode_file_key
 
 SPY_SERVER = os.path.join(ROOT, "spy_server.py")

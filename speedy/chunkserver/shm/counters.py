@@ -22,7 +22,7 @@ from multiprocessing import shared_memory
 from speedy.format.chunkfile import chunk_name
 from speedy.common.config import MAX_CHUNKS
 from speedy.common.metrics import LATENCY_BUCKETS, bucket_index
-from speedy.chunkserver.shm.pool import attach_segment, create_segment
+from speedy.chunkserver.shm.segments import attach_segment, create_segment
 from speedy.wire.protocol import Err, Op, ServerStatus
 
 MAGIC = 0x5350595354415453  # "SPYSTATS"

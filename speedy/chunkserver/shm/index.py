@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import logging
 import time
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Callable, Iterator
 
 from speedy.chunkserver.shm.generations import SEGMENT_SIZE as GENS_SIZE
 from speedy.chunkserver.shm.generations import ChunkState, Generations
-
-try:  # the POSIX call SharedMemory.unlink makes, without its resource_tracker message
-    import _posixshmem
-except ImportError:  # pragma: no cover - non-POSIX
-    _posixshmem = None
+from speedy.chunkserver.shm.segments import attach_segment, create_segment, unlink_segment
 
 log = logging.getLogger("speedy.chunkserver.shm.index")
 
@@ -46,53 +42,6 @@ CTL_SIZE = 128
 CTL_NAME_OFFSET = 24
 CTL_NAME_MAX = CTL_SIZE - CTL_NAME_OFFSET
 SPIN_LIMIT = 2.0  # seconds a reader waits for a writer stuck inside the seqlock
-
-
-class _Segment(shared_memory.SharedMemory):
-    """SharedMemory that does not complain at exit when a view of it is still alive."""
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except (BufferError, OSError):
-            pass
-
-
-def _untrack(shm: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
-    """Stop Python 3.11's resource_tracker from unlinking a segment it does not own."""
-    try:
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:  # pragma: no cover - tracker not running
-        pass
-    return shm
-
-
-def _create_segment(name: str, size: int) -> shared_memory.SharedMemory:
-    """A new zero-filled segment (a stale one of the same name is replaced)."""
-    try:
-        shm = _Segment(name=name, create=True, size=size)
-    except FileExistsError:
-        _unlink_name(name)
-        shm = _Segment(name=name, create=True, size=size)
-    return _untrack(shm)
-
-
-def _attach_segment(name: str) -> shared_memory.SharedMemory:
-    """Attach an existing segment by name."""
-    return _untrack(_Segment(name=name, create=False))
-
-
-def _unlink_name(name: str) -> None:
-    """Remove a segment name; missing is fine."""
-    try:
-        if _posixshmem is not None:
-            _posixshmem.shm_unlink("/" + name)
-        else:  # pragma: no cover
-            shm = shared_memory.SharedMemory(name=name)
-            shm.close()
-            shm.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _capacity_for(n: int, minimum: int = MIN_CAPACITY) -> int:
@@ -187,7 +136,7 @@ class FidIndex:
         self._count = 0
         self._tombstones = 0
         self._closed = False
-        self._gens_shm = _create_segment(gens_name(self.name), GENS_SIZE)
+        self._gens_shm = create_segment(gens_name(self.name), GENS_SIZE)
         self.gens = Generations(self._gens_shm.buf)
         self.gens.init()
 
@@ -195,9 +144,9 @@ class FidIndex:
     def create(cls, prefix: str, capacity: int = 1 << 16) -> "FidIndex":
         """New control + table segments named after prefix (e.g. ``spy1234``)."""
         capacity = _capacity_for(0, capacity)
-        ctl = _Control(_create_segment(f"{prefix}_ic", CTL_SIZE))
+        ctl = _Control(create_segment(f"{prefix}_ic", CTL_SIZE))
         gen = 1
-        table = _Table(_create_segment(f"{prefix}_t{gen}", capacity * SLOT_BYTES), capacity)
+        table = _Table(create_segment(f"{prefix}_t{gen}", capacity * SLOT_BYTES), capacity)
         ctl.publish(gen, table.shm.name)
         return cls(prefix, ctl, table, gen)
 
@@ -432,13 +381,13 @@ class FidIndex:
         """Build a new table segment with fill(), then switch readers to it."""
         gen = self._gen + 1
         name = f"{self.prefix}_t{gen}"
-        shm = _create_segment(name, capacity * SLOT_BYTES)
+        shm = create_segment(name, capacity * SLOT_BYTES)
         table = _Table(shm, capacity)
         try:
             fill(table.slots)
         except BaseException:
             table.close()
-            _unlink_name(name)
+            unlink_segment(name)
             raise
         old = self._table
         self._lock()
@@ -448,7 +397,7 @@ class FidIndex:
         self._count, self._tombstones = count, tombstones
         old_name = old.shm.name
         old.close()
-        _unlink_name(old_name)
+        unlink_segment(old_name)
 
     # -- snapshot support: the raw table image
     def raw_table(self) -> memoryview:
@@ -488,13 +437,13 @@ class FidIndex:
         """Remove every segment: the current table (even if another process grew it) and control."""
         names = {f"{self.prefix}_t{self._gen}", f"{self.prefix}_ic", gens_name(self.name)}
         try:
-            ctl = _Control(_attach_segment(f"{self.prefix}_ic"))
+            ctl = _Control(attach_segment(f"{self.prefix}_ic"))
             names.add(ctl.table_name())
             ctl.close()
         except (FileNotFoundError, ValueError):
             pass
         for name in names:
-            _unlink_name(name)
+            unlink_segment(name)
 
 
 class IndexReader:
@@ -502,11 +451,11 @@ class IndexReader:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._ctl = _Control(_attach_segment(name))
+        self._ctl = _Control(attach_segment(name))
         self._table: _Table | None = None
         self._gen = -1
         self._stuck = -1  # an odd seq a dead writer left behind
-        self._gens_shm = _attach_segment(gens_name(name))
+        self._gens_shm = attach_segment(gens_name(name))
         self._gens = Generations(self._gens_shm.buf)
         self._attach()
 
@@ -522,7 +471,7 @@ class IndexReader:
                 self._wait(deadline)
                 continue
             try:
-                shm = _attach_segment(name)
+                shm = attach_segment(name)
             except FileNotFoundError:  # grown again meanwhile and unlinked: read again
                 if words[1] == gen:
                     raise
