@@ -2,22 +2,21 @@
 
 A client records at the master each delete it could not finish on a replica (POST
 /v1/chunkserver/pendingdelete). When that chunkserver reports, the master speaks the
-chunkserver protocol to it (one connection, one DELETE per fid) and drops each fid the
-server answers SUCCESS or FILE_NOT_FOUND for. Until then the route marks the server
+chunkserver protocol to it (a client connection, one DELETE per fid) and drops each fid
+the server answers SUCCESS or FILE_NOT_FOUND for. Until then the route marks the server
 with PendingDeletes and clients do not read from it.
 """
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Any
 
 import gevent
 import sqlite_utils
 
+from speedy.client.chunkconn import ChunkConn, ChunkError
 from speedy.master import db as mdb
-from speedy.wire.protocol import (RESPONSE_HEADER_SIZE, Err, Op, decode_response_header,
-                                  encode_file_key, encode_request)
+from speedy.wire.protocol import Err, Op, encode_file_key
 
 log = logging.getLogger("speedy.master.deleter")
 
@@ -29,50 +28,28 @@ class DeleteFailed(Exception):
     """The chunkserver could not be reached or answered an error."""
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Exactly n bytes (DeleteFailed on a closed connection)."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise DeleteFailed("connection closed by the chunkserver")
-        buf += chunk
-    return bytes(buf)
-
-
 def delete_fids(ip: str, port: int, group_id: int, fids: list[int],
                 timeout: float = TIMEOUT) -> tuple[list[int], dict[int, str]]:
     """DELETE each fid on ip:port; (done, {fid: error}) - done includes FILE_NOT_FOUND."""
     done: list[int] = []
     failed: dict[int, str] = {}
     try:
-        sock = socket.create_connection((ip, port), timeout=timeout)
-    except OSError as e:
-        raise DeleteFailed(f"cannot connect: {e.strerror or e}") from None
+        conn = ChunkConn((ip, port), timeout, timeout)
+    except ChunkError as e:
+        raise DeleteFailed(str(e)) from None
     try:
         for fid in fids:
-            sock.sendall(encode_request(Op.DELETE, encode_file_key(group_id, fid)))
-            op, err, length = decode_response_header(_recv_exact(sock, RESPONSE_HEADER_SIZE))
-            if length:
-                _recv_exact(sock, length)
-            if err in (Err.SUCCESS, Err.FILE_NOT_FOUND):
+            reply = conn.call(Op.DELETE, [encode_file_key(group_id, fid)])
+            if reply.err in (Err.SUCCESS, Err.FILE_NOT_FOUND):
                 done.append(fid)
             else:
-                failed[fid] = _err_name(err)
-    except OSError as e:
+                failed[fid] = reply.err_name
+    except ChunkError as e:
         if not done and not failed:
-            raise DeleteFailed(str(e) or type(e).__name__) from None
+            raise DeleteFailed(str(e)) from None
     finally:
-        sock.close()
+        conn.close()
     return done, failed
-
-
-def _err_name(err: int) -> str:
-    """The protocol error's name, or its number."""
-    try:
-        return Err(err).name
-    except ValueError:
-        return str(err)
 
 
 class Deleter:
