@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from speedy.cli import local
+from speedy.cli.local import listening  # noqa: F401 (one definition, used by the tests)
 
 POLL = 0.05
 
@@ -28,11 +30,9 @@ class DaemonExited(RuntimeError):
 
 def spawn(cmd: list[str], out: str, cwd: str | None = None,
           env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start cmd in a new session; stdout and stderr appended to the file out; env is
-    added to this process's environment."""
-    with open(out, "ab") as f:
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, cwd=cwd,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+    """local.spawn (a new session, output appended to out), env added to this
+    process's environment."""
+    return local.spawn(cmd, out, cwd, {**os.environ, **(env or {})})
 
 
 def tail(path: str, size: int = 2000) -> str:
@@ -73,12 +73,6 @@ def wait_ready(ready: Callable[[], object], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not ready after {timeout:g}s")
         time.sleep(POLL)
-
-
-def listening(port: int, host: str = "127.0.0.1") -> bool:
-    """True when host:port accepts a connection."""
-    with socket.create_connection((host, port), timeout=0.5):
-        return True
 
 
 @dataclass
