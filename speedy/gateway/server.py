@@ -16,6 +16,7 @@ gevent objects it is handed through the socket and StreamServer.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 from speedy.common.sockets import send_all, send_parts
-from speedy.gateway.http import one_line, status_line
+from speedy.gateway.http import BODY_KEYS, one_line, status_line
 
 log = logging.getLogger("speedy.gateway.access")
 
@@ -147,6 +148,27 @@ class Body:
         return self.done
 
 
+TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")   # bytes a request target must not hold
+HEADER_KEYS_MAX = 1024       # header names remembered by header_key
+_header_keys: dict[bytes, str] = {}
+
+
+def header_key(name: bytes) -> str:
+    """The environ key of a header field name (HTTP_USER_AGENT, CONTENT_TYPE); 400 when
+    the name is malformed. Valid names are remembered (at most HEADER_KEYS_MAX of them)."""
+    key = _header_keys.get(name)
+    if key is not None:
+        return key
+    if not name or name != name.strip() or b" " in name:
+        raise BadRequest(400, "malformed header field")
+    key = name.decode("latin-1").upper().replace("-", "_")
+    if key not in BODY_KEYS:
+        key = "HTTP_" + key
+    if len(_header_keys) < HEADER_KEYS_MAX:
+        _header_keys[name] = key
+    return key
+
+
 def parse_head(head: bytes, environ: dict) -> tuple[str, bool]:
     """Fill environ from the request line and headers; (protocol, keep-alive wanted)."""
     lines = head.split(b"\r\n")
@@ -154,41 +176,46 @@ def parse_head(head: bytes, environ: dict) -> tuple[str, bool]:
     if len(parts) != 3:
         raise BadRequest(400, "malformed request line")
     method, target, proto = parts
-    if proto not in (b"HTTP/1.1", b"HTTP/1.0"):
+    if proto == b"HTTP/1.1":
+        version = "HTTP/1.1"
+    elif proto == b"HTTP/1.0":
+        version = "HTTP/1.0"
+    else:
         raise BadRequest(505 if proto.startswith(b"HTTP/") else 400,
                          "unsupported HTTP version")
     if not method.isalpha() or not method.isupper() or len(method) > 16:
         raise BadRequest(400, "malformed method")
     if target.startswith((b"http://", b"https://")):
         target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
-    if not target.startswith(b"/") or any(c < 33 or c == 127 for c in target):
+    if not target.startswith(b"/") or TARGET_BAD.search(target):
         raise BadRequest(400, "malformed request target")
     path, _, query = target.partition(b"?")
     environ["REQUEST_METHOD"] = method.decode()
-    environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1")
+    environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
     environ["QUERY_STRING"] = query.decode("latin-1")
-    environ["SERVER_PROTOCOL"] = proto.decode()
+    environ["SERVER_PROTOCOL"] = version
     if len(lines) - 1 > MAX_HEADERS:
         raise BadRequest(431, "too many header fields")
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip() or b" " in name:
+        if not colon:
             raise BadRequest(400, "malformed header field")
-        key = name.decode("latin-1").upper().replace("-", "_")
+        key = header_key(name)
         text = value.strip(b" \t").decode("latin-1")
         if not text.isprintable() and any(c < " " and c != "\t" for c in text):
             raise BadRequest(400, f"control character in header {name.decode('latin-1')}")
-        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if key in BODY_KEYS:
             if key == "CONTENT_LENGTH" and key in environ and environ[key] != text:
                 raise BadRequest(400, "conflicting Content-Length headers")
             environ[key] = text
-            continue
-        key = "HTTP_" + key
-        environ[key] = environ[key] + "," + text if key in environ else text
+        elif key in environ:
+            environ[key] += "," + text
+        else:
+            environ[key] = text
     conn_opts = environ.get("HTTP_CONNECTION", "").lower()
-    if proto == b"HTTP/1.1":
-        return "HTTP/1.1", "close" not in conn_opts
-    return "HTTP/1.0", "keep-alive" in conn_opts
+    if version == "HTTP/1.1":
+        return version, "close" not in conn_opts
+    return version, "keep-alive" in conn_opts
 
 
 class HTTPServer:
