@@ -218,6 +218,14 @@ def parse_head(head: bytes, environ: dict) -> tuple[str, bool]:
     return version, "keep-alive" in conn_opts
 
 
+def content_length(headers: list[tuple[str, str]]) -> str | None:
+    """The value of an answer's Content-Length header, or None."""
+    for k, v in headers:
+        if len(k) == 14 and k.lower() == "content-length":
+            return v
+    return None
+
+
 class HTTPServer:
     """Serves a WSGI app on a listening gevent socket; one greenlet per connection."""
 
@@ -264,8 +272,10 @@ class HTTPServer:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(sock)
+        base = dict(self.base, REMOTE_ADDR=str(addr[0]),
+                    REMOTE_PORT=str(addr[1]) if len(addr) > 1 else "")
         try:
-            while not self.stopping and self.serve_one(conn, addr):
+            while not self.stopping and self.serve_one(conn, base):
                 pass
         except (OSError, Closed):
             pass
@@ -299,14 +309,14 @@ class HTTPServer:
         finally:
             self.idle.discard(conn.sock)
 
-    def serve_one(self, conn: Conn, addr: tuple) -> bool:
-        """Read one request, answer it; True when the connection stays open."""
+    def serve_one(self, conn: Conn, base: dict) -> bool:
+        """Read one request, answer it; True when the connection stays open. base: the
+        connection's environ entries (server, WSGI and remote address)."""
         try:
             head = self.read_head(conn)
             if head is None:
                 return False
-            environ = dict(self.base, REMOTE_ADDR=str(addr[0]),
-                           REMOTE_PORT=str(addr[1]) if len(addr) > 1 else "")
+            environ = base.copy()
             proto, keep = parse_head(head, environ)
             body = self.request_body(conn, environ, proto)
         except BadRequest as e:
@@ -358,21 +368,18 @@ class HTTPServer:
         try:
             status, headers = started
             code = int(status[:3])
-            length = next((v for k, v in headers if k.lower() == "content-length"), None)
+            length = content_length(headers)
             no_body = environ["REQUEST_METHOD"] == "HEAD" or code in (204, 304) or \
                 code < 200
             chunked = length is None and not no_body and proto == "HTTP/1.1"
             keep = keep and not self.stopping and (length is not None or no_body or chunked)
-            head = [f"{proto} {status}\r\n"]
-            head += [f"{k}: {v}\r\n" for k, v in headers]
-            head.append(f"Date: {self.date()}\r\n")
-            if chunked:
-                head.append("Transfer-Encoding: chunked\r\n")
+            extra = "Transfer-Encoding: chunked\r\n" if chunked else ""
             if not keep:
-                head.append("Connection: close\r\n")
+                extra += "Connection: close\r\n"
             elif proto == "HTTP/1.0":
-                head.append("Connection: keep-alive\r\n")
-            out = ("".join(head) + "\r\n").encode("latin-1")
+                extra += "Connection: keep-alive\r\n"
+            out = (f"{proto} {status}\r\n" + "".join([f"{k}: {v}\r\n" for k, v in headers])
+                   + f"Date: {self.date()}\r\n{extra}\r\n").encode("latin-1")
             if no_body:
                 send_all(sock, out)
                 return code, 0, keep
