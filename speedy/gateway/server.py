@@ -89,7 +89,7 @@ class Conn:
 class Body:
     """wsgi.input: the request body, by Content-Length or chunked; b"" at its end."""
 
-    def __init__(self, conn: Conn, length: int | None, chunked: bool,
+    def __init__(self, conn: Conn | None, length: int | None, chunked: bool,
                  on_first_read: Callable[[], None] | None):
         self.conn = conn
         self.left = length or 0        # bytes left: of the body, or of the current chunk
@@ -169,6 +169,9 @@ def header_key(name: bytes) -> str:
     return key
 
 
+NO_BODY = Body(None, None, False, None)   # the wsgi.input of every request without a body
+
+
 def parse_head(head: bytes, environ: dict) -> tuple[str, bool]:
     """Fill environ from the request line and headers; (protocol, keep-alive wanted)."""
     lines = head.split(b"\r\n")
@@ -224,6 +227,10 @@ def content_length(headers: list[tuple[str, str]]) -> str | None:
         if len(k) == 14 and k.lower() == "content-length":
             return v
     return None
+
+
+def ignore_write(data: bytes) -> None:
+    """WSGI's write() callable: the gateway's app never uses it."""
 
 
 class HTTPServer:
@@ -322,9 +329,10 @@ class HTTPServer:
         except BadRequest as e:
             self.send_error(conn.sock, e.status, str(e))
             return False
-        t0 = time.monotonic()
+        debug = log.isEnabledFor(logging.DEBUG)
+        t0 = time.monotonic() if debug else 0.0
         status, sent, keep = self.respond(conn.sock, environ, body, proto, keep)
-        if log.isEnabledFor(logging.DEBUG):
+        if debug:
             log.debug('%s "%s %s %s" %s %d %.4f', environ.get("REMOTE_ADDR"),
                       environ["REQUEST_METHOD"], environ["PATH_INFO"][:200], proto,
                       status, sent, time.monotonic() - t0)
@@ -344,7 +352,11 @@ class HTTPServer:
         continue_first = None
         if environ.get("HTTP_EXPECT", "").lower() == "100-continue" and proto == "HTTP/1.1":
             continue_first = lambda: conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = Body(conn, int(raw) if raw else None, te == "chunked", continue_first)
+        length = int(raw) if raw else None
+        if length or te or continue_first is not None:
+            body = Body(conn, length, te == "chunked", continue_first)
+        else:
+            body = NO_BODY
         environ["wsgi.input"] = body
         return body
 
@@ -354,8 +366,8 @@ class HTTPServer:
         started: list = []
 
         def start_response(status: str, headers: list, exc_info=None) -> Callable:
-            started[:] = [status, headers]
-            return lambda data: None  # the write() callable: not used by the gateway
+            started[:] = status, headers
+            return ignore_write
 
         try:
             result: Iterable[bytes] = self.app(environ, start_response)
