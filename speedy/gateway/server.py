@@ -150,18 +150,19 @@ class Body:
 
 TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")   # bytes a request target must not hold
 HEADER_KEYS_MAX = 1024       # header names remembered by header_key
-_header_keys: dict[bytes, str] = {}
+ASCII_SPACE = " \t\n\r\x0b\x0c"   # what bytes.strip() strips: str.strip() strips more
+_header_keys: dict[str, str] = {}
 
 
-def header_key(name: bytes) -> str:
+def header_key(name: str) -> str:
     """The environ key of a header field name (HTTP_USER_AGENT, CONTENT_TYPE); 400 when
     the name is malformed. Valid names are remembered (at most HEADER_KEYS_MAX of them)."""
     key = _header_keys.get(name)
     if key is not None:
         return key
-    if not name or name != name.strip() or b" " in name:
+    if not name or name != name.strip(ASCII_SPACE) or " " in name:
         raise BadRequest(400, "malformed header field")
-    key = name.decode("latin-1").upper().replace("-", "_")
+    key = name.upper().replace("-", "_")
     if key not in BODY_KEYS:
         key = "HTTP_" + key
     if len(_header_keys) < HEADER_KEYS_MAX:
@@ -174,8 +175,8 @@ NO_BODY = Body(None, None, False, None)   # the wsgi.input of every request with
 
 def parse_head(head: bytes, environ: dict) -> tuple[str, bool]:
     """Fill environ from the request line and headers; (protocol, keep-alive wanted)."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
+    request_line, _, fields = head.partition(b"\r\n")
+    parts = request_line.split(b" ")
     if len(parts) != 3:
         raise BadRequest(400, "malformed request line")
     method, target, proto = parts
@@ -197,16 +198,17 @@ def parse_head(head: bytes, environ: dict) -> tuple[str, bool]:
     environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
     environ["QUERY_STRING"] = query.decode("latin-1")
     environ["SERVER_PROTOCOL"] = version
-    if len(lines) - 1 > MAX_HEADERS:
+    lines = fields.decode("latin-1").split("\r\n") if fields else []
+    if len(lines) > MAX_HEADERS:
         raise BadRequest(431, "too many header fields")
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
+    for line in lines:
+        name, colon, value = line.partition(":")
         if not colon:
             raise BadRequest(400, "malformed header field")
         key = header_key(name)
-        text = value.strip(b" \t").decode("latin-1")
+        text = value.strip(" \t")
         if not text.isprintable() and any(c < " " and c != "\t" for c in text):
-            raise BadRequest(400, f"control character in header {name.decode('latin-1')}")
+            raise BadRequest(400, f"control character in header {name}")
         if key in BODY_KEYS:
             if key == "CONTENT_LENGTH" and key in environ and environ[key] != text:
                 raise BadRequest(400, "conflicting Content-Length headers")

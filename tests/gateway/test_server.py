@@ -128,6 +128,9 @@ def test_header_names_map_to_environ_keys_whatever_their_case():
     parse_head(b"GET /a HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 3\r\n"
                b"content-length: 3", env)
     assert env["HTTP_X_A"] == "1,2" and env["CONTENT_LENGTH"] == "3"
+    env = {}
+    parse_head(b"GET /a HTTP/1.1\r\nX-\xe9\xa0: v\xe9", env)   # latin-1, as WSGI has it
+    assert env["HTTP_X-\xc9\xa0".replace("-", "_")] == "v\xe9"
     for bad in (b"X-A : 1", b" X-A: 1", b"X A: 1", b": 1"):
         with pytest.raises(BadRequest, match="malformed header field"):
             parse_head(b"GET /a HTTP/1.1\r\n" + bad, {})
