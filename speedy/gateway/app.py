@@ -15,7 +15,6 @@ chunkserver failure 502.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
@@ -29,10 +28,10 @@ from speedy.gateway.s3 import api as s3api
 from speedy.gateway.http import HTTPError, Request, Response, status_line
 from speedy.gateway.records import RecordStore
 from speedy.gateway.stats import GatewayStats
+from speedy.wire.manifest import KEY_RE
 
 log = logging.getLogger("speedy.gateway")
 
-KEY_RE = re.compile(r"^/(\d{1,10},\d{1,20}m?)$")
 BLOB_METHODS = ("GET", "HEAD", "DELETE")
 DEFAULT_MAX_BODY = 5 << 30     # 5 GiB: larger bodies are refused with 413
 
@@ -104,6 +103,16 @@ class GatewayApp:
     def dispatch(self, req: Request) -> Response:
         """The answer to one request."""
         path, method = req.path, req.method
+        key = key_text(path)
+        if key is not None:
+            if method in ("GET", "HEAD"):
+                req.route = "get"
+                return blobs.download(self, req, key)
+            if method == "DELETE":
+                req.route = "delete"
+                return blobs.remove(self, req, key)
+            raise HTTPError(405, f"method {method} is not allowed on a key",
+                            [("Allow", ", ".join(BLOB_METHODS))])
         if path == "/metrics":
             req.route = "metrics"
             if method not in ("GET", "HEAD"):
@@ -119,17 +128,6 @@ class GatewayApp:
             if method != "POST":
                 raise HTTPError(405, "use POST to upload to /blobs", [("Allow", "POST")])
             return blobs.upload(self, req)
-        m = KEY_RE.match(path)
-        if m:
-            key = m.group(1)
-            if method in ("GET", "HEAD"):
-                req.route = "get"
-                return blobs.download(self, req, key)
-            if method == "DELETE":
-                req.route = "delete"
-                return blobs.remove(self, req, key)
-            raise HTTPError(405, f"method {method} is not allowed on a key",
-                            [("Allow", ", ".join(BLOB_METHODS))])
         if path.startswith("/v1/"):
             req.route = "paths"
             return paths.handle(self, req)
@@ -142,6 +140,14 @@ class GatewayApp:
         raise HTTPError(404, f"no route for {method} {path[:100]}")
 
 
+def key_text(path: str) -> str | None:
+    """The key a blob route's path names ("/3,10452" -> "3,10452"), or None."""
+    if "," not in path or not path.startswith("/"):
+        return None
+    m = KEY_RE.match(path[1:])   # the one key grammar (speedy.wire.manifest)
+    return m.group(0) if m else None
+
+
 def route_of(path: str) -> str:
     """The metrics label of a request path."""
     if path in ("/blobs", "/blobs/"):
@@ -150,7 +156,7 @@ def route_of(path: str) -> str:
         return "metrics"
     if path.startswith("/v1/"):
         return "paths"
-    return "get" if KEY_RE.match(path) else "other"
+    return "get" if key_text(path) is not None else "other"
 
 
 class _Body:

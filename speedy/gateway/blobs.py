@@ -64,9 +64,15 @@ def content_safety(ctype: str) -> list[tuple[str, str]]:
     scripts) also gets a sandbox policy, so an uploaded page cannot act as the console.
     """
     hs = [("X-Content-Type-Options", "nosniff")]
-    if ctype.split(";", 1)[0].strip().lower().startswith(ACTIVE_TYPES):
+    if is_active(ctype):
         hs.append(("Content-Security-Policy", "sandbox"))
     return hs
+
+
+@functools.lru_cache(maxsize=256)
+def is_active(ctype: str) -> bool:
+    """True for a Content-Type a browser would run (HTML, SVG, XML, scripts)."""
+    return ctype.split(";", 1)[0].strip().lower().startswith(ACTIVE_TYPES)
 
 
 def check_signature(app: "GatewayApp", req: Request) -> None:

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl
 
 from speedy.client.client import read_full
 
-__all__ = ["HTTPError", "Request", "Response", "status_line", "BODY_PIECE"]
+__all__ = ["HTTPError", "Request", "Response", "status_line", "BODY_PIECE", "BODY_KEYS"]
 
 BODY_PIECE = 64 << 10          # default size of the pieces a body is read in
 
@@ -67,10 +67,11 @@ class Request:
         self.environ = environ
         self.method: str = environ.get("REQUEST_METHOD", "GET").upper()
         raw_path = environ.get("PATH_INFO", "") or "/"
-        try:  # WSGI hands over latin-1 decoded bytes; URLs are UTF-8
-            raw_path = raw_path.encode("latin-1").decode("utf-8")
-        except (UnicodeEncodeError, UnicodeDecodeError):
-            raise HTTPError(400, "request path is not valid UTF-8") from None
+        if not raw_path.isascii():  # WSGI hands over latin-1 decoded bytes; URLs are UTF-8
+            try:
+                raw_path = raw_path.encode("latin-1").decode("utf-8")
+            except (UnicodeEncodeError, UnicodeDecodeError):
+                raise HTTPError(400, "request path is not valid UTF-8") from None
         self.path: str = raw_path
         self.query_string: str = environ.get("QUERY_STRING", "")
         try:
@@ -79,7 +80,6 @@ class Request:
         except (UnicodeDecodeError, ValueError):
             raise HTTPError(400, "malformed query string") from None
         self.query: dict[str, str] = dict(pairs)
-        self.headers: dict[str, str] = _headers(environ)
         self.remote_addr: str = environ.get("REMOTE_ADDR", "")
         self.content_type: str = environ.get("CONTENT_TYPE", "") or ""
         self.content_length: int | None = _content_length(environ)
@@ -93,14 +93,23 @@ class Request:
         self._left = self.content_length       # None: read to the end (chunked)
         self._got = 0
 
+    @functools.cached_property
+    def headers(self) -> dict[str, str]:
+        """The request headers, lower-case names (built when first asked for)."""
+        return _headers(self.environ)
+
     def header(self, name: str, default: str | None = None) -> str | None:
         """The value of header `name` (any case), or default."""
-        return self.headers.get(name.lower(), default)
+        key = environ_key(name)
+        value = self.environ.get(key)
+        if value is None or (not value and key in BODY_KEYS):
+            return default   # an empty Content-Type or Content-Length counts as absent
+        return value
 
     @property
     def chunked(self) -> bool:
         """True when the body comes with Transfer-Encoding: chunked."""
-        return "chunked" in self.headers.get("transfer-encoding", "").lower()
+        return "chunked" in self.header("transfer-encoding", "").lower()
 
     def read(self, n: int = BODY_PIECE) -> bytes:
         """Up to n bytes of the body (b"" at its end); 400 when the client stops early."""
@@ -148,6 +157,16 @@ class Request:
                 limit -= len(b)
         except HTTPError:
             return
+
+BODY_KEYS = ("CONTENT_TYPE", "CONTENT_LENGTH")   # the header keys WSGI gives without HTTP_
+
+
+@functools.lru_cache(maxsize=256)
+def environ_key(name: str) -> str:
+    """The WSGI environ key of header `name` (any case): HTTP_IF_NONE_MATCH, CONTENT_TYPE."""
+    key = name.upper().replace("-", "_")
+    return key if key in BODY_KEYS else "HTTP_" + key
+
 
 def _headers(environ: dict) -> dict[str, str]:
     """The request headers, lower-case names."""

@@ -16,6 +16,7 @@ gevent objects it is handed through the socket and StreamServer.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 from speedy.common.sockets import send_all, send_parts
-from speedy.gateway.http import one_line, status_line
+from speedy.gateway.http import BODY_KEYS, one_line, status_line
 
 log = logging.getLogger("speedy.gateway.access")
 
@@ -88,7 +89,7 @@ class Conn:
 class Body:
     """wsgi.input: the request body, by Content-Length or chunked; b"" at its end."""
 
-    def __init__(self, conn: Conn, length: int | None, chunked: bool,
+    def __init__(self, conn: Conn | None, length: int | None, chunked: bool,
                  on_first_read: Callable[[], None] | None):
         self.conn = conn
         self.left = length or 0        # bytes left: of the body, or of the current chunk
@@ -147,48 +148,91 @@ class Body:
         return self.done
 
 
+TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")   # bytes a request target must not hold
+HEADER_KEYS_MAX = 1024       # header names remembered by header_key
+ASCII_SPACE = " \t\n\r\x0b\x0c"   # what bytes.strip() strips: str.strip() strips more
+_header_keys: dict[str, str] = {}
+
+
+def header_key(name: str) -> str:
+    """The environ key of a header field name (HTTP_USER_AGENT, CONTENT_TYPE); 400 when
+    the name is malformed. Valid names are remembered (at most HEADER_KEYS_MAX of them)."""
+    key = _header_keys.get(name)
+    if key is not None:
+        return key
+    if not name or name != name.strip(ASCII_SPACE) or " " in name:
+        raise BadRequest(400, "malformed header field")
+    key = name.upper().replace("-", "_")
+    if key not in BODY_KEYS:
+        key = "HTTP_" + key
+    if len(_header_keys) < HEADER_KEYS_MAX:
+        _header_keys[name] = key
+    return key
+
+
+NO_BODY = Body(None, None, False, None)   # the wsgi.input of every request without a body
+
+
 def parse_head(head: bytes, environ: dict) -> tuple[str, bool]:
     """Fill environ from the request line and headers; (protocol, keep-alive wanted)."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
+    request_line, _, fields = head.partition(b"\r\n")
+    parts = request_line.split(b" ")
     if len(parts) != 3:
         raise BadRequest(400, "malformed request line")
     method, target, proto = parts
-    if proto not in (b"HTTP/1.1", b"HTTP/1.0"):
+    if proto == b"HTTP/1.1":
+        version = "HTTP/1.1"
+    elif proto == b"HTTP/1.0":
+        version = "HTTP/1.0"
+    else:
         raise BadRequest(505 if proto.startswith(b"HTTP/") else 400,
                          "unsupported HTTP version")
     if not method.isalpha() or not method.isupper() or len(method) > 16:
         raise BadRequest(400, "malformed method")
     if target.startswith((b"http://", b"https://")):
         target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
-    if not target.startswith(b"/") or any(c < 33 or c == 127 for c in target):
+    if not target.startswith(b"/") or TARGET_BAD.search(target):
         raise BadRequest(400, "malformed request target")
     path, _, query = target.partition(b"?")
     environ["REQUEST_METHOD"] = method.decode()
-    environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1")
+    environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
     environ["QUERY_STRING"] = query.decode("latin-1")
-    environ["SERVER_PROTOCOL"] = proto.decode()
-    if len(lines) - 1 > MAX_HEADERS:
+    environ["SERVER_PROTOCOL"] = version
+    lines = fields.decode("latin-1").split("\r\n") if fields else []
+    if len(lines) > MAX_HEADERS:
         raise BadRequest(431, "too many header fields")
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip() or b" " in name:
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon:
             raise BadRequest(400, "malformed header field")
-        key = name.decode("latin-1").upper().replace("-", "_")
-        text = value.strip(b" \t").decode("latin-1")
+        key = header_key(name)
+        text = value.strip(" \t")
         if not text.isprintable() and any(c < " " and c != "\t" for c in text):
-            raise BadRequest(400, f"control character in header {name.decode('latin-1')}")
-        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            raise BadRequest(400, f"control character in header {name}")
+        if key in BODY_KEYS:
             if key == "CONTENT_LENGTH" and key in environ and environ[key] != text:
                 raise BadRequest(400, "conflicting Content-Length headers")
             environ[key] = text
-            continue
-        key = "HTTP_" + key
-        environ[key] = environ[key] + "," + text if key in environ else text
+        elif key in environ:
+            environ[key] += "," + text
+        else:
+            environ[key] = text
     conn_opts = environ.get("HTTP_CONNECTION", "").lower()
-    if proto == b"HTTP/1.1":
-        return "HTTP/1.1", "close" not in conn_opts
-    return "HTTP/1.0", "keep-alive" in conn_opts
+    if version == "HTTP/1.1":
+        return version, "close" not in conn_opts
+    return version, "keep-alive" in conn_opts
+
+
+def content_length(headers: list[tuple[str, str]]) -> str | None:
+    """The value of an answer's Content-Length header, or None."""
+    for k, v in headers:
+        if len(k) == 14 and k.lower() == "content-length":
+            return v
+    return None
+
+
+def ignore_write(data: bytes) -> None:
+    """WSGI's write() callable: the gateway's app never uses it."""
 
 
 class HTTPServer:
@@ -237,8 +281,10 @@ class HTTPServer:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(sock)
+        base = dict(self.base, REMOTE_ADDR=str(addr[0]),
+                    REMOTE_PORT=str(addr[1]) if len(addr) > 1 else "")
         try:
-            while not self.stopping and self.serve_one(conn, addr):
+            while not self.stopping and self.serve_one(conn, base):
                 pass
         except (OSError, Closed):
             pass
@@ -272,22 +318,23 @@ class HTTPServer:
         finally:
             self.idle.discard(conn.sock)
 
-    def serve_one(self, conn: Conn, addr: tuple) -> bool:
-        """Read one request, answer it; True when the connection stays open."""
+    def serve_one(self, conn: Conn, base: dict) -> bool:
+        """Read one request, answer it; True when the connection stays open. base: the
+        connection's environ entries (server, WSGI and remote address)."""
         try:
             head = self.read_head(conn)
             if head is None:
                 return False
-            environ = dict(self.base, REMOTE_ADDR=str(addr[0]),
-                           REMOTE_PORT=str(addr[1]) if len(addr) > 1 else "")
+            environ = base.copy()
             proto, keep = parse_head(head, environ)
             body = self.request_body(conn, environ, proto)
         except BadRequest as e:
             self.send_error(conn.sock, e.status, str(e))
             return False
-        t0 = time.monotonic()
+        debug = log.isEnabledFor(logging.DEBUG)
+        t0 = time.monotonic() if debug else 0.0
         status, sent, keep = self.respond(conn.sock, environ, body, proto, keep)
-        if log.isEnabledFor(logging.DEBUG):
+        if debug:
             log.debug('%s "%s %s %s" %s %d %.4f', environ.get("REMOTE_ADDR"),
                       environ["REQUEST_METHOD"], environ["PATH_INFO"][:200], proto,
                       status, sent, time.monotonic() - t0)
@@ -307,7 +354,11 @@ class HTTPServer:
         continue_first = None
         if environ.get("HTTP_EXPECT", "").lower() == "100-continue" and proto == "HTTP/1.1":
             continue_first = lambda: conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = Body(conn, int(raw) if raw else None, te == "chunked", continue_first)
+        length = int(raw) if raw else None
+        if length or te or continue_first is not None:
+            body = Body(conn, length, te == "chunked", continue_first)
+        else:
+            body = NO_BODY
         environ["wsgi.input"] = body
         return body
 
@@ -317,8 +368,8 @@ class HTTPServer:
         started: list = []
 
         def start_response(status: str, headers: list, exc_info=None) -> Callable:
-            started[:] = [status, headers]
-            return lambda data: None  # the write() callable: not used by the gateway
+            started[:] = status, headers
+            return ignore_write
 
         try:
             result: Iterable[bytes] = self.app(environ, start_response)
@@ -331,21 +382,18 @@ class HTTPServer:
         try:
             status, headers = started
             code = int(status[:3])
-            length = next((v for k, v in headers if k.lower() == "content-length"), None)
+            length = content_length(headers)
             no_body = environ["REQUEST_METHOD"] == "HEAD" or code in (204, 304) or \
                 code < 200
             chunked = length is None and not no_body and proto == "HTTP/1.1"
             keep = keep and not self.stopping and (length is not None or no_body or chunked)
-            head = [f"{proto} {status}\r\n"]
-            head += [f"{k}: {v}\r\n" for k, v in headers]
-            head.append(f"Date: {self.date()}\r\n")
-            if chunked:
-                head.append("Transfer-Encoding: chunked\r\n")
+            extra = "Transfer-Encoding: chunked\r\n" if chunked else ""
             if not keep:
-                head.append("Connection: close\r\n")
+                extra += "Connection: close\r\n"
             elif proto == "HTTP/1.0":
-                head.append("Connection: keep-alive\r\n")
-            out = ("".join(head) + "\r\n").encode("latin-1")
+                extra += "Connection: keep-alive\r\n"
+            out = (f"{proto} {status}\r\n" + "".join([f"{k}: {v}\r\n" for k, v in headers])
+                   + f"Date: {self.date()}\r\n{extra}\r\n").encode("latin-1")
             if no_body:
                 send_all(sock, out)
                 return code, 0, keep

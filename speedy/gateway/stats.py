@@ -30,6 +30,8 @@ _SUM = _LAT + len(ROUTES) * NB
 _BIN = _SUM + len(ROUTES)
 _BOUT = _BIN + 1
 SLOT = _BOUT + 1
+ROUTE_INDEX = {route: i for i, route in enumerate(ROUTES)}
+CODE_INDEX = {code: i for i, code in enumerate(CODES)}
 
 
 class GatewayStats(Collector):
@@ -49,8 +51,8 @@ class GatewayStats(Collector):
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""
-        r = ROUTES.index(route) if route in ROUTES else len(ROUTES) - 1
-        c = CODES.index(status) if status in CODES else len(CODES)
+        r = ROUTE_INDEX.get(route, len(ROUTES) - 1)
+        c = CODE_INDEX.get(status, len(CODES))
         b, a = self.slot * SLOT, self._all
         a[b + _REQ + r * (len(CODES) + 1) + c] += 1
         a[b + _LAT + r * NB + bucket_index(LATENCY_BUCKETS, seconds)] += 1

@@ -9,6 +9,8 @@ import socket
 
 import pytest
 
+from speedy.gateway import server
+from speedy.gateway.server import BadRequest, parse_head
 from tests.support.gateway import Gateway
 
 
@@ -102,3 +104,41 @@ def test_expect_100_continue(gw):
             s.sendall(b"hello")
             first = first.split(b"\r\n\r\n", 1)[1] or s.recv(65536)
         assert first.startswith(b"HTTP/1.1 503"), first  # no master: 503, one line
+
+
+@pytest.mark.parametrize("path,status,reason", [
+    (b"/3,10452", 503, b"master"),                   # a key: the blob route (no master here)
+    (b"/70000,5", 400, b"malformed key"),            # the key grammar, out of range
+    (b"/123456,5", 404, b"malformed key '123456,5'"),  # not the key grammar (5 digits)
+    (b"/\xd9\xa3,5", 404, b"malformed key"),         # digits are ASCII digits only
+])
+def test_the_key_route_takes_the_wire_key_grammar(gw, path, status, reason):
+    answer = exchange(gw, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert statuses(answer) == [status], answer[:300]
+    assert reason in answer.partition(b"\r\n\r\n")[2], answer[:300]
+
+
+def test_header_names_map_to_environ_keys_whatever_their_case():
+    for name in (b"X-Trace-Id", b"x-trace-id", b"X-TRACE-ID"):
+        env: dict = {}
+        assert parse_head(b"GET /a HTTP/1.1\r\n" + name + b": 7\r\nContent-type: t/p", env) \
+            == ("HTTP/1.1", True)
+        assert env["HTTP_X_TRACE_ID"] == "7" and env["CONTENT_TYPE"] == "t/p"
+    env = {}
+    parse_head(b"GET /a HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 3\r\n"
+               b"content-length: 3", env)
+    assert env["HTTP_X_A"] == "1,2" and env["CONTENT_LENGTH"] == "3"
+    env = {}
+    parse_head(b"GET /a HTTP/1.1\r\nX-\xe9\xa0: v\xe9", env)   # latin-1, as WSGI has it
+    assert env["HTTP_X-\xc9\xa0".replace("-", "_")] == "v\xe9"
+    for bad in (b"X-A : 1", b" X-A: 1", b"X A: 1", b": 1"):
+        with pytest.raises(BadRequest, match="malformed header field"):
+            parse_head(b"GET /a HTTP/1.1\r\n" + bad, {})
+
+
+def test_remembered_header_names_are_bounded():
+    for i in range(server.HEADER_KEYS_MAX + 50):
+        env: dict = {}
+        parse_head(b"GET /a HTTP/1.1\r\nX-Name-%d: v" % i, env)
+        assert env[f"HTTP_X_NAME_{i}"] == "v"
+    assert len(server._header_keys) <= server.HEADER_KEYS_MAX
