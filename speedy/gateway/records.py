@@ -14,12 +14,12 @@ the path metadata:
 
 The table is schema version 3 of the gateway database (speedy.gateway.meta: SQLite or
 PostgreSQL, one connection per worker). Records are immutable (a key's bytes never
-change), so each worker keeps an LRU cache of them.
+change), so each worker keeps a cache of them: read without a lock, the oldest entries
+dropped first when it is full.
 """
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from speedy.gateway.meta.store import MetaError, MetaStore
@@ -54,15 +54,13 @@ class RecordStore:
     def __init__(self, meta: MetaStore):
         self.meta = meta
         self._lock = threading.Lock()
-        self._cache: OrderedDict[str, BlobRecord] = OrderedDict()
+        self._cache: dict[str, BlobRecord] = {}   # oldest first
 
     def get(self, key: str) -> BlobRecord | None:
         """The record of key, or None when it was not uploaded through a gateway."""
-        with self._lock:
-            rec = self._cache.get(key)
-            if rec is not None:
-                self._cache.move_to_end(key)
-                return rec
+        rec = self._cache.get(key)   # one dict lookup: atomic, no lock on the hot path
+        if rec is not None:
+            return rec
         with self.meta.txn() as c:
             row = c.one(SELECT, (key,))
         if row is None:
@@ -86,7 +84,7 @@ class RecordStore:
 
     def _remember(self, rec: BlobRecord) -> None:
         with self._lock:
+            self._cache.pop(rec.key, None)   # a replaced record goes to the young end
             self._cache[rec.key] = rec
-            self._cache.move_to_end(rec.key)
             while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+                del self._cache[next(iter(self._cache))]
