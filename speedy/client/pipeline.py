@@ -1,4 +1,4 @@
-"""Pipelined READs: many callers share a few connections per chunkserver.
+"""Pipelined READs: many callers share one connection per chunkserver.
 
 PROTOCOL.md: requests that arrive back to back on one connection are answered in order.
 A Pipe is one connection with a queue of callers waiting for their answers, in the order
@@ -9,7 +9,10 @@ and hands each to the caller at the head of the queue:
     caller B --READ b---> [READ a|READ b|READ c] --> reader: a, b, c in order --> B ...
     caller C --READ c--/      one send                one receive (or a few)
 
-Requests made close together go out in one send: the first caller of a batch yields once
+A caller takes a connection that is not receiving a large answer (LARGE_ANSWER), so
+small answers do not wait behind a large one for long; a second connection (up to
+MAX_PIPES) is made only when every one is. Requests made close together go out in one
+send: the first caller of a batch yields once
 (time.sleep(0): under gevent the other ready greenlets run and queue theirs) and sends
 what has queued. A busy server then also reads several requests per receive. This is
 what a process with many concurrent readers (the HTTP gateway) wants; a program with one
@@ -35,7 +38,8 @@ from speedy.common.sockets import send_all
 from speedy.wire import protocol as p
 from speedy.wire.protocol import Op
 
-PIPES_PER_SERVER = 2       # a large answer holds up the ones behind it on its pipe only
+MAX_PIPES = 4              # per server: one, and more only while large answers stream
+LARGE_ANSWER = 256 << 10   # an answer this large makes new requests take another pipe
 RECV_SIZE = 256 << 10
 HEADER = p.RESPONSE_HEADER_SIZE
 
@@ -87,6 +91,7 @@ class Pipe:
         self.lock = threading.Lock()       # waiting and out: one order on the wire
         self.send_lock = threading.Lock()  # one batch on the socket at a time
         self.batching = False
+        self.large = False              # receiving a large answer: new requests go elsewhere
         self.dead = False
         self.since = time.monotonic()   # last progress: bytes in, or the first caller
         threading.Thread(target=self._receive, name=f"pipe-{self.name}", daemon=True).start()
@@ -146,7 +151,9 @@ class Pipe:
                     body = bytearray(size)
                     body[:have] = buf[HEADER:]
                     buf.clear()
+                    self.large = size >= LARGE_ANSWER
                     self._recv_into(memoryview(body)[have:])
+                    self.large = False
                 with self.lock:
                     ticket = self.waiting.popleft() if self.waiting else None
                 if ticket is None:
@@ -229,10 +236,10 @@ class PipeSet:
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 per_server: int = PIPES_PER_SERVER):
+                 max_pipes: int = MAX_PIPES):
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self.per_server = max(1, per_server)
+        self.max_pipes = max(1, max_pipes)
         self._pipes: dict[tuple[str, int], list[Pipe]] = {}
         self._making: dict[tuple[str, int], threading.Lock] = {}
         self._lock = threading.Lock()
@@ -246,13 +253,12 @@ class PipeSet:
             return self._pipe(addr).read(group_id, fid)   # that pipe is dead by now
 
     def _pipe(self, addr: tuple[str, int]) -> Pipe:
-        """The least busy live pipe to addr; a new one while there are fewer than
-        per_server and all are busy."""
-        pipes = self._pipes.get(addr)
-        if pipes:
-            best = min(pipes, key=len)
-            if not best.dead and (len(best) == 0 or len(pipes) >= self.per_server):
-                return best
+        """A live pipe to addr that is not receiving a large answer (one pipe carries the
+        most requests per send and per receive); a new one when there is none, up to
+        max_pipes."""
+        for pipe in self._pipes.get(addr, ()):
+            if not pipe.dead and not pipe.large:
+                return pipe
         with self._lock:
             making = self._making.setdefault(addr, threading.Lock())
         with making:   # one connect at a time per server; the others use what is there
@@ -261,8 +267,9 @@ class PipeSet:
                     raise ChunkError(f"{format_addr(addr)}: client closed")
                 pipes = [x for x in self._pipes.get(addr, []) if not x.dead]
                 self._pipes[addr] = pipes
-            if pipes and (len(pipes) >= self.per_server or min(map(len, pipes)) == 0):
-                return min(pipes, key=len)
+            free = [x for x in pipes if not x.large]
+            if free or len(pipes) >= self.max_pipes:
+                return free[0] if free else min(pipes, key=len)
             pipe = Pipe(addr, self.timeout, self.connect_timeout)
             with self._lock:
                 self._pipes[addr] = pipes + [pipe]

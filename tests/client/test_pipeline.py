@@ -34,10 +34,11 @@ def stored(pool: ConnPool, addr, sizes: dict[int, int]) -> dict[int, bytes]:
 def test_concurrent_callers_each_get_their_own_answer(servers):
     srv = servers("cs")
     addr = ("127.0.0.1", srv.port)
-    sizes = {fid: random.choice([0, 1, 4096, 70_000, 600_000]) for fid in range(1, 41)}
+    kinds = [0, 1, 4096, 70_000, 300_000]   # the last one is a large answer
+    sizes = {fid: kinds[fid % len(kinds)] for fid in range(1, 41)}   # 3 MB in all
     with closing(ConnPool()) as pool:
         blobs = stored(pool, addr, sizes)
-    pipes = PipeSet(timeout=10, per_server=2)
+    pipes = PipeSet(timeout=10, max_pipes=3)
     errors: list[str] = []
 
     def reader(seed: int) -> None:
@@ -60,9 +61,35 @@ def test_concurrent_callers_each_get_their_own_answer(servers):
         assert not any(t.is_alive() for t in threads)
         assert errors == []
         live = pipes._pipes[addr]
-        assert 1 <= len(live) <= 2   # twelve callers shared at most two connections
+        assert 1 <= len(live) <= 3   # twelve callers shared at most max_pipes connections
     finally:
         pipes.close()
+
+
+def test_small_answers_share_one_connection_and_a_large_one_makes_room(servers):
+    srv = servers("cs")
+    addr = ("127.0.0.1", srv.port)
+    with closing(ConnPool()) as pool:
+        blobs = stored(pool, addr, {1: 4096, 2: 4096, 3: 3 << 20})
+    with closing(PipeSet(timeout=10)) as pipes:
+        threads = [threading.Thread(target=lambda f=f: pipes.read(addr, 1, f))
+                   for f in [1, 2] * 20]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(pipes._pipes[addr]) == 1   # forty small reads, one connection
+        [first] = pipes._pipes[addr]
+        big = threading.Thread(target=lambda: pipes.read(addr, 1, 3))
+        big.start()
+        deadline = time.monotonic() + 10
+        while not first.large and big.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        if first.large:   # caught it streaming the 3 MiB answer: a small read goes around
+            assert bytes(pipes.read(addr, 1, 1).body) == blobs[1]
+            assert len(pipes._pipes[addr]) == 2
+        big.join(30)
+        assert bytes(pipes.read(addr, 1, 2).body) == blobs[2]
 
 
 def test_a_connection_the_server_closed_is_replaced_without_an_error(servers):
