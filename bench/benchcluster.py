@@ -52,7 +52,7 @@ def bench_cluster(prefix: str, workers: int = 2,
             master.init_server(1, "127.0.0.1", sport)
             c.procs.append(local.spawn(local.server_cmd(
                 sport, 1, f"{root}/cs{i}/data", f"{root}/cs{i}/s.log", c.master_port,
-                chunks=8, chunk_size=256 << 20, mem_blocks=64), f"{root}/out.log"))
+                chunks=16, chunk_size=256 << 20, mem_blocks=64), f"{root}/out.log"))
             addrs.append(("127.0.0.1", sport))
         local.wait_until(lambda: local.all_rw(master, addrs), 60, "the chunkservers")
         cmd = local.gateway_cmd(c.gateway_port, c.master_port, f"{root}/g.db", f"{root}/g.log",

@@ -23,19 +23,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchcluster import bench_cluster  # noqa: E402
 
-RUNS = [("4k", 5000, 16), ("1m", 500, 8)]
+RUNS = [("4k", 20000, 16), ("1m", 1000, 8)]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", help="one size only (default: 4k and 1m)")
-    p.add_argument("-n", type=int, help="files (default 5000 at 4k, 500 at 1m)")
+    p.add_argument("-n", type=int, help="files (default 20000 at 4k, 1000 at 1m)")
     p.add_argument("-c", type=int, help="connections (default 16 at 4k, 8 at 1m)")
     p.add_argument("--workers", type=int, default=1, help="gateway workers (default 1)")
     p.add_argument("--no-baseline", action="store_true", help="skip the sink and disk runs")
     args = p.parse_args()
     defaults = {size: (n, c) for size, n, c in RUNS}
-    n0, c0 = defaults.get(args.size, (5000, 16))
+    n0, c0 = defaults.get(args.size, (20000, 16))
     runs = [(args.size, args.n or n0, args.c or c0)] if args.size else RUNS
     with bench_cluster("speedy-gwbench-", args.workers) as c:
         for size, n, conns in runs:

@@ -15,7 +15,7 @@ the path metadata:
 The table is schema version 3 of the gateway database (speedy.gateway.meta: SQLite or
 PostgreSQL, one connection per worker). Records are immutable (a key's bytes never
 change), so each worker keeps a cache of them: read without a lock, the oldest entries
-dropped first when it is full.
+dropped first when it is full (CACHE_SIZE: a miss costs a database query).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from speedy.gateway.meta.store import MetaError, MetaStore
 
 __all__ = ["BlobRecord", "RecordStore", "RecordError"]
 
-CACHE_SIZE = 10000
+CACHE_SIZE = 100_000     # records per worker (about 300 bytes each)
 UPSERT = ("INSERT INTO gateway_blob (key, content_type, size, etag, mtime) "
           "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
           "content_type = excluded.content_type, size = excluded.size, "
@@ -37,7 +37,7 @@ DELETE = "DELETE FROM gateway_blob WHERE key = ?"
 RecordError = MetaError   # one error class for the one metadata database
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BlobRecord:
     """What HTTP needs to know about one uploaded key."""
 
