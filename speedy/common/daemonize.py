@@ -52,7 +52,8 @@ def read_pidfile(path: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (kill 0; a pid we may not signal exists)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +68,7 @@ def write_pidfile(path: str) -> None:
     if not path:
         return
     old = read_pidfile(path)
-    if old is not None and old != os.getpid() and _alive(old):
+    if old is not None and old != os.getpid() and pid_alive(old):
         raise PidfileError(f"pidfile {path} names a running process ({old}): "
                            "is another instance running?")
     tmp = f"{path}.{os.getpid()}.tmp"

@@ -12,6 +12,8 @@ import os
 import re
 from multiprocessing import resource_tracker, shared_memory
 
+from speedy.common.daemonize import pid_alive
+
 try:  # the POSIX call SharedMemory.unlink makes, without its resource_tracker message
     import _posixshmem
 except ImportError:  # pragma: no cover - non-POSIX
@@ -99,17 +101,6 @@ def unlink_prefix(prefix: str) -> int:
     for name in names:
         unlink_segment(name)
     return len(names)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_segments() -> int:
