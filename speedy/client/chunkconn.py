@@ -16,7 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from speedy.common.sockets import send_all
 from speedy.wire import protocol as p
@@ -229,18 +229,6 @@ class ChunkConn:
         """Send a request and read its whole response."""
         self.send(op, parts)
         return self.recv_reply(op)
-
-    def call_to(self, op: int, body: bytes, out: BinaryIO) -> tuple[int, int]:
-        """Send a request and stream a successful response body to out: (error, size)."""
-        self.send(op, [body])
-        err, size = self.recv_header(op)
-        left = size
-        while left:
-            block = self.recv_exact(min(left, STREAM_BLOCK))
-            if err == Err.SUCCESS:
-                out.write(block)
-            left -= len(block)
-        return err, size
 
 
 def describe(e: BaseException) -> str:

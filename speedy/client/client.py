@@ -134,11 +134,11 @@ class Client:
     def route(self, force: bool = False) -> Route:
         """The route, refetched when older than route_ttl (a stale one if the master fails)."""
         r = self._route   # the fresh route needs no lock
-        if r is not None and not force and time.monotonic() - r.fetched < self.route_ttl:
+        if not force and self._fresh(r):
             return r
         with self._route_lock:
             r = self._route
-            if r is not None and not force and time.monotonic() - r.fetched < self.route_ttl:
+            if not force and self._fresh(r):   # another thread fetched it meanwhile
                 return r
             try:
                 self._route = self.master.route()
@@ -147,6 +147,10 @@ class Client:
                     raise
                 r.fetched = time.monotonic() - self.route_ttl + 1.0  # retry in 1 s
             return self._route
+
+    def _fresh(self, r: Route | None) -> bool:
+        """Whether route r was fetched less than route_ttl ago."""
+        return r is not None and time.monotonic() - r.fetched < self.route_ttl
 
     def invalidate_route(self) -> None:
         """Refetch the route on next use (after an error)."""

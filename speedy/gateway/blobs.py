@@ -19,7 +19,7 @@ from speedy.client import NotFoundError, parse_key
 from speedy.gateway import signing
 from speedy.gateway.form import FormFile
 from speedy.gateway.http import BODY_PIECE, HTTPError, Request, Response
-from speedy.gateway.garbage import free_blob
+from speedy.gateway.garbage import forget_blob
 from speedy.gateway.records import BlobRecord, RecordError
 from speedy.wire.manifest import Key, Manifest
 
@@ -136,12 +136,10 @@ def upload(app: "GatewayApp", req: Request) -> Response:
         try:
             app.records.put(rec)
         except RecordError as e:
-            free_blob(app, parse_key(key), queued=False)
+            forget_blob(app, key)
             raise HTTPError(503, f"upload undone: {e}") from None
     return Response.json(201, {"key": key, "size": rec.size, "etag": rec.etag},
                          [("Location", f"/{key}"), ("ETag", f'"{rec.etag}"')])
-
-
 
 
 # -- download ----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from speedy.client import NotFoundError, SpeedyError
+from speedy.client import NotFoundError, SpeedyError, parse_key
 from speedy.gateway.meta import Key, MetaError
 
 log = logging.getLogger("speedy.gateway.garbage")
@@ -34,6 +34,11 @@ def sweep_garbage(app: Any, limit: int = 100, older_than: float = GARBAGE_RETRY_
         log.warning("cannot read the garbage queue: %s", e)
         return 0
     return sum(free_blob(app, b, True) for b in queued)
+
+
+def forget_blob(app: Any, key: str) -> None:
+    """Delete a blob that was just written and will not be used (queued if that fails)."""
+    free_blob(app, parse_key(key), queued=False)
 
 
 def free_blob(app: Any, blob: Key, queued: bool) -> bool:

@@ -49,7 +49,7 @@ class BlobRecord:
 
 
 class RecordStore:
-    """get/put/delete of BlobRecords in the metadata database, with an LRU cache."""
+    """get/put/delete of BlobRecords in the metadata database, with a cache."""
 
     def __init__(self, meta: MetaStore):
         self.meta = meta

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 from speedy.common.sockets import send_all, send_parts
-from speedy.gateway.http import BODY_KEYS, one_line, status_line
+from speedy.gateway.http import BODY_KEYS, environ_key, one_line, status_line
 
 log = logging.getLogger("speedy.gateway.access")
 
@@ -162,9 +162,7 @@ def header_key(name: str) -> str:
         return key
     if not name or name != name.strip(ASCII_SPACE) or " " in name:
         raise BadRequest(400, "malformed header field")
-    key = name.upper().replace("-", "_")
-    if key not in BODY_KEYS:
-        key = "HTTP_" + key
+    key = environ_key(name)
     if len(_header_keys) < HEADER_KEYS_MAX:
         _header_keys[name] = key
     return key

@@ -21,14 +21,14 @@ import hashlib
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 from urllib.parse import quote, unquote
 
 from speedy.client import ClusterError, NotFoundError, SpeedyError, parse_key
 from speedy.gateway.blobs import (byte_range, content_safety, http_date, http_date_text,
                                   stream_parts)
 from speedy.gateway.http import HTTPError, Request, Response
-from speedy.gateway.garbage import free_blob
+from speedy.gateway.garbage import forget_blob, free_blob
 from speedy.wire.manifest import Key
 from speedy.gateway.s3 import sigv4, xml
 from speedy.gateway.s3.chunked import AwsChunkedReader, BodyError, Checksum, header_checksum
@@ -389,7 +389,7 @@ def store_body(app: "GatewayApp", body: Body) -> tuple[str, int, str]:
     try:
         body.check()
     except Exception:
-        forget(app, key)
+        forget_blob(app, key)
         raise
     return key, body.size, body.md5.hexdigest()
 
@@ -408,9 +408,15 @@ class _Prefixed:
         return self.rest.read(n)
 
 
-def forget(app: "GatewayApp", key: str) -> None:
-    """Delete a blob that was just written and will not be used (queued if that fails)."""
-    free_blob(app, parse_key(key), queued=False)
+def record_blob(app: "GatewayApp", blob: str, record: Callable[[], list[Key]]) -> None:
+    """Run record() (metadata naming the just-written blob; it returns the blobs it
+    replaced, which are freed); when it fails the blob is deleted again."""
+    try:
+        free(app, record())
+    except Exception:
+        if blob:
+            forget_blob(app, blob)
+        raise
 
 
 def user_meta(req: Request) -> dict[str, str]:
@@ -436,12 +442,7 @@ def put_object(app: "GatewayApp", s3: S3Service, req: Request, bucket: str, key:
     blob, size, md5 = store_body(app, body)
     obj = ObjectInfo(bucket, key, size, md5, req.header("content-type") or DEFAULT_TYPE,
                      user_meta(req), time.time(), [(blob, size)] if blob else [])
-    try:
-        free(app, s3.objects.put_object(obj))
-    except Exception:
-        if blob:
-            forget(app, blob)
-        raise
+    record_blob(app, blob, lambda: s3.objects.put_object(obj))
     return Response(200, [("ETag", f'"{md5}"'), ("Content-Length", "0")])
 
 
@@ -496,12 +497,7 @@ def copy_object(app: "GatewayApp", s3: S3Service, req: Request, bucket: str, key
     ctype, meta = (src.content_type, src.meta) if directive == "COPY" else \
         (req.header("content-type") or DEFAULT_TYPE, user_meta(req))
     obj = ObjectInfo(bucket, key, size, etag, ctype, meta, time.time(), [(blob, size)] if blob else [])
-    try:
-        free(app, s3.objects.put_object(obj))
-    except Exception:
-        if blob:
-            forget(app, blob)
-        raise
+    record_blob(app, blob, lambda: s3.objects.put_object(obj))
     return ok_xml(xml.copy_result(obj.etag, obj.mtime))
 
 
@@ -610,12 +606,8 @@ def upload_part(app: "GatewayApp", s3: S3Service, req: Request, bucket: str, key
         blob, size, md5 = copy_bytes(app, src, start, end)
     else:
         blob, size, md5 = store_body(app, Body(req, v, MAX_OBJECT))
-    try:
-        free(app, s3.objects.put_part(upload.upload_id, Part(n, size, md5, blob, time.time())))
-    except Exception:
-        if blob:
-            forget(app, blob)
-        raise
+    record_blob(app, blob, lambda: s3.objects.put_part(upload.upload_id,
+                                                       Part(n, size, md5, blob, time.time())))
     if req.header("x-amz-copy-source"):
         return ok_xml(xml.copy_result(md5, time.time(), "CopyPartResult"))
     return Response(200, [("ETag", f'"{md5}"'), ("Content-Length", "0")])
