@@ -565,8 +565,6 @@ def raise_nofile_limit() -> None:
         pass
 
 
-
-
 def main(argv: list[str] | None = None) -> None:
     """spy_server: parse the configuration, run the supervisor, exit with its code."""
     cfg = load_server_config(argv)

@@ -541,8 +541,6 @@ def keep_open(server_class):
     return Server
 
 
-
-
 def connection_limit(wanted: int = 0) -> int:
     """Connections one worker counts (--max_conns, 0: automatic), kept within the
     open-files limit (REFUSE_SLACK more are accepted to be refused or make room)."""

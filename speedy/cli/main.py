@@ -89,8 +89,6 @@ def group_id(text: str) -> int:
     return int(text)
 
 
-
-
 def count(text: str) -> int:
     """An argparse type: an integer 1..64."""
     if not text.isdigit() or not 1 <= int(text) <= 64:

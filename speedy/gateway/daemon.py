@@ -41,10 +41,6 @@ RESPAWN_DELAY = 1.0
 WAKE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
-
-
-
-
 class Supervisor:
     """Forks the workers, replaces the ones that die, stops them gracefully."""
 

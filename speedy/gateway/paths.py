@@ -308,6 +308,3 @@ def handle(app: Any, req: Request) -> Response:
         return route(app, req)
     except MetaError as e:
         raise fail(500, str(e)) from None
-
-
-# -- freeing blobs ----------------------------------------------------------------------

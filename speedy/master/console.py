@@ -126,8 +126,6 @@ def build_model(app: "MasterApp", now: float | None = None) -> Model:
     return m
 
 
-
-
 # -- HTML ---------------------------------------------------------------------------------
 
 COLUMNS = [("Server", ""), ("Status", ""), ("Heartbeat", ""), ("Free", ""), ("Max free", "num"),

@@ -34,10 +34,6 @@ LINGER_SECONDS = 2.0       # after a 413: drain the client's unread body this lo
 LINGER_BYTES = 16 << 20    # ... or this many bytes, then close
 
 
-
-
-
-
 def linger(sock: socket.socket, seconds: float = LINGER_SECONDS,
            limit: int = LINGER_BYTES) -> None:
     """Lingering close after an early answer (413): stop sending, read and drop what the

@@ -25,8 +25,6 @@ def iso8601(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
-
-
 def _el(name: str, value: object) -> str:
     if isinstance(value, bool):
         value = "true" if value else "false"
