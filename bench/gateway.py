@@ -32,6 +32,8 @@ def main() -> int:
     p.add_argument("-n", type=int, help="files (default 20000 at 4k, 1000 at 1m)")
     p.add_argument("-c", type=int, help="connections (default 16 at 4k, 8 at 1m)")
     p.add_argument("--workers", type=int, default=1, help="gateway workers (default 1)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="GET phases of gateway and client library in turn (default 5)")
     p.add_argument("--no-baseline", action="store_true", help="skip the sink and disk runs")
     args = p.parse_args()
     defaults = {size: (n, c) for size, n, c in RUNS}
@@ -42,7 +44,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "speedy", "bench", "--gateway",
                    f"127.0.0.1:{c.gateway_port}", "--client-baseline",
                    f"127.0.0.1:{c.master_port}", "--size", size, "-n", str(n), "-c", str(conns),
-                   "--disk-dir", c.root, "--disk-size", "64m",
+                   "--disk-dir", c.root, "--disk-size", "64m", "--rounds", str(args.rounds),
                    "--server-pgid", str(c.procs[-1].pid)]  # the gateway's CPU per request
             cmd += ["--no-baseline"] if args.no_baseline else []
             print("$ speedy " + " ".join(cmd[3:]), flush=True)

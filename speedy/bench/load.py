@@ -460,20 +460,52 @@ def run_load(target: Target, n: int, conns: int, size: int, procs: int, fid_star
     """
     gen = LoadGenerator(target, size, conns, procs)
     try:
-        if target.kind == "server":
-            put, _ = gen.run("PUT", "put", range(fid_start, fid_start + n), probe)
-            order = list(range(fid_start, fid_start + n))
-        else:
-            put, keys = gen.run("PUT", "put", range(n), probe)
-            order = [(key, i) for i, key in keys.items()]
-        random.shuffle(order)
-        get, _ = gen.run("GET", "get", order, probe)
-        if len(order) < n:  # never put: cannot be read either
-            get.errors += n - len(order)
-            get.error_kinds["not put"] = n - len(order)
-        return [put, get]
+        put, order = put_phase(gen, n, fid_start, probe)
+        return [put, get_phase(gen, order, n, probe)]
     finally:
         gen.close()
+
+
+def run_alternated(target: Target, base: Target, n: int, conns: int, size: int, procs: int,
+                   rounds: int, probe: Callable[[], float | None] | None = None
+                   ) -> list[tuple[PhaseResult, PhaseResult, PhaseResult, PhaseResult]]:
+    """PUT n files through target and through base, then GET them back rounds times,
+    target and base in turn (a noisy machine slows both alike): per round (target PUT,
+    target GET, base PUT, base GET), the PUTs being the same every round."""
+    gens = [LoadGenerator(target, size, conns, procs), LoadGenerator(base, size, conns, procs)]
+    try:
+        probes = (probe, None)
+        puts = [put_phase(gen, n, 0, pr) for gen, pr in zip(gens, probes)]
+        out = []
+        for _ in range(rounds):
+            gets = [get_phase(gen, order, n, pr)
+                    for gen, (_put, order), pr in zip(gens, puts, probes)]
+            out.append((puts[0][0], gets[0], puts[1][0], gets[1]))
+        return out
+    finally:
+        for gen in gens:
+            gen.close()
+
+
+def put_phase(gen: "LoadGenerator", n: int, fid_start: int,
+              probe: Callable[[], float | None] | None) -> tuple[PhaseResult, list]:
+    """PUT n files: the result and what a GET phase reads (fids, or (key, index) pairs)."""
+    if gen.target.kind == "server":
+        put, _ = gen.run("PUT", "put", range(fid_start, fid_start + n), probe)
+        return put, list(range(fid_start, fid_start + n))
+    put, keys = gen.run("PUT", "put", range(n), probe)
+    return put, [(key, i) for i, key in keys.items()]
+
+
+def get_phase(gen: "LoadGenerator", order: list, n: int,
+              probe: Callable[[], float | None] | None) -> PhaseResult:
+    """GET what put_phase stored, in a new random order; files never put count as errors."""
+    random.shuffle(order)
+    get, _ = gen.run("GET", "get", order, probe)
+    if len(order) < n:  # never put: cannot be read either
+        get.errors += n - len(order)
+        get.error_kinds["not put"] = n - len(order)
+    return get
 
 
 def run_mixed(target: Target, n: int, conns: int, size: int, big_size: int, big_conns: int,

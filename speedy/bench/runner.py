@@ -19,14 +19,15 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
-from speedy.bench.load import (GET_FRAME, MIXED_MAX, MiB, LoadError, PhaseResult, Target, processes_cpu,
-                               run_load, run_mixed)
+from speedy.bench.load import (GET_FRAME, MIXED_MAX, LoadError, MiB, PhaseResult, Target,
+                               processes_cpu, run_alternated, run_load, run_mixed)
 from speedy.common.config import byte_size
 from speedy.wire.protocol import FILE_KEY, RESPONSE_HEADER, Err, Op
 
@@ -288,6 +289,17 @@ def ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base > 0 else "n/a"
 
 
+def median_rate(results: list[PhaseResult]) -> PhaseResult:
+    """The result with the median ops/s (the lower middle one of an even count)."""
+    return sorted(results, key=lambda r: r.ops_per_s)[(len(results) - 1) // 2]
+
+
+def round_ratios(report: dict) -> list[float]:
+    """Per alternated round: the target's GET ops/s over the client library's."""
+    return [g.ops_per_s / c.ops_per_s for _p, g, _cp, c in report.get("rounds", [])
+            if c.ops_per_s > 0]
+
+
 def phase_line(r: PhaseResult, label: str = "") -> str:
     """'PUT 4KiB c=16: 12,345 ops/s 48.2 MB/s p50 0.91 ms p99 3.10 ms errors 0'."""
     line = (f"{label}{r.name} {size_label(r.size)} c={r.conns}: {r.ops_per_s:,.0f} ops/s "
@@ -325,7 +337,11 @@ def format_report(report: dict) -> str:
         notes = []
         if r.name in sink:
             notes.append(f"{ratio(r.ops_per_s, sink[r.name].ops_per_s)} sink")
-        if r.name in client:
+        ratios = round_ratios(report) if r.name == "GET" else []
+        if ratios:
+            notes.append(f"{statistics.median(ratios):.2f}x client library, median of "
+                         f"{len(ratios)} alternated rounds")
+        elif r.name in client:
             notes.append(f"{ratio(r.ops_per_s, client[r.name].ops_per_s)} client library")
         if r.name == "PUT" and disk:
             notes.append(f"{ratio(r.mb_per_s, disk)} disk MB/s")
@@ -335,6 +351,10 @@ def format_report(report: dict) -> str:
         out.extend(x for x in (cpu_line(r),) if x)
         if r.error_sample:
             out.append(f"    e.g. {r.error_sample}")
+    if len(report.get("rounds", [])) > 1:
+        out.append("    GET rounds (alternated, client library last): " + ", ".join(
+            f"{g.ops_per_s:,.0f}/{c.ops_per_s:,.0f} = {ratio(g.ops_per_s, c.ops_per_s)}"
+            for _p, g, _cp, c in report["rounds"]))
     mixed = report.get("mixed_results")
     if mixed:
         small, big = mixed
@@ -367,6 +387,11 @@ def report_json(report: dict) -> str:
     d["results"] = [r.to_dict() for r in report["results"]]
     d["sink_results"] = [r.to_dict() for r in report.get("sink_results", [])]
     d["client_results"] = [r.to_dict() for r in report.get("client_results", [])]
+    if "rounds" in report:
+        d["rounds"] = [{"get": g.to_dict(), "client_get": c.to_dict()}
+                       for _p, g, _cp, c in report["rounds"]]
+        d["get_ratio_median"] = round(statistics.median(round_ratios(report)), 3) \
+            if round_ratios(report) else None
     if "mixed_results" in report:
         d["mixed_results"] = [r.to_dict() for r in report["mixed_results"]]
     sink = {r.name: r for r in report.get("sink_results", [])}
@@ -404,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-baseline", type=parse_address, metavar="MASTER",
                    help="with --gateway: also run the load through speedy.client against "
                         "this master, the gateway's, and compare")
+    p.add_argument("--rounds", type=positive_int, default=1,
+                   help="with --client-baseline: GET phases of the gateway and the client "
+                        "library in turn, this many each; the median round is reported "
+                        "(default 1)")
     p.add_argument("--group", type=group_id, default=1, help="group id of --server (default 1)")
     p.add_argument("--min-replicas", type=positive_int, default=None,
                    help="with --master: RW replicas a group needs to take writes "
@@ -482,8 +511,18 @@ def run(args: argparse.Namespace) -> dict:
         preflight(target)
         pgid = server.proc.pid if server else args.server_pgid
         probe = (lambda: processes_cpu(pgid=pgid)) if pgid else None
-        report["results"] = run_load(target, args.n, args.c, args.size, procs, fid_start,
-                                     probe)
+        if args.gateway and args.client_baseline:
+            base = Target("master", args.client_baseline[0], args.client_baseline[1],
+                          timeout=args.timeout, min_replicas=args.min_replicas)
+            preflight(base)
+            rounds = run_alternated(target, base, args.n, args.c, args.size, procs,
+                                    args.rounds, probe)
+            report["rounds"] = rounds
+            report["results"] = [rounds[0][0], median_rate([r[1] for r in rounds])]
+            report["client_results"] = [rounds[0][2], median_rate([r[3] for r in rounds])]
+        else:
+            report["results"] = run_load(target, args.n, args.c, args.size, procs, fid_start,
+                                         probe)
         if args.mixed:
             big_max = MIXED_MAX
             if server:  # at most half the server's room: the small PUTs must find some
@@ -495,11 +534,6 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if server is not None:
             server.stop()
-    if args.gateway and args.client_baseline:
-        ct = Target("master", args.client_baseline[0], args.client_baseline[1],
-                    timeout=args.timeout, min_replicas=args.min_replicas)
-        preflight(ct)
-        report["client_results"] = run_load(ct, args.n, args.c, args.size, procs, fid_start)
     if args.baseline:
         from speedy.bench.sink import start_sink
         with start_sink(args.size, args.sink_procs) as sink:

@@ -189,9 +189,9 @@ def explain_no_group(groups: dict[int, list[ServerInfo]], size: int, min_replica
 def read_order(servers: list[ServerInfo]) -> list[ServerInfo]:
     """RW servers first (shuffled), then the others as a last resort; never a server
     with pending deletes (it may still hold a file whose delete was acknowledged)."""
-    servers = [s for s in servers if not s.pending_deletes]
-    rw = [s for s in servers if s.status == RW]
-    rest = [s for s in servers if s.status != RW]
+    rw = [s for s in servers if s.status == RW and not s.pending_deletes]
+    rest = [] if len(rw) == len(servers) else \
+        [s for s in servers if s.status != RW and not s.pending_deletes]
     if len(rw) == 2:          # the usual group: a coin, not shuffle()'s Python loop
         if random.getrandbits(1):
             rw.reverse()

@@ -34,7 +34,7 @@ from collections import deque
 
 from speedy.client.chunkconn import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ChunkError,
                                      Reply, StaleConnection, describe, format_addr)
-from speedy.common.sockets import send_all
+from speedy.common.sockets import send_all, shut
 from speedy.wire import protocol as p
 from speedy.wire.protocol import Op
 
@@ -211,10 +211,7 @@ class Pipe:
                 return
             self.dead = True
             waiting, self.waiting = self.waiting, deque()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut(self.sock)
         try:
             self.sock.close()
         except OSError:

@@ -305,6 +305,9 @@ def gateway_parser() -> configargparse.ArgParser:
                    help="largest upload in bytes (413 above)")
     p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds for each chunkserver call")
+    p.add_argument("--idle_timeout", type=positive_float, default=60.0,
+                   help="seconds an HTTP connection may wait for its next request and take "
+                        "to send its head (408), or stall in a body or an answer")
     p.add_argument("--metrics_port", type=port_or_zero, default=0,
                    help="Prometheus metrics port (0: off; GET /metrics is always served)")
     gateway_s3_options(p)

@@ -27,3 +27,12 @@ def send_parts(sock: socket.socket, parts: list) -> None:
             continue
         sock.sendall(memoryview(part)[n:])
         n = 0
+
+
+def shut(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    """sock.shutdown(how), ignoring a socket already closed or never connected: a greenlet
+    waiting in its recv reads the end of the stream."""
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass

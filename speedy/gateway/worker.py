@@ -18,7 +18,6 @@ log = logging.getLogger("speedy.gateway.worker")
 
 BOOT_ERROR = 4          # exit code: the worker could not start (the supervisor gives up)
 STOP_TIMEOUT = 20.0     # seconds in-flight requests get on SIGTERM
-CONNECTION_TIMEOUT = 60.0
 MAX_CONNECTIONS = 10000
 UPLOAD_PARALLEL = 2     # parts in flight per upload: bounds an upload's memory
 IDLE_CHUNK_CONNECTIONS = 64  # per chunkserver, per worker
@@ -91,7 +90,7 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
 
     sock = gevent.socket.socket(listener.family, listener.type, fileno=listener.detach())
     server = HTTPServer(sock, app, gevent.server.StreamServer,
-                        gevent.pool.Pool(MAX_CONNECTIONS), CONNECTION_TIMEOUT)
+                        gevent.pool.Pool(MAX_CONNECTIONS), cfg.idle_timeout)
     done = gevent.event.Event()
 
     def stop() -> None:

@@ -9,10 +9,11 @@ whole (line, headers, body) within read_timeout of its first line.
 """
 from __future__ import annotations
 
-import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
+
+from speedy.common.sockets import shut
 
 
 @dataclass
@@ -90,10 +91,7 @@ class ConnTable:
             if match(conn):
                 sock = conn.sock
                 self.close(conn)
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # its greenlet reads EOF and ends
-                except OSError:
-                    pass
+                shut(sock)   # its greenlet reads EOF and ends
                 self.evicted += 1
                 self._count()
                 return True

@@ -26,6 +26,7 @@ A manifest of n parts is 64 + 50 * n bytes: 100 parts of 4 MiB (400 MiB) take 50
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import struct
@@ -43,6 +44,8 @@ MAX_GROUP_ID = 65535
 MAX_FID = (1 << 64) - 1
 MULTIPART_SUFFIX = "m"
 KEY_RE = re.compile(r"^([0-9]{1,5}),([0-9]{1,20})(m?)$")
+KEY_TEXT_MAX = 40       # parse_key remembers texts up to this long ...
+KEY_CACHE = 1 << 16     # ... this many (about 10 MB at most)
 
 
 class KeyFormatError(ValueError):
@@ -73,6 +76,19 @@ def parse_key(text: str) -> Key:
     """Parse "<group_id>,<fid>" or "<group_id>,<fid>m"; KeyFormatError otherwise."""
     if not isinstance(text, str):
         raise KeyFormatError(f"a key must be text, not {type(text).__name__}")
+    if len(text) <= KEY_TEXT_MAX:
+        return _parse_short_key(text)
+    return _parse_key(text)
+
+
+@functools.lru_cache(maxsize=KEY_CACHE)
+def _parse_short_key(text: str) -> Key:
+    """parse_key of a text short enough to remember (a server reading hot keys parses
+    each once; a Key is immutable, so the one object serves every caller)."""
+    return _parse_key(text)
+
+
+def _parse_key(text: str) -> Key:
     m = KEY_RE.match(text.strip())
     if not m:
         raise KeyFormatError(f"bad key {text!r}: expected <group_id>,<fid> "

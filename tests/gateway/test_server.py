@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 
 import pytest
 
@@ -142,3 +143,50 @@ def test_remembered_header_names_are_bounded():
         parse_head(b"GET /a HTTP/1.1\r\nX-Name-%d: v" % i, env)
         assert env[f"HTTP_X_NAME_{i}"] == "v"
     assert len(server._header_keys) <= server.HEADER_KEYS_MAX
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """A gateway whose connections may wait 1 s."""
+    with Gateway(None, tmp_path_factory.mktemp("quick"), master="127.0.0.1:1",
+                 extra=["--idle_timeout=1"]) as g:
+        yield g
+
+
+def answer_within(sock: socket.socket, seconds: float) -> bytes:
+    """Everything received until the gateway closes (fails if it keeps it open)."""
+    sock.settimeout(seconds)
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_idle_and_slow_heads_are_cut_at_the_timeout(quick):
+    with socket.create_connection(("127.0.0.1", quick.port)) as idle, \
+            socket.create_connection(("127.0.0.1", quick.port)) as slow:
+        slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")   # the head never ends
+        assert answer_within(idle, 5) == b""                    # closed without a word
+        answer = answer_within(slow, 5)
+    assert statuses(answer) == [408]
+    assert answer.endswith(b"request head not received within 1 s\n")
+
+
+def test_the_timeout_is_per_wait_not_per_connection(quick):
+    with socket.create_connection(("127.0.0.1", quick.port), timeout=5) as s:
+        for _ in range(6):   # 3 s of requests 0.5 s apart on one connection
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = s.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = int(re.search(rb"\r\nContent-Length: (\d+)", head).group(1))
+            body = head.partition(b"\r\n\r\n")[2]
+            while len(body) < length:
+                body += s.recv(65536)
+            time.sleep(0.5)
+
+
+def test_a_stalled_upload_body_is_cut(quick):
+    with socket.create_connection(("127.0.0.1", quick.port)) as s:
+        s.sendall(b"POST /blobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n12345")
+        answer = answer_within(s, 5)
+    assert answer == b"" or statuses(answer)[0] >= 400
