@@ -118,7 +118,6 @@ class Writer:
         except OSError as e:
             return self._start_failed(f"writer start-up failed ({self.cfg.data_dir}): {e}")
         self.store = store
-        store.flush_bytes = 0  # the records are written by the commits, off this thread
         self.commits = Commits(store)
         self.compactor = Compactor(store, self.stats, getattr(self.cfg, "compact_threshold", 0.0),
                                    getattr(self.cfg, "compact_rate", 64 << 20), self.reply,
@@ -399,8 +398,10 @@ class Writer:
         except FileExists:
             self.finish(job, Err.FILE_EXISTS)
             return
-        except WriteFailed:
+        except WriteFailed as e:
             self.finish(job, Err.WRITE_ERROR)
+            for dropped in self.waiting.pop(e.chunk_id, []):  # in the failed write too
+                self.finish(dropped, Err.WRITE_ERROR)
             self.note_failure()
             return
         except ValueError as e:

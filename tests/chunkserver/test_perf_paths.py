@@ -9,18 +9,18 @@ import zlib
 
 import pytest
 
-from speedy.chunkserver import faults
 from speedy.chunkserver.store import datadir
 from tests.support.server import payload as server_payload
 from tests.support.server import running_server
 from speedy.format.chunkfile import RECORD_HEADER_SIZE, SUPERBLOCK_SIZE
 from speedy.wire.protocol import Err, Op, encode_file_key
 from speedy.chunkserver.reader import ReadFailed
-from speedy.chunkserver.store.chunkstore import FLUSH_BYTES, WriteFailed
+from speedy.chunkserver.store.chunkstore import LARGE_BYTES
 from tests.support.store import Harness, payload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 1 << 20
+BIG = 4 * LARGE_BYTES  # a large record: a chunk of its own
 
 
 @pytest.fixture
@@ -64,38 +64,19 @@ def test_small_records_of_a_batch_go_in_one_write(h, pwrites):
     assert h.store.file_count() == 40 and h.reader.read(40) == bodies[40]
 
 
-def test_big_records_go_to_a_chunk_of_their_own_written_as_staged(h, pwrites):
-    big = payload(1, FLUSH_BYTES)
+def test_big_records_go_to_a_chunk_of_their_own(h, pwrites):
+    big = payload(1, BIG)
     stage(h, 1, b"small")
-    stage(h, 2, big)  # another chunk (not behind the small one), written now
-    chunk2 = h.store.chunks[2].fd
-    assert [c for c in pwrites] == [(chunk2, RECORD_HEADER_SIZE + len(big), SUPERBLOCK_SIZE)]
-    assert {fid: cid for fid, (cid, _) in h.store.staged.items()} == {1: 1, 2: 2}
+    stage(h, 2, big)  # another chunk (not behind the small one)
     stage(h, 3, b"after")  # small records share chunk 1
-    assert h.store.staged[3][0] == 1
+    assert pwrites == []  # staged, not written yet
+    assert {fid: cid for fid, (cid, _) in h.store.staged.items()} == {1: 1, 2: 2, 3: 1}
     h.store.commit()
+    chunk1, chunk2 = h.store.chunks[1].fd, h.store.chunks[2].fd
+    assert sorted(c for c in pwrites if c[2] != 0) == sorted([  # one pwritev per chunk
+        (chunk1, 2 * RECORD_HEADER_SIZE + len(b"small") + len(b"after"), SUPERBLOCK_SIZE),
+        (chunk2, RECORD_HEADER_SIZE + len(big), SUPERBLOCK_SIZE)])
     assert [h.reader.read(f) for f in (1, 2, 3)] == [b"small", big, b"after"]
-
-
-def test_failed_early_write_fails_the_whole_batch(h):
-    stage(h, 1, b"kept")
-    h.store.commit()
-    stage(h, 2, b"staged before")
-    faults.configure("write:*")  # the pwritev of the flush fails
-    try:
-        with pytest.raises(WriteFailed):
-            stage(h, 3, payload(3, FLUSH_BYTES))
-    finally:
-        faults.configure(None)
-    with pytest.raises(WriteFailed):  # fid 2 was in the failed write: nothing is acknowledged
-        h.store.commit()
-    assert h.store.read_only
-    assert not h.store.has(2) and not h.store.has(3) and h.reader.read(1) == b"kept"
-    h.store.read_only = False
-    stage(h, 4, b"later")
-    assert h.store.commit() == [4]
-    h.reopen(snapshot=False)
-    assert h.store.file_count() == 2 and h.reader.read(4) == b"later"
 
 
 @pytest.mark.parametrize("sizes", [[4096] * 5, [0, 10, 100000, 3, 5000, 5000, 70000, 1],

@@ -9,10 +9,10 @@ Only the writer process uses it. Layout of a data dir::
     <data_dir>/.speedy/tmp.*              a chunk file being preallocated, a snapshot being written
 
 Writes are staged (the record's buffers queued past the committed end) and made durable
-and visible by commit(): one pwritev per touched chunk for all its staged records,
-superblocks rewritten, one fsync per touched chunk when sync, then
-the fids go into the shared index; or, in the writer, one ChunkCommit per chunk
-(begin_commit / write_commit in any thread / end_commit), chunks committed in parallel.
+and visible by one ChunkCommit per chunk: begin_commit, write_commit in any thread (one
+pwritev for the chunk's staged records, its superblock, one fsync when sync),
+end_commit (the fids go into the shared index). The writer commits chunks in parallel;
+commit() runs them one after another for tests.
 Chunk choice (_pick): small records share the lowest chunk holding no large one, large
 records take chunks of their own.
 A delete appends its records' places to the delete journal (fsynced with sync) before it
@@ -20,7 +20,6 @@ sets their ref bytes to 0, so the snapshot stays usable; a snapshot save empties
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import struct
@@ -43,7 +42,6 @@ SNAPSHOT_FILE = "index.snap"
 JOURNAL_FILE = "deletes.log"
 SNAPSHOT_INTERVAL = 300.0  # seconds between automatic snapshot saves while files change
 JOURNAL_LIMIT = 65536  # journaled deletes that make the next change save the snapshot
-FLUSH_BYTES = 256 << 10  # staged bytes of one chunk written at once, before the commit
 LARGE_BYTES = 64 << 10  # a record this large takes a chunk of its own (ChunkStore._pick)
 
 
@@ -110,14 +108,12 @@ class ChunkStore:
         self.read_only = False
         self.chunks: dict[int, Chunk] = {}
         self.staged: dict[int, tuple[int, int]] = {}
-        self.flush_bytes = FLUSH_BYTES  # 0: stage() never writes; commits write everything
         self.busy: set[int] = set()  # chunk ids with a ChunkCommit under way
         self.large_staged: dict[int, int] = {}  # chunk id -> large records staged there
         self.large_writing: dict[int, int] = {}  # ... and in its ChunkCommit under way
         self.writing: set[int] = set()  # the fids of the ChunkCommits under way
         self.shadows: dict[int, list[tuple[int, int]]] = {}
         self.fsync_count = 0
-        self._write_failed = False  # a staged write failed: the batch's commit must fail
         self._ordered: list[Chunk] | None = None  # chunks by id (cached: _pick runs per write)
         self.open_mode = ""  # "snapshot", "incremental" or "scan" after open()
         self.open_seconds = 0.0
@@ -325,17 +321,8 @@ class ChunkStore:
         header = encode_record_header(fid, size, csum, int(time.time()))
         if not ch.pending:
             ch.pending_at = off
-        ch.pending.append(header)  # written by commit(): one pwritev per chunk per batch,
-        ch.pending.extend(views)  # or now, once FLUSH_BYTES of them wait
-        if self.flush_bytes and off + RECORD_HEADER_SIZE + size - ch.pending_at >= self.flush_bytes:
-            try:
-                self._write_pending(ch)
-            except OSError as e:
-                self.read_only = True
-                self._write_failed = True  # commit() fails the whole batch
-                log.error("%s: writing staged records at offset %d failed: %s; read-only now",
-                          ch.name, ch.pending_at, e.strerror)
-                raise WriteFailed(f"write to {ch.name} failed: {e.strerror}") from None
+        ch.pending.append(header)  # written by the chunk's commit: one pwritev
+        ch.pending.extend(views)
         ch.tail = off + RECORD_HEADER_SIZE + size
         ch.staged += 1
         self.staged[fid] = (ch.chunk_id, off)
@@ -343,44 +330,20 @@ class ChunkStore:
             self.large_staged[ch.chunk_id] = self.large_staged.get(ch.chunk_id, 0) + 1
 
     def commit(self) -> list[int]:
-        """Superblocks, one fsync per touched chunk (sync), then index the staged fids."""
-        if not self.staged:
-            self._write_failed = False
-            return []
-        touched = [ch for ch in self.ordered_chunks() if ch.staged]
-        new = {ch.chunk_id: ch.staged_superblock() for ch in touched}
-        written: list[Chunk] = []
-        try:
-            self.index.reserve(len(self.index) + len(self.staged))  # no growth after the fsync
-            if self._write_failed:
-                raise OSError(errno.EIO, "a write of this batch failed")
-            for ch in touched:  # the records first, then the superblocks that cover them
-                self._write_pending(ch)
-            for ch in touched:
-                written.append(ch)
-                datadir.pwrite_all(ch.fd, new[ch.chunk_id].encode(), 0)
-            if self.sync:
-                for ch in touched:
-                    self._fsync(ch)
-        except OSError as e:
-            self._rollback(touched, written)
-            log.error("commit of %d staged writes failed: %s; read-only now", len(self.staged), e)
-            self.staged.clear()
-            self.large_staged.clear()
-            self.read_only = True
-            raise WriteFailed(f"commit failed: {e.strerror}") from None
-        for ch in touched:
-            ch.sb = new[ch.chunk_id]
-            ch.sb_raw = ch.sb.encode()
-            ch.staged = 0
-        fids = list(self.staged)
-        insert = self.index.insert
-        for fid, (cid, off) in self.staged.items():
-            insert(fid, cid, off)
-        self.staged.clear()
-        self.large_staged.clear()
-        self._changed = True
+        """Commit every staged record now, chunk by chunk as the writer does (begin_commit,
+        write_commit, end_commit), for tools and tests that stage without a writer: the
+        fids made visible. WriteFailed after the loop when a chunk's commit failed (the
+        other chunks' records are committed)."""
+        fids: list[int] = []
+        failed: WriteFailed | None = None
+        for ch in self.staged_chunks():
+            try:
+                fids += self.end_commit(self.write_commit(self.begin_commit(ch)))
+            except WriteFailed as e:
+                failed = failed or e
         self.maybe_save_snapshot()
+        if failed is not None:
+            raise failed
         return fids
 
     def staged_chunks(self) -> list[Chunk]:
@@ -457,16 +420,6 @@ class ChunkStore:
         self.large_staged.pop(ch.chunk_id, None)
         return fids
 
-    def _rollback(self, touched: list[Chunk], written: list[Chunk]) -> None:
-        """Forget the staged records; put back the old superblock where it may be overwritten."""
-        for ch in touched:
-            ch.tail = ch.sb.current_offset
-            ch.staged = 0
-            ch.pending = []
-        self._write_failed = False
-        for ch in written:
-            self._restore_superblock(ch)
-
     def _restore_superblock(self, ch: Chunk) -> None:
         """Write the committed superblock back (fsynced with sync) after a failed commit."""
         try:
@@ -476,13 +429,6 @@ class ChunkStore:
         except OSError as e:
             log.error("%s: cannot restore the superblock after a failed commit: %s",
                       ch.name, e.strerror)
-
-    @staticmethod
-    def _write_pending(ch: Chunk) -> None:
-        """Write a chunk's staged records that are not written yet (one pwritev)."""
-        if ch.pending:
-            pending, ch.pending = ch.pending, []
-            datadir.pwritev_all(ch.fd, pending, ch.pending_at)
 
     def _fsync(self, ch: Chunk) -> None:
         diskio.fsync(ch.fd)
@@ -560,11 +506,12 @@ class ChunkStore:
             self.compaction.stop()
         if self.staged:
             log.warning("closing with %d uncommitted writes; dropped", len(self.staged))
-            self._rollback([ch for ch in self.chunks.values() if ch.staged], [])
-            self.staged.clear()
-            self.large_staged.clear()
+            for ch in self.ordered_chunks():
+                if ch.staged:
+                    self._drop_staged(ch)
+                    ch.tail = ch.sb.current_offset
         clean = True
-        for ch in self.ordered_chunks():  # superblocks were written by commit() and delete()
+        for ch in self.ordered_chunks():  # superblocks were written by the commits and delete()
             try:
                 diskio.fsync(ch.fd)
             except OSError as e:
