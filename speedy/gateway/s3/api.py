@@ -28,7 +28,7 @@ from speedy.client import ClusterError, NotFoundError, SpeedyError, parse_key
 from speedy.gateway.blobs import (byte_range, content_safety, http_date, http_date_text,
                                   stream_parts)
 from speedy.gateway.http import HTTPError, Request, Response
-from speedy.gateway.garbage import forget_blob, free_blob
+from speedy.gateway.garbage import forget_blob, free_blobs
 from speedy.wire.manifest import Key
 from speedy.gateway.s3 import sigv4, xml
 from speedy.gateway.s3.chunked import AwsChunkedReader, BodyError, Checksum, header_checksum
@@ -147,7 +147,8 @@ def route(app: "GatewayApp", s3: S3Service, req: Request, bucket: str, key: str,
         if m == "POST":
             return complete_upload(app, s3, req, bucket, key)
         if m == "DELETE":
-            free(app, s3.objects.abort_upload(s3.objects.upload(bucket, key, q["uploadId"]).upload_id))
+            upload = s3.objects.upload(bucket, key, q["uploadId"])
+            free_blobs(app, s3.objects.abort_upload(upload.upload_id))
             return Response(204, [])
         if m == "GET":
             return list_parts(s3, req, bucket, key)
@@ -159,7 +160,7 @@ def route(app: "GatewayApp", s3: S3Service, req: Request, bucket: str, key: str,
         return get_object(app, s3, req, bucket, key)
     if m == "DELETE":
         check_bucket(s3, bucket)
-        free(app, s3.objects.delete_object(bucket, key))
+        free_blobs(app, s3.objects.delete_object(bucket, key))
         return Response(204, [])
     raise S3Error("MethodNotAllowed", f"{m} is not allowed on an object", 405)
 
@@ -173,12 +174,6 @@ def check_bucket(s3: S3Service, bucket: str) -> tuple[str, float, bool]:
     if found is None:
         raise S3Error("NoSuchBucket", "The specified bucket does not exist", 404)
     return found
-
-
-def free(app: "GatewayApp", blobs: list[Key]) -> None:
-    """Delete the bytes of blobs no object refers to any more (queued until it works)."""
-    for blob in blobs:
-        free_blob(app, blob, True)
 
 
 # -- buckets -----------------------------------------------------------------------------
@@ -205,7 +200,7 @@ def bucket_op(app: "GatewayApp", s3: S3Service, req: Request, bucket: str,
                           "named bucket succeeded and you already own it.", 409)
         return Response(200, [("Location", f"/{bucket}"), ("Content-Length", "0")])
     if m == "DELETE":
-        free(app, s3.objects.delete_bucket(bucket))
+        free_blobs(app, s3.objects.delete_bucket(bucket))
         return Response(204, [])
     if m == "POST" and "delete" in q:
         return delete_objects(app, s3, req, bucket)
@@ -303,7 +298,7 @@ def delete_objects(app: "GatewayApp", s3: S3Service, req: Request, bucket: str) 
     deleted, errors = [], []
     for key in keys:
         try:
-            free(app, s3.objects.delete_object(bucket, key))
+            free_blobs(app, s3.objects.delete_object(bucket, key))
             deleted.append(key)
         except Exception as e:  # noqa: BLE001 (one key's failure is reported in the document)
             errors.append((key, "InternalError", str(e)[:200]))
@@ -412,7 +407,7 @@ def record_blob(app: "GatewayApp", blob: str, record: Callable[[], list[Key]]) -
     """Run record() (metadata naming the just-written blob; it returns the blobs it
     replaced, which are freed); when it fails the blob is deleted again."""
     try:
-        free(app, record())
+        free_blobs(app, record())
     except Exception:
         if blob:
             forget_blob(app, blob)
@@ -619,7 +614,7 @@ def complete_upload(app: "GatewayApp", s3: S3Service, req: Request, bucket: str,
     body = req.read_exactly(xml.MAX_XML_BODY + 1)
     chosen = xml.parse_complete(body)
     obj, garbage = s3.objects.complete_upload(upload, chosen, MIN_PART)
-    free(app, garbage)
+    free_blobs(app, garbage)
     location = f"/{quote(bucket)}/{quote(key)}"
     return ok_xml(xml.complete_upload(location, bucket, key, obj.etag))
 
@@ -653,7 +648,7 @@ def sweep_uploads(app: "GatewayApp", s3: S3Service, now: float | None = None) ->
     stale = s3.objects.stale_uploads((now or time.time()) - s3.upload_ttl)
     for uid in stale:
         try:
-            free(app, s3.objects.abort_upload(uid))
+            free_blobs(app, s3.objects.abort_upload(uid))
         except S3Error:
             pass
     return len(stale)
