@@ -86,10 +86,13 @@ def wait_for(driver, check, timeout: float, what: str):
 
 
 def submit(driver, element, timeout: float = 30.0) -> None:
-    """Click an element that loads a new page; return once the old page is gone."""
+    """Click an element that loads a new page; return once the old page is gone and the
+    new one loaded (the old one's going alone leaves the new one half parsed)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
     old = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(driver, timeout, poll_frequency=0.1).until(ec.staleness_of(old))
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.1)
+    wait.until(ec.staleness_of(old))
+    wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
