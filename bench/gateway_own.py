@@ -60,6 +60,9 @@ class SinkSocket:
     def getsockname(self) -> tuple[str, int]:
         return ("127.0.0.1", 8088)
 
+    def settimeout(self, seconds) -> None:
+        pass
+
 
 class NoStreamServer:
     """Stands for gevent's StreamServer: serve_one is called directly here."""
