@@ -9,7 +9,7 @@ import pytest
 
 from speedy.wire.protocol import Err, Op, decode_garbage
 from tests.support.cluster import Cluster, blob
-from tests.support.server import wait_for
+from tests.support import wait_for
 
 GROUP = 1
 

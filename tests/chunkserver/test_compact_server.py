@@ -13,7 +13,8 @@ from speedy.format.chunkfile import RECORD_HEADER_SIZE
 from speedy.wire.protocol import (COMPACT_RESULT, Err, Op, decode_detail_info, decode_garbage,
                                   encode_compact_request)
 from tests.support import free_port
-from tests.support.server import make_server, payload, wait_for
+from tests.support import wait_for
+from tests.support.server import make_server, payload
 
 SIZE = 40_000
 

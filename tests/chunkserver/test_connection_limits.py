@@ -6,7 +6,8 @@ import socket
 import struct
 import time
 
-from tests.support.server import Client, payload, wait_for
+from tests.support import wait_for
+from tests.support.server import Client, payload
 from tests.support.sources import connect
 from speedy.wire.protocol import Err, Op, decode_detail_info, encode_file_key
 

@@ -19,7 +19,8 @@ import time
 import pytest
 
 from tests.support import PYTHON, free_port
-from tests.support.server import SPY_SERVER, Client, make_server, payload, wait_for
+from tests.support import wait_for
+from tests.support.server import SPY_SERVER, Client, make_server, payload
 from speedy.wire.protocol import Err, Op
 from speedy.chunkserver.shm.counters import StatsView
 

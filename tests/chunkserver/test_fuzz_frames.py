@@ -22,7 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.server import pool_in_use, worker_pids, ServerProc, payload, running_server, wait_for
+from tests.support import wait_for
+from tests.support.server import pool_in_use, worker_pids, ServerProc, payload, running_server
 from speedy.wire import protocol as p
 from speedy.wire.protocol import OPCODES, Err, Op, ProtocolError, encode_file_key, encode_request
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.support.server import pool_in_use, worker_pids, Client, ServerProc, payload, running_server, wait_for
+from tests.support import wait_for
+from tests.support.server import (pool_in_use, worker_pids, Client, ServerProc, payload, running_server)
 from speedy.wire.protocol import (OPCODES, Err, Op, decode_detail_info,
                              encode_file_key, encode_request)
 

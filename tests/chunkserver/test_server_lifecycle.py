@@ -12,7 +12,8 @@ import pytest
 
 from tests.support import PYTHON, free_port
 from tests.support.daemon import session_pids, spawn, stop_session
-from tests.support.server import SPY_SERVER, payload, wait_for
+from tests.support import wait_for
+from tests.support.server import SPY_SERVER, payload
 from speedy.chunkserver.shm.pool import BlockPool
 from speedy.wire.protocol import Err, Op, encode_file_key
 from speedy.chunkserver.shm.counters import StatsView

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from tests.support.server import running_server, wait_for
+from tests.support import wait_for
+from tests.support.server import running_server
 from speedy.format.chunkfile import max_data_size
 from speedy.chunkserver.shm.pool import BlockPool
 from speedy.wire.protocol import (Err, Op, decode_detail_info, decode_io_status, encode_file_key,

@@ -9,7 +9,8 @@ import struct
 
 import pytest
 
-from tests.support.server import Client, payload, running_server, wait_for
+from tests.support import wait_for
+from tests.support.server import Client, payload, running_server
 from speedy.chunkserver.shm.pool import BlockPool
 from speedy.wire.protocol import (IO_STATUS, Err, Op, decode_detail_info, decode_io_status,
                              encode_file_key, encode_request)

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.support import free_port
-from tests.support.server import wait_for
+from tests.support import wait_for
 from speedy.wire.protocol import Err, Op
 
 KEYS = ["GroupId", "Ip", "Port", "Status", "TotalFreeSpace", "MaxFreeSpace", "PendingWrites",

@@ -7,8 +7,6 @@ import json
 import lzma
 import os
 
-import pytest
-
 from tests.support import ROOT
 from tests.support.server import running_server
 from speedy.wire.protocol import Err, Op, decode_detail_info

@@ -9,7 +9,8 @@ from __future__ import annotations
 import socket
 import struct
 
-from tests.support.server import Client, payload, pool_in_use, wait_for
+from tests.support import wait_for
+from tests.support.server import Client, payload, pool_in_use
 from tests.support.sources import client_from
 from speedy.wire.protocol import RESPONSE_HEADER, Err, Op, encode_file_key
 

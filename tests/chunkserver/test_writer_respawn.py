@@ -13,7 +13,8 @@ import signal
 import threading
 import time
 
-from tests.support.server import Client, payload, pool_in_use, wait_for
+from tests.support import wait_for
+from tests.support.server import Client, payload, pool_in_use
 from speedy.wire.protocol import Err
 
 UNKNOWN = Err.INTERNAL_ERROR  # the writer died with the write in flight

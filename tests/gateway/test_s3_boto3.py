@@ -179,7 +179,6 @@ def test_listings_v2_and_v1(s3):
         ["c", "d/5", "é/6"]
     r = s3.list_objects(Bucket="list", Marker="a/b/3", MaxKeys=2)
     assert [o["Key"] for o in r["Contents"]] == ["b/4", "c"] and r["IsTruncated"]
-    pages = boto3.client  # noqa: F841  (paginators use the same calls)
     paginated = [o["Key"] for page in s3.get_paginator("list_objects").paginate(
         Bucket="list", PaginationConfig={"PageSize": 3}) for o in page.get("Contents", [])]
     assert paginated == sorted(names, key=lambda s: s.encode())

@@ -2,7 +2,6 @@
 idle sockets opened from this test, partial bodies, silent connections."""
 from __future__ import annotations
 
-import os
 import resource
 import socket
 import statistics
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from tests.support.master import wait_for
+from tests.support import wait_for
 
 
 def raise_nofile(need: int) -> None:

@@ -10,7 +10,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.master import wait_for
+from tests.support import wait_for
 
 CS_FIELDS = {"GroupId", "Ip", "Port", "Status", "GlobalStatus", "TotalFreeSpace",
              "MaxFreeSpace", "PendingWrites", "WritingCount", "ReadingCount", "TotalChunks",

@@ -8,7 +8,7 @@ from speedy.client import NotFoundError
 from speedy.wire.manifest import parse_key
 from speedy.wire.protocol import Err
 from tests.support.cluster import Cluster, blob
-from tests.support.master import wait_for
+from tests.support import wait_for
 
 
 def _pending(c: Cluster) -> dict[str, int]:

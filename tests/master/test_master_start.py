@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from tests.support import wait_for
 from tests.support import free_port
-from tests.support.master import MasterProc, http, run_master, wait_for
+from tests.support.master import MasterProc, http, run_master
 
 
 @pytest.mark.parametrize("flag,name", [

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
+from tests.support import wait_for
 from tests.support import free_port
-from tests.support.master import wait_for
+
 
 try:
     from tests.support.server import SPY_SERVER, ServerProc

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
@@ -20,3 +22,18 @@ def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None
     """Wait until something accepts on host:port (a daemon the test did not spawn)."""
     from tests.support.daemon import listening, wait_ready
     wait_ready(lambda: listening(port, host), timeout, f"{host}:{port}")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
+             what: str = "") -> Any:
+    """Poll predicate until it returns a true value; that value (AssertionError after
+    timeout seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for "
+                                 f"{what or getattr(predicate, '__name__', 'a condition')}")
+        time.sleep(interval)

@@ -15,7 +15,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,18 +183,6 @@ class MasterProc:
                 return f.read()
         except OSError:
             return ""
-
-
-def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "") -> Any:
-    """Poll predicate until it returns a truthy value; that value (or AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def run_master(args: list[str], cwd: str, timeout: float = 30.0) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -232,18 +231,6 @@ def servers(tmp_path):
     yield start
     for srv in made:
         srv.discard()
-
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
-    """Poll predicate until it returns a true value; that value, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met after {timeout}s")
-        time.sleep(interval)
 
 
 def payload(fid: int, size: int) -> bytes:
