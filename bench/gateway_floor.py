@@ -10,6 +10,9 @@ GETs at C connections through:
   floor    a minimal gevent proxy in one process: it reads a request line, sends a
            pipelined READ (batched like the gateway's) and answers with a fixed head; no
            HTTP parsing, records, headers, metrics, timeouts or failover
+  +client  the floor reading through speedy.client (Client(pipelined=True).read, as the
+           gateway does): the floor and +client differ by the client's read path, +client
+           and the gateway by the HTTP server and app
 
 The HTTP load is one selector loop per process (2 processes), lighter than the client
 library's load. The floor shows what a Python proxy hop costs on this machine by itself:
@@ -178,6 +181,34 @@ def serve_floor(port: int, master: str) -> None:
     gevent.server.StreamServer(("127.0.0.1", port), handle).serve_forever()
 
 
+def serve_floor_client(port: int, master: str) -> None:
+    """The floor proxy reading through speedy.client's pipelined reads (its own process)."""
+    from gevent import monkey
+    monkey.patch_all()
+    import gevent.server
+
+    from speedy.client import Client
+    client = Client(master, pipelined=True)
+
+    def handle(sock, addr):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                body = client.read(head.split(b" ", 2)[1][1:].decode())
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+                             + body)
+        except OSError:
+            pass   # the load closes its connections at the end
+    gevent.server.StreamServer(("127.0.0.1", port), handle).serve_forever()
+
+
 def put_blobs(port: int, n: int, size: int) -> list[str]:
     """n random blobs stored through the gateway; their keys."""
     keys = []
@@ -206,9 +237,10 @@ def main() -> int:
     size = byte_size(args.size)
     with bench_cluster("speedy-floor-", 1) as c:
         master = f"127.0.0.1:{c.master_port}"
-        floor_port = free_port()
-        floor = subprocess.Popen([sys.executable, __file__, "--serve-floor", str(floor_port),
-                                  master])
+        floor_port, plus_port = free_port(), free_port()
+        proxies = [subprocess.Popen([sys.executable, __file__, flag, str(port), master])
+                   for flag, port in (("--serve-floor", floor_port),
+                                      ("--serve-floor-client", plus_port))]
         try:
             keys = put_blobs(c.gateway_port, args.n, size)
             time.sleep(1)
@@ -219,17 +251,23 @@ def main() -> int:
                           seconds=args.t)
                 fl = rate(http_get_load, floor_port, keys, size, conns=args.c,
                           seconds=args.t)
+                pl = rate(http_get_load, plus_port, keys, size, conns=args.c,
+                          seconds=args.t)
                 print(f"round {r + 1}: client {cl:,.0f} GET/s | gateway {gw:,.0f} "
                       f"({gw / cl:.2f}x client) | floor {fl:,.0f} ({fl / cl:.2f}x client) "
-                      f"| gateway/floor {gw / fl:.2f}", flush=True)
+                      f"| +client {pl:,.0f} ({pl / cl:.2f}x client) | gateway/floor "
+                      f"{gw / fl:.2f}", flush=True)
         finally:
-            floor.terminate()
-            floor.wait(10)
+            for proxy in proxies:
+                proxy.terminate()
+                proxy.wait(10)
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--serve-floor":
         serve_floor(int(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) == 4 and sys.argv[1] == "--serve-floor-client":
+        serve_floor_client(int(sys.argv[2]), sys.argv[3])
     else:
         sys.exit(main())
