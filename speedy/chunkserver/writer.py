@@ -398,12 +398,6 @@ class Writer:
         except FileExists:
             self.finish(job, Err.FILE_EXISTS)
             return
-        except WriteFailed as e:
-            self.finish(job, Err.WRITE_ERROR)
-            for dropped in self.waiting.pop(e.chunk_id, []):  # in the failed write too
-                self.finish(dropped, Err.WRITE_ERROR)
-            self.note_failure()
-            return
         except ValueError as e:
             log.error("write of fid %d refused: %s", job.fid, e)
             self.finish(job, Err.INTERNAL_ERROR)
