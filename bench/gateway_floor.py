@@ -118,7 +118,6 @@ def serve_floor(port: int, master: str) -> None:
     from gevent import monkey
     monkey.patch_all()
     import gevent
-    import gevent.server
     from gevent.event import AsyncResult
 
     from speedy.client import Client
@@ -159,36 +158,16 @@ def serve_floor(port: int, master: str) -> None:
 
     pipes = [Pipe(a) for a in servers]
 
-    def handle(sock, addr):
-        try:
-            serve(sock)
-        except OSError:
-            pass   # the load closes its connections at the end
-
-    def serve(sock):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = b""
-        while True:
-            while b"\r\n\r\n" not in buf:
-                data = sock.recv(65536)
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            g, fid = head.split(b" ", 2)[1][1:].split(b",")
-            body = random.choice(pipes).read(int(g), int(fid))
-            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    gevent.server.StreamServer(("127.0.0.1", port), handle).serve_forever()
+    def read(key: bytes) -> bytes:
+        g, fid = key.split(b",")
+        return random.choice(pipes).read(int(g), int(fid))
+    proxy_gets(port, read)
 
 
-def serve_floor_client(port: int, master: str) -> None:
-    """The floor proxy reading through speedy.client's pipelined reads (its own process)."""
-    from gevent import monkey
-    monkey.patch_all()
+def proxy_gets(port: int, read) -> None:
+    """Answer `GET /<key>` on port with read(key bytes), a fixed head, keep-alive; nothing
+    else of HTTP (the proxies' common loop, under gevent)."""
     import gevent.server
-
-    from speedy.client import Client
-    client = Client(master, pipelined=True)
 
     def handle(sock, addr):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -201,12 +180,22 @@ def serve_floor_client(port: int, master: str) -> None:
                         return
                     buf += data
                 head, _, buf = buf.partition(b"\r\n\r\n")
-                body = client.read(head.split(b" ", 2)[1][1:].decode())
+                body = read(head.split(b" ", 2)[1][1:])
                 sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
                              + body)
         except OSError:
             pass   # the load closes its connections at the end
     gevent.server.StreamServer(("127.0.0.1", port), handle).serve_forever()
+
+
+def serve_floor_client(port: int, master: str) -> None:
+    """The floor proxy reading through speedy.client's pipelined reads (its own process)."""
+    from gevent import monkey
+    monkey.patch_all()
+
+    from speedy.client import Client
+    client = Client(master, pipelined=True)
+    proxy_gets(port, lambda key: client.read(key.decode()))
 
 
 def put_blobs(port: int, n: int, size: int) -> list[str]:
