@@ -390,8 +390,8 @@ def report_json(report: dict) -> str:
     if "rounds" in report:
         d["rounds"] = [{"get": g.to_dict(), "client_get": c.to_dict()}
                        for _p, g, _cp, c in report["rounds"]]
-        d["get_ratio_median"] = round(statistics.median(round_ratios(report)), 3) \
-            if round_ratios(report) else None
+        ratios = round_ratios(report)
+        d["get_ratio_median"] = round(statistics.median(ratios), 3) if ratios else None
     if "mixed_results" in report:
         d["mixed_results"] = [r.to_dict() for r in report["mixed_results"]]
     sink = {r.name: r for r in report.get("sink_results", [])}

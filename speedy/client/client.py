@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
 from speedy.client.chunkconn import ChunkError, ConnPool, Reply, format_addr
-from speedy.client.pipeline import PipeSet
+from speedy.client.pipeline import LARGE_ANSWER, PipeSet
 from speedy.wire.manifest import MAGIC as MANIFEST_MAGIC
 from speedy.wire.manifest import (Key, KeyFormatError, Manifest, ManifestError, Part, as_key,
                        digest, parse_key)
@@ -39,7 +39,7 @@ __all__ = ["Client", "Stat", "ServerInfo", "Route", "Master", "FidAllocator",
            "DEFAULT_PART_SIZE", "INIT", "RW", "RO", "ERR", "STATUS_NAMES", "STATUS_CODES"]
 
 DEFAULT_PART_SIZE = 4 << 20
-LARGE_READ = 256 << 10     # pipelined clients read blobs this large on their own connection
+LARGE_READ = LARGE_ANSWER  # pipelined clients read blobs this large on their own connection
 UNDO_ATTEMPTS = 4          # DELETEs of a failed put's fid per server, at most
 UNDO_BACKOFF = 0.25        # seconds before the 2nd attempt, doubled after each
 Progress = Callable[[int, "int | None"], None]

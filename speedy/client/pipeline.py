@@ -140,12 +140,13 @@ class Pipe:
             while True:
                 while len(buf) < HEADER:
                     buf += self._recv_some(partial=bool(buf))
-                op, err, size = p.decode_response_header(bytes(buf[:HEADER]))
+                op, err, size = p.RESPONSE_HEADER.unpack_from(buf)
                 if op != Op.READ:
                     raise ChunkError(f"{self.name}: response opcode {op} to a READ")
                 have = len(buf) - HEADER
                 if have >= size:
-                    body: bytes | bytearray = bytes(buf[HEADER:HEADER + size])
+                    with memoryview(buf) as view:   # one copy out (a slice would be two)
+                        body: bytes | bytearray = bytes(view[HEADER:HEADER + size])
                     del buf[:HEADER + size]
                 else:
                     body = bytearray(size)

@@ -18,6 +18,7 @@ gevent objects it is handed through the socket and StreamServer.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import socket
@@ -156,21 +157,15 @@ class Body:
 TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")   # bytes a request target must not hold
 HEADER_KEYS_MAX = 1024       # header names remembered by header_key
 ASCII_SPACE = " \t\n\r\x0b\x0c"   # what bytes.strip() strips: str.strip() strips more
-_header_keys: dict[str, str] = {}
 
 
+@functools.lru_cache(maxsize=HEADER_KEYS_MAX)
 def header_key(name: str) -> str:
     """The environ key of a header field name (HTTP_USER_AGENT, CONTENT_TYPE); 400 when
-    the name is malformed. Valid names are remembered (at most HEADER_KEYS_MAX of them)."""
-    key = _header_keys.get(name)
-    if key is not None:
-        return key
+    the name is malformed. Valid names are remembered (a malformed one raises: not kept)."""
     if not name or name != name.strip(ASCII_SPACE) or " " in name:
         raise BadRequest(400, "malformed header field")
-    key = environ_key(name)
-    if len(_header_keys) < HEADER_KEYS_MAX:
-        _header_keys[name] = key
-    return key
+    return environ_key(name)
 
 
 NO_BODY = Body(None, None, False, None)   # the wsgi.input of every request without a body

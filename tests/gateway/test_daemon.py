@@ -9,7 +9,6 @@ import subprocess
 import time
 from urllib.parse import urlsplit
 
-
 from tests.support import PYTHON, free_port
 from tests.support.cluster import blob, cluster_fixture, run_cli
 from tests.support.daemon import listening, spawn, stop_session, tail, wait_ready

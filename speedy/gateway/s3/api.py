@@ -295,13 +295,14 @@ def delete_objects(app: "GatewayApp", s3: S3Service, req: Request, bucket: str) 
     body = req.read_exactly(xml.MAX_XML_BODY + 1)
     check_content_md5(req, body)
     keys, quiet = xml.parse_delete(body)
-    deleted, errors = [], []
+    deleted, errors, freed = [], [], []
     for key in keys:
         try:
-            free_blobs(app, s3.objects.delete_object(bucket, key))
+            freed += s3.objects.delete_object(bucket, key)
             deleted.append(key)
         except Exception as e:  # noqa: BLE001 (one key's failure is reported in the document)
             errors.append((key, "InternalError", str(e)[:200]))
+    free_blobs(app, freed)   # one pass (and one look at the garbage queue) for them all
     return ok_xml(xml.delete_result(deleted, errors, quiet))
 
 
@@ -407,11 +408,12 @@ def record_blob(app: "GatewayApp", blob: str, record: Callable[[], list[Key]]) -
     """Run record() (metadata naming the just-written blob; it returns the blobs it
     replaced, which are freed); when it fails the blob is deleted again."""
     try:
-        free_blobs(app, record())
+        replaced = record()
     except Exception:
         if blob:
             forget_blob(app, blob)
         raise
+    free_blobs(app, replaced)
 
 
 def user_meta(req: Request) -> dict[str, str]:
@@ -646,9 +648,11 @@ def list_uploads(s3: S3Service, req: Request, bucket: str) -> Response:
 def sweep_uploads(app: "GatewayApp", s3: S3Service, now: float | None = None) -> int:
     """Abort uploads older than the upload TTL and free their parts; how many."""
     stale = s3.objects.stale_uploads((now or time.time()) - s3.upload_ttl)
+    freed: list[Key] = []
     for uid in stale:
         try:
-            free_blobs(app, s3.objects.abort_upload(uid))
+            freed += s3.objects.abort_upload(uid)
         except S3Error:
             pass
+    free_blobs(app, freed)
     return len(stale)
