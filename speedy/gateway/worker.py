@@ -39,7 +39,7 @@ def maintain(app, interval: float) -> None:
     import gevent
 
     from speedy.gateway.garbage import sweep_garbage
-    from speedy.gateway.s3.api import sweep_uploads
+    from speedy.gateway.s3.object_handlers import sweep_uploads
     while True:
         gevent.sleep(interval)
         try:
