@@ -22,6 +22,10 @@ class HTTPAnswerError(Exception):
     """The gateway's answer could not be parsed."""
 
 
+class StaleConnection(Exception):
+    """A kept-alive connection was closed by the gateway before it answered."""
+
+
 class GatewayConnection:
     """put/get through the gateway's blob routes on one persistent connection."""
 
@@ -33,6 +37,7 @@ class GatewayConnection:
         self.keys = keys
         self.detail = ""
         self.sock: socket.socket | None = None
+        self.reused = False       # the connection has answered before (it may have gone stale)
         self.buf = b""
         self.host = f"Host: {target.host}:{target.port}\r\n".encode()
 
@@ -41,6 +46,7 @@ class GatewayConnection:
         self.sock = socket.create_connection((self.target.host, self.target.port),
                                              timeout=self.target.timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reused = False
         self.buf = b""
 
     def close(self) -> None:
@@ -50,11 +56,19 @@ class GatewayConnection:
             self.sock = None
 
     def _answer(self) -> tuple[int, bytes]:
-        """(status, body) of the next answer."""
+        """(status, body) of the next answer; StaleConnection when a reused connection
+        was closed before any byte of it (the gateway closes idle connections)."""
         sock = self.sock
         while b"\r\n\r\n" not in self.buf:
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except ConnectionError:
+                if self.reused and not self.buf:
+                    raise StaleConnection("closed while idle") from None
+                raise
             if not data:
+                if self.reused and not self.buf:
+                    raise StaleConnection("closed while idle")
                 raise HTTPAnswerError("connection closed")
             self.buf += data
             if len(self.buf) > HEAD_LIMIT and b"\r\n\r\n" not in self.buf:
@@ -83,16 +97,31 @@ class GatewayConnection:
         return status, body
 
     def _call(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+        """One exchange; once more on a new connection when a reused one turns out to
+        have been closed while idle (the gateway shut it before it read the request)."""
+        try:
+            return self._once(head, body)
+        except StaleConnection:
+            return self._once(head, body)   # on a new connection: never stale
+
+    def _once(self, head: bytes, body: bytes) -> tuple[int, bytes]:
         if self.sock is None:
             self.connect()
         try:
-            self.sock.sendall(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
-                self.sock.sendall(body)
-            return self._answer()
-        except (OSError, ValueError, HTTPAnswerError):
+            try:
+                self.sock.sendall(head + body if len(body) < 65536 else head)
+                if len(body) >= 65536:
+                    self.sock.sendall(body)
+            except ConnectionError:
+                if not self.reused:
+                    raise
+                raise StaleConnection("closed while idle") from None
+            answer = self._answer()
+        except (OSError, ValueError, HTTPAnswerError, StaleConnection):
             self.close()  # the next request reconnects
             raise
+        self.reused = True
+        return answer
 
     def _exchange(self, head: bytes, body: bytes, want: int) -> tuple[str | None, bytes]:
         """(None, answer body) when the status is want, else (error name, b"")."""
