@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from tests.support import PYTHON, free_port
 from tests.support.cluster import blob, cluster_fixture, run_cli
-from tests.support.daemon import listening, spawn, stop_session, tail, wait_ready
+from tests.support.daemon import listening, notify_socket, spawn, stop_session, tail, wait_ready
 from tests.support.gateway import Gateway
 
 cluster = cluster_fixture(groups=1, per_group=2, chunks=4, chunk_size=32 << 20,
@@ -134,9 +134,7 @@ def test_config_sources_and_start_errors(tmp_path):
 
 def test_systemd_notify_ready_and_stopping(cluster, tmp_path):
     path = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
-        ns.bind(path)
-        ns.settimeout(30)
+    with notify_socket(path, timeout=30) as ns:
         port = free_port()
         proc = spawn([PYTHON, "-m", "speedy", "gateway", f"--port={port}",
                       f"--master={cluster.master_addr}", "--workers=1",

@@ -6,14 +6,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import urllib.request
 
 import pytest
 
 from tests.support import PYTHON, ROOT, free_port
-from tests.support.daemon import listening, processes, spawn, stop_session
+from tests.support.daemon import listening, notify_socket, processes, spawn, stop_session
 
 INIT = os.path.join(ROOT, "init")
 UNIT = os.path.join(INIT, "speedy_gateway.service")
@@ -68,12 +67,9 @@ def test_unit_exec_start_notifies_ready_and_stopping(tmp_path):
     argv = [PYTHON if a.endswith("/python") else a.replace("/opt/speedy/", ROOT + "/")
             for a in start.split()]
     argv = [re.sub(r"--config=\S+", f"--config={conf}", a) for a in argv]
-    sock_path = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
-        ns.bind(sock_path)
-        ns.settimeout(60)
+    with notify_socket(str(tmp_path / "notify.sock")) as ns:
         out = str(tmp_path / "out.log")
-        proc = spawn(argv, out, cwd=str(tmp_path), env={"NOTIFY_SOCKET": sock_path})
+        proc = spawn(argv, out, cwd=str(tmp_path), env={"NOTIFY_SOCKET": ns.getsockname()})
         try:
             assert "READY=1" in ns.recv(4096).decode().split("\n")
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:

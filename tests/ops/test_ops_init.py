@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from tests.support import PYTHON, ROOT, free_port, wait_port
-from tests.support.daemon import spawn, stop_session
+from tests.support.daemon import notify_socket, spawn, stop_session
 from tests.support.server import discard_shm
 
 INIT = os.path.join(ROOT, "init")
@@ -104,17 +104,20 @@ def master_conf(tmp_path, port: int) -> str:
     return str(conf)
 
 
+def run_unit(unit: str, tmp_path) -> tuple[subprocess.Popen, socket.socket]:
+    """The unit's ExecStart started as systemd would, with a notify socket: (process, it)."""
+    (start,) = [ln.split("=", 1)[1] for ln in open(unit) if ln.startswith("ExecStart=")]
+    sock = notify_socket(str(tmp_path / "notify.sock"))
+    proc = spawn(start.split(), str(tmp_path / "daemon.out"), cwd=str(tmp_path),
+                 env={"NOTIFY_SOCKET": sock.getsockname()})
+    return proc, sock
+
+
 def test_master_as_the_unit_runs_it(tmp_path):
     """ExecStart of spy_master.service, Type=notify: READY=1 after bind, STOPPING=1 on TERM."""
     port = free_port()
     unit = localized_unit("spy_master.service", tmp_path, master_conf(tmp_path, port))
-    (start,) = [ln.split("=", 1)[1] for ln in open(unit) if ln.startswith("ExecStart=")]
-    sock_path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(sock_path)
-    sock.settimeout(60)
-    out = str(tmp_path / "daemon.out")
-    proc = spawn(start.split(), out, cwd=str(tmp_path), env={"NOTIFY_SOCKET": sock_path})
+    proc, sock = run_unit(unit, tmp_path)
     try:
         msgs = sock.recv(4096).decode()
         assert "READY=1" in msgs.split("\n")
@@ -134,7 +137,7 @@ def test_master_as_the_unit_runs_it(tmp_path):
     finally:
         kill_session(proc)
         sock.close()
-    assert "Traceback" not in open(out, encoding="utf-8", errors="replace").read()
+    assert "Traceback" not in (tmp_path / "daemon.out").read_text("utf-8", errors="replace")
 
 
 # --- LSB init scripts -----------------------------------------------------------------
@@ -499,13 +502,7 @@ def test_chunkserver_as_the_unit_runs_it(tmp_path):
     rotation reopens the log, SIGTERM sends STOPPING=1 and exits 0 within TimeoutStopSec."""
     port, mport = free_port(), free_port()
     unit = localized_unit("spy_server@.service", tmp_path, server_conf(tmp_path, port, mport))
-    (start,) = [ln.split("=", 1)[1] for ln in open(unit) if ln.startswith("ExecStart=")]
-    sock_path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(sock_path)
-    sock.settimeout(60)
-    out = str(tmp_path / "daemon.out")
-    proc = spawn(start.split(), out, cwd=str(tmp_path), env={"NOTIFY_SOCKET": sock_path})
+    proc, sock = run_unit(unit, tmp_path)
     try:
         assert "READY=1" in sock.recv(4096).decode().split("\n")
         before = scrape(mport)
@@ -537,7 +534,7 @@ def test_chunkserver_as_the_unit_runs_it(tmp_path):
     finally:
         kill_session(proc)
         sock.close()
-    assert "Traceback" not in open(out, encoding="utf-8", errors="replace").read()
+    assert "Traceback" not in (tmp_path / "daemon.out").read_text("utf-8", errors="replace")
     assert "stopped (exit code 0)" in log.read_text()
 
 

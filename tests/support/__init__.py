@@ -37,3 +37,25 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
             raise AssertionError(f"timed out after {timeout:g}s waiting for "
                                  f"{what or getattr(predicate, '__name__', 'a condition')}")
         time.sleep(interval)
+
+
+class Started:
+    """A context manager over start() and stop(): stop() runs also when start() fails
+    part-way, so nothing it began is left running."""
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.support import PYTHON, ROOT, free_port
+from tests.support import PYTHON, ROOT, Started, free_port
 from tests.support.daemon import listening, spawn, stop_session, tail, wait_ready
 from tests.support.server import discard_shm
 from speedy.cli import local
@@ -61,7 +61,7 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
 
-class Cluster:
+class Cluster(Started):
     """A master plus groups of chunkservers, started and killed for real."""
 
     def __init__(self, root, groups: int = 2, per_group: int = 3,
@@ -102,17 +102,6 @@ class Cluster:
         self.pool = ConnPool(timeout=10.0)
 
     # -- life cycle ---------------------------------------------------------------------
-
-    def __enter__(self) -> "Cluster":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     @property
     def master_addr(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -33,6 +34,15 @@ def spawn(cmd: list[str], out: str, cwd: str | None = None,
     """local.spawn (a new session, output appended to out), env added to this
     process's environment."""
     return local.spawn(cmd, out, cwd, {**os.environ, **(env or {})})
+
+
+def notify_socket(path: str, timeout: float = 60) -> socket.socket:
+    """A datagram socket bound at path, standing in for systemd's notify socket (a daemon
+    started with NOTIFY_SOCKET=path sends READY=1 and STOPPING=1 to it)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(timeout)
+    return sock
 
 
 def tail(path: str, size: int = 2000) -> str:

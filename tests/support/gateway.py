@@ -15,14 +15,14 @@ import subprocess
 
 import pytest
 
-from tests.support import PYTHON, free_port
+from tests.support import PYTHON, Started, free_port
 from tests.support.cluster import Cluster
 from tests.support.daemon import exited, session_pids, spawn, stop_session, tail, wait_ready
 
 GATEWAY_MODULE = ["-m", "speedy", "gateway"]
 
 
-class Gateway:
+class Gateway(Started):
     """`python -m speedy gateway` on a free port, talking to cluster's master."""
 
     def __init__(self, cluster: Cluster | None, root, workers: int = 1,
@@ -46,17 +46,6 @@ class Gateway:
     @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "Gateway":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the gateway and wait until it accepts connections."""

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 
-from tests.support import free_port, wait_port
+from tests.support import Started, free_port, wait_port
 
 
 class PostgresUnavailable(Exception):
@@ -39,7 +39,7 @@ def find_bindir() -> str:
                               "/usr/lib/postgresql/*/bin or PATH: apt-get install postgresql")
 
 
-class PostgresInstance:
+class PostgresInstance(Started):
     """One postgres server on 127.0.0.1:<free port>, trust authentication, user postgres."""
 
     def __init__(self) -> None:
@@ -113,12 +113,3 @@ class PostgresInstance:
             self.started = False
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresInstance":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
