@@ -124,21 +124,25 @@ class Body:
         self.left -= len(data)
         if self.left == 0 and not self.chunked:
             self.done = True
-        if self.left == 0 and self.chunked and self.conn.line() != b"":
+        if self.left == 0 and self.chunked and self._line() != b"":
             raise ValueError("malformed chunked body: no CRLF after a chunk")
         return data
 
     def _next_chunk(self) -> None:
+        size = self._line().split(b";", 1)[0].strip()
+        if not size or len(size) > 15 or any(c not in b"0123456789abcdefABCDEF"
+                                             for c in size):
+            raise ValueError("malformed chunked body: bad chunk size")
+        self.left = int(size, 16)
+        if self.left == 0:
+            while self._line():   # trailers, up to the empty line
+                pass
+            self.done = True
+
+    def _line(self) -> bytes:
+        """One line of the chunked framing; ValueError when it is too long or cut short."""
         try:
-            size = self.conn.line().split(b";", 1)[0].strip()
-            if not size or len(size) > 15 or any(c not in b"0123456789abcdefABCDEF"
-                                                 for c in size):
-                raise ValueError("malformed chunked body: bad chunk size")
-            self.left = int(size, 16)
-            if self.left == 0:
-                while self.conn.line():   # trailers, up to the empty line
-                    pass
-                self.done = True
+            return self.conn.line()
         except (Closed, BadRequest) as e:
             raise ValueError(f"malformed chunked body: {e or 'cut short'}") from None
 

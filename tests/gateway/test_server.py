@@ -89,11 +89,20 @@ def test_malformed_requests_get_one_line_4xx(gw, request_bytes, status):
     assert b"Content-Type: text/plain" in head and body.count(b"\n") == 1 and body.strip()
 
 
-def test_malformed_chunked_body_is_a_400(gw):
+@pytest.mark.parametrize("body", [
+    b"zz\r\nhello\r\n0\r\n\r\n",    # a bad chunk size
+    b"5\r\nhello",                     # cut after a chunk's data, before its CRLF
+    b"5\r\nhello\r",                   # cut inside that CRLF
+    b"5\r\nhello" + b"x" * 5000,       # no CRLF after the chunk, a long line instead
+    b"5\r\nhello\r\n0\r\nX-T: 1\r\n",  # cut in the trailers
+    b"5",                              # cut in a chunk size line
+])
+def test_malformed_or_cut_chunked_body_is_a_400(gw, body):
     answer = exchange(gw, b"POST /blobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                      b"\r\nzz\r\nhello\r\n0\r\n\r\n")
+                      b"\r\n" + body)
     # the body is read (and its framing refused) before the master is asked
     assert statuses(answer)[0] == 400, answer[:200]
+    assert b"malformed chunked body" in answer, answer[:200]
 
 
 def test_expect_100_continue(gw):
