@@ -26,6 +26,7 @@ from speedy.client.client import read_full
 __all__ = ["HTTPError", "Request", "Response", "status_line", "BODY_PIECE", "BODY_KEYS"]
 
 BODY_PIECE = 64 << 10          # default size of the pieces a body is read in
+HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 
 
 class HTTPError(Exception):
@@ -49,6 +50,14 @@ def one_line(text: str, limit: int = 300) -> str:
     flat = " ".join(str(text).split())
     flat = "".join(c if c.isprintable() else "?" for c in flat)
     return flat[:limit]
+
+
+def chunk_size(text: bytes) -> int | None:
+    """The size a chunked body's size line gives (1-15 hex digits, before any ";"
+    extension), or None when it is not that: int() alone would take 0x, +, _ and spaces."""
+    if not 0 < len(text) <= 15 or not HEX_DIGITS.issuperset(text):
+        return None
+    return int(text, 16)
 
 
 @functools.lru_cache(maxsize=256)

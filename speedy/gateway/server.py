@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 from speedy.common.sockets import send_all, send_parts, shut
-from speedy.gateway.http import BODY_KEYS, environ_key, one_line, status_line
+from speedy.gateway.http import BODY_KEYS, chunk_size, environ_key, one_line, status_line
 
 log = logging.getLogger("speedy.gateway.access")
 
@@ -129,11 +129,10 @@ class Body:
         return data
 
     def _next_chunk(self) -> None:
-        size = self._line().split(b";", 1)[0].strip()
-        if not size or len(size) > 15 or any(c not in b"0123456789abcdefABCDEF"
-                                             for c in size):
+        size = chunk_size(self._line().split(b";", 1)[0].strip())
+        if size is None:
             raise ValueError("malformed chunked body: bad chunk size")
-        self.left = int(size, 16)
+        self.left = size
         if self.left == 0:
             while self._line():   # trailers, up to the empty line
                 pass

@@ -148,3 +148,14 @@ def test_unsigned_trailer_body_checks_its_crc32():
         AwsChunkedReader(io.BytesIO(wrong).read, sigv4.STREAMING_UNSIGNED_TRAILER, None,
                          trailer="x-amz-checksum-crc32").read()
     assert e.value.code == "BadDigest"
+
+
+@pytest.mark.parametrize("size", [b"0x5", b"+5", b"-5", b"0_5", b"", b" ", b"5 5", b"1" * 17, b"zz"])
+def test_aws_chunked_size_lines_are_hex_digits_only(size):
+    body = size + b"\r\nhello\r\n0\r\n\r\n"
+    with pytest.raises(BodyError) as e:
+        AwsChunkedReader(io.BytesIO(body).read, sigv4.STREAMING_UNSIGNED_TRAILER, None).read()
+    assert e.value.code == "InvalidChunkSizeError"
+    ok = AwsChunkedReader(io.BytesIO(b"5\r\nhello\r\n0\r\n\r\n").read,
+                          sigv4.STREAMING_UNSIGNED_TRAILER, None)
+    assert ok.read() == b"hello" and ok.done

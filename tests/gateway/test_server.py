@@ -91,6 +91,8 @@ def test_malformed_requests_get_one_line_4xx(gw, request_bytes, status):
 
 @pytest.mark.parametrize("body", [
     b"zz\r\nhello\r\n0\r\n\r\n",    # a bad chunk size
+    b"0x5\r\nhello\r\n0\r\n\r\n",   # what int(s, 16) would take but the grammar does not
+    b"+5\r\nhello\r\n0\r\n\r\n",
     b"5\r\nhello",                     # cut after a chunk's data, before its CRLF
     b"5\r\nhello\r",                   # cut inside that CRLF
     b"5\r\nhello" + b"x" * 5000,       # no CRLF after the chunk, a long line instead

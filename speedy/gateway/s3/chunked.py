@@ -18,6 +18,7 @@ import hmac
 import zlib
 from typing import Callable
 
+from speedy.gateway.http import chunk_size
 from speedy.gateway.s3.sigv4 import (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER, AuthError,
                                      Verified, chunk_string_to_sign, sign, trailer_string_to_sign)
 
@@ -114,11 +115,10 @@ class AwsChunkedReader:
     def _start_chunk(self) -> None:
         line = self._line().decode("latin-1")
         size_text, _, ext = line.partition(";")
-        try:
-            size = int(size_text.strip(), 16)
-        except ValueError:
-            raise BodyError("InvalidChunkSizeError", f"bad aws-chunked size line '{line[:80]}'") from None
-        if size < 0 or size > MAX_CHUNK:
+        size = chunk_size(size_text.strip().encode("latin-1"))
+        if size is None:
+            raise BodyError("InvalidChunkSizeError", f"bad aws-chunked size line '{line[:80]}'")
+        if size > MAX_CHUNK:
             raise BodyError("InvalidChunkSizeError", f"an aws-chunked chunk of {size} bytes")
         if self.signed:
             key, _, sig = ext.partition("=")
