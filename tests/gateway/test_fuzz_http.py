@@ -4,9 +4,10 @@ Requests are drawn from the routes (blob keys, the original front end's /v1 path
 console, S3 buckets and objects, some SigV4-signed), odd header values (ranges, lengths,
 chunked bodies, conditions, the path headers), odd bodies and mutations (cut short, sent
 twice, bare LF, a header without a colon, a bad method or version), one to three of them
-on a fresh connection, closed for writing after them. Every answer must be a well-formed HTTP status
-line below 500 (or 501/505 for what is not supported), the gateway must close the connection (no hang), and afterwards it must
-still serve with the same workers and no traceback in its log.
+on a fresh connection, closed for writing after them. Every answer must be a well-formed
+HTTP status line below 500 (or 501/505 for what is not supported), the gateway must close
+the connection (no hang), and afterwards it must still serve with the same workers and no
+traceback in its log. The gateway keeps its metadata on SQLite, then on PostgreSQL.
 
 The default run is short; a measured run:
     SPEEDY_FUZZ_EXAMPLES=50000 python -m pytest -m slow -s tests/gateway/test_fuzz_http.py
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from tests.support.cluster import cluster_fixture
 from tests.support.daemon import session_pids
-from tests.support.gateway import gateway_fixture
+from tests.support.gateway import Gateway
 
 CI_EXAMPLES = 1000
 LONG_EXAMPLES = int(os.environ.get("SPEEDY_FUZZ_EXAMPLES", "50000"))
@@ -32,8 +33,18 @@ STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) [^\r\n]*\r\n")
 NOT_SUPPORTED = {501, 505}   # a transfer coding, S3 sub-resource or HTTP version (RFC 9110)
 
 cluster = cluster_fixture(groups=1, per_group=2, chunks=2, chunk_size=16 << 20, mem_blocks=16)
-gateway = gateway_fixture(extra=[f"--s3_access_key={ACCESS}", f"--s3_secret_key={SECRET}",
-                                 "--timeout=3", "--idle_timeout=5"])
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def gateway(request, cluster, tmp_path_factory):
+    """The gateway under test, its metadata on SQLite and then on PostgreSQL."""
+    metadb = request.getfixturevalue("postgres").new_database() \
+        if request.param == "postgresql" else None
+    with Gateway(cluster, tmp_path_factory.mktemp("gateway"), metadb=metadb,
+                 extra=[f"--s3_access_key={ACCESS}", f"--s3_secret_key={SECRET}",
+                        "--timeout=3", "--idle_timeout=5"]) as gw:
+        yield gw
+
 
 PATHS = [
     "/", "/blobs", "/blobs/", "/{key}", "/{key}?expires=1&sig=x", "/1,", "/,", "/1,zz",
