@@ -6,8 +6,9 @@ chunked bodies, conditions, the path headers), odd bodies and mutations (cut sho
 twice, bare LF, a header without a colon, a bad method or version), one to three of them
 on a fresh connection, closed for writing after them. Every answer must be a well-formed
 HTTP status line below 500 (or 501/505 for what is not supported), the gateway must close
-the connection (no hang), and afterwards it must still serve with the same workers and no
-traceback in its log. The gateway keeps its metadata on SQLite, then on PostgreSQL.
+the connection (no hang), and afterwards it must still serve with the same workers, no
+traceback in its log and no more file descriptors than a few pooled connections. The
+gateway keeps its metadata on SQLite, then on PostgreSQL.
 
 The default run is short; a measured run:
     SPEEDY_FUZZ_EXAMPLES=50000 python -m pytest -m slow -s tests/gateway/test_fuzz_http.py
@@ -188,7 +189,8 @@ def target(gateway):
         headers = sign("PUT", path, [("Content-Length", str(len(body)))], body, port)
         head = f"PUT {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
         assert exchange(port, head.encode() + b"\r\n" + body).startswith(b"HTTP/1.1 200")
-    return port, key, kept, sorted(session_pids(os.getsid(gateway.proc.pid)))
+    pids = sorted(session_pids(os.getsid(gateway.proc.pid)))
+    return port, key, kept, pids
 
 
 def check(port: int, raw: bytes) -> None:
@@ -199,16 +201,23 @@ def check(port: int, raw: bytes) -> None:
     assert out == b"" or STATUS_LINE.match(out), f"{raw[:400]!r} -> {out[:400]!r}"
 
 
-def check_still_serving(gateway, port: int, key: str, pids: list[int]) -> None:
+def open_fds(pids: list[int]) -> int:
+    """File descriptors the processes hold."""
+    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
+
+
+def check_still_serving(gateway, port: int, key: str, pids: list[int], fds: int) -> None:
     out = exchange(port, f"GET /{key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 200 OK") and out.endswith(b"\r\n\r\nhello")
     assert sorted(session_pids(os.getsid(gateway.proc.pid))) == pids   # no worker died
+    assert open_fds(pids) <= fds + 32   # no connection left open (chunkserver pools aside)
     log = open(gateway.log, encoding="utf-8", errors="replace").read()
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
 
 
 def test_odd_requests_get_a_4xx_or_an_answer(gateway, target):
     port, key, kept, pids = target
+    fds = open_fds(pids)
 
     @settings(max_examples=CI_EXAMPLES, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
@@ -216,12 +225,13 @@ def test_odd_requests_get_a_4xx_or_an_answer(gateway, target):
     def run(raw):
         check(port, raw)
     run()
-    check_still_serving(gateway, port, kept, pids)
+    check_still_serving(gateway, port, kept, pids, fds)
 
 
 @pytest.mark.slow
 def test_odd_requests_long_run(gateway, target):
     port, key, kept, pids = target
+    fds = open_fds(pids)
 
     @settings(max_examples=LONG_EXAMPLES, deadline=None,
               suppress_health_check=list(HealthCheck))
@@ -229,4 +239,4 @@ def test_odd_requests_long_run(gateway, target):
     def run(raw):
         check(port, raw)
     run()
-    check_still_serving(gateway, port, kept, pids)
+    check_still_serving(gateway, port, kept, pids, fds)
