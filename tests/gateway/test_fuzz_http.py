@@ -215,28 +215,24 @@ def check_still_serving(gateway, port: int, key: str, pids: list[int], fds: int)
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
 
 
-def test_odd_requests_get_a_4xx_or_an_answer(gateway, target):
+def fuzz(gateway, target, examples: int, derandomize: bool) -> None:
+    """Send `examples` drawn requests, then check the gateway is as it was."""
     port, key, kept, pids = target
     fds = open_fds(pids)
 
-    @settings(max_examples=CI_EXAMPLES, deadline=None, derandomize=True,
+    @settings(max_examples=examples, deadline=None, derandomize=derandomize,
               suppress_health_check=list(HealthCheck))
     @given(requests(key, port))
     def run(raw):
         check(port, raw)
     run()
     check_still_serving(gateway, port, kept, pids, fds)
+
+
+def test_odd_requests_get_a_4xx_or_an_answer(gateway, target):
+    fuzz(gateway, target, CI_EXAMPLES, derandomize=True)
 
 
 @pytest.mark.slow
 def test_odd_requests_long_run(gateway, target):
-    port, key, kept, pids = target
-    fds = open_fds(pids)
-
-    @settings(max_examples=LONG_EXAMPLES, deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(requests(key, port))
-    def run(raw):
-        check(port, raw)
-    run()
-    check_still_serving(gateway, port, kept, pids, fds)
+    fuzz(gateway, target, LONG_EXAMPLES, derandomize=False)
