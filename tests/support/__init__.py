@@ -1,7 +1,9 @@
 """Test support: real daemons on loopback, chunk files under tmp_path, small clients."""
 from __future__ import annotations
 
+import collections
 import os
+import random
 import socket
 import sys
 import time
@@ -11,9 +13,37 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PYTHON = sys.executable
 
 
+LOW_PORTS = 10000                  # free_port() draws from here to the ephemeral range
+_recent: collections.deque = collections.deque(maxlen=256)   # ports handed out lately
+_draw = random.Random(os.getpid())
+
+
+def ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that the OS says is free now."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that is free now, below the kernel's ephemeral range (so
+    no outgoing connection can take it before the daemon it is meant for binds it) and
+    not handed out lately."""
+    low = ephemeral_low()
+    for _ in range(200 if low - LOW_PORTS >= 1000 else 0):
+        port = _draw.randrange(LOW_PORTS, low)
+        if port in _recent:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _recent.append(port)
+        return port
+    with socket.socket() as s:   # no room below the range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
