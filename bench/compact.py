@@ -30,6 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from speedy.bench.runner import free_port  # noqa: E402
 from speedy.bench.load import LoadGenerator, PhaseResult, Target  # noqa: E402
 from speedy.chunkserver.shm.segments import unlink_prefix  # noqa: E402
 from speedy.wire.protocol import (COMPACT_RESULT, FILE_KEY, REQUEST_HEADER,  # noqa: E402
@@ -42,12 +43,6 @@ MiB = 1 << 20
 HEADER = 30
 LOAD_BASE = 1 << 50
 PIPELINE = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def body(fid: int, size: int) -> bytes:

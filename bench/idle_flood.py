@@ -27,13 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.scale import call  # noqa: E402  (one request, its error and body)
+from speedy.bench.runner import free_port  # noqa: E402
 from speedy.wire.protocol import Err, Op, decode_detail_info, encode_file_key  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flood(port: int, source: str, n: int, ready, done) -> None:

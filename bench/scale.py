@@ -24,7 +24,6 @@ import random
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from speedy.bench.runner import free_port  # noqa: E402
 from speedy.bench.load import LoadGenerator, Target, processes_cpu  # noqa: E402
 from speedy.format.chunkfile import SUPERBLOCK_SIZE, Superblock, encode_record_header  # noqa: E402
 from speedy.chunkserver.shm.segments import unlink_prefix  # noqa: E402
@@ -96,13 +96,6 @@ class Server:
             pass
         self.proc.wait(30)
         unlink_prefix(f"speedy{self.proc.pid}")
-
-
-def free_port() -> int:
-    """A loopback TCP port that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_body(fid: int, size: int) -> bytes:
