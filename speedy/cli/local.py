@@ -448,7 +448,7 @@ def print_usage(state: State, already: bool) -> None:
            f"(the HTTP gateway)\n"
            f"  web console: http://{m}/ (cluster), "
            f"http://{HOST}:{state.gateway.port}/ui/ (files)\n" if state.gateway else "") +
-          f"  python -m speedy local down" +
+          "  python -m speedy local down" +
           ("" if state.dir == os.path.abspath(DEFAULT_DIR) else f" --dir {state.dir}"))
 
 

@@ -156,7 +156,7 @@ def render_page(app: "MasterApp", m: Model, notice: str = "", error: str = "") -
         parts.append(render_group(m, g, servers, admin))
     body = (f'<div id="console" data-state="{STATE_PATH}" data-layout="{esc(m.layout)}" '
             f'data-refresh="{REFRESH_SECONDS:g}">' + "".join(parts) + "</div>"
-            f'<noscript><meta http-equiv="refresh" content="10"></noscript>')
+            '<noscript><meta http-equiv="refresh" content="10"></noscript>')
     return web.page("speedy master", body, script="master.js")
 
 
