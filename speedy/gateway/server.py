@@ -264,7 +264,7 @@ class HTTPServer:
         self.server.close()
         for conn in list(self.heads):
             if not conn.buf:   # no byte of a next request yet: idle
-                shut(conn.sock, socket.SHUT_RDWR)
+                shut(conn.sock)
         self.server.stop(timeout=timeout)
 
     def sweep(self) -> None:

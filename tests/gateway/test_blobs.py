@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import uuid
 
@@ -191,26 +190,11 @@ def test_curl_put_get_range_delete(gateway, tmp_path):
     assert r.stdout == b"404"
 
 
-def raw_exchange(gw, data: bytes, read: bool = True) -> bytes:
-    """Send raw bytes on a new connection; the answer (up to the close)."""
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
-        s.sendall(data)
-        if not read:
-            return b""
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while True:
-            got = s.recv(65536)
-            if not got:
-                return out
-            out += got
-
-
 def test_chunked_upload(gateway):
     body = blob(100_000, seed=4)
     chunks = b"".join(b"%x\r\n" % len(body[i:i + 30000]) + body[i:i + 30000] + b"\r\n"
                       for i in range(0, len(body), 30000)) + b"0\r\n\r\n"
-    answer = raw_exchange(gateway, b"POST /blobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    answer = gateway.exchange(b"POST /blobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                           b"Transfer-Encoding: chunked\r\nContent-Type: text/csv\r\n\r\n"
                           + chunks)
     assert answer.startswith(b"HTTP/1.1 201"), answer[:200]
@@ -227,13 +211,13 @@ def test_bad_requests_get_one_line_4xx(gateway):
         status, h, data = gateway.request(method, path)
         assert status == want, (method, path, status, data)
         assert h["content-type"].startswith("text/plain") and data.count(b"\n") == 1, data
-    answer = raw_exchange(gateway, b"POST /blobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    answer = gateway.exchange(b"POST /blobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                           b"\r\n")
     assert answer.startswith(b"HTTP/1.1 411"), answer[:100]
-    answer = raw_exchange(gateway, b"POST /blobs HTTP/1.1\r\nHost: x\r\n"
+    answer = gateway.exchange(b"POST /blobs HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Type: a\x01b/c\r\nContent-Length: 1\r\n\r\nx")
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
-    answer = raw_exchange(gateway, b"POST /blobs HTTP/1.1\r\nHost: x\r\n"
+    answer = gateway.exchange(b"POST /blobs HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Length: 12x\r\n\r\nx")
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -156,45 +155,24 @@ def sign(method: str, path: str, headers: list, body: bytes, port: int) -> list:
                                                if k.lower() != "host"]
 
 
-def exchange(port: int, raw: bytes, timeout: float = 20) -> bytes:
-    """Send raw on a new connection, close it for writing, read until the gateway closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        try:
-            s.sendall(raw)
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass   # the gateway may answer and close before taking it all
-        out = b""
-        while True:
-            try:
-                data = s.recv(65536)
-            except ConnectionResetError:
-                return out
-            except socket.timeout:
-                pytest.fail(f"no end of the answer within {timeout} s to {raw[:300]!r}")
-            if not data:
-                return out
-            out += data
-
-
 @pytest.fixture(scope="module")
 def target(gateway):
     """(port, the key of a blob the requests use, the key of one they never name, the
     gateway's processes), with a bucket and an object."""
     port = gateway.port
-    key, kept = (re.search(rb'"key":"([^"]+)"', exchange(
-        port, b"POST /blobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")).group(1)
+    key, kept = (re.search(rb'"key":"([^"]+)"', gateway.exchange(
+        b"POST /blobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")).group(1)
         .decode() for _ in range(2))
     for path, body in (("/fuzz", b""), ("/fuzz/key", b"hello")):
         headers = sign("PUT", path, [("Content-Length", str(len(body)))], body, port)
         head = f"PUT {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-        assert exchange(port, head.encode() + b"\r\n" + body).startswith(b"HTTP/1.1 200")
-    pids = sorted(session_pids(os.getsid(gateway.proc.pid)))
+        assert gateway.exchange(head.encode() + b"\r\n" + body).startswith(b"HTTP/1.1 200")
+    pids = sorted(session_pids(gateway.proc.pid))
     return port, key, kept, pids
 
 
-def check(port: int, raw: bytes) -> None:
-    out = exchange(port, raw)
+def check(gateway, raw: bytes) -> None:
+    out = gateway.exchange(raw)
     for m in STATUS_LINE.finditer(out):
         assert int(m.group(1)) < 500 or int(m.group(1)) in NOT_SUPPORTED, \
             f"{raw[:400]!r} -> {out[:400]!r}"
@@ -206,10 +184,10 @@ def open_fds(pids: list[int]) -> int:
     return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
 
 
-def check_still_serving(gateway, port: int, key: str, pids: list[int], fds: int) -> None:
-    out = exchange(port, f"GET /{key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+def check_still_serving(gateway, key: str, pids: list[int], fds: int) -> None:
+    out = gateway.exchange(f"GET /{key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 200 OK") and out.endswith(b"\r\n\r\nhello")
-    assert sorted(session_pids(os.getsid(gateway.proc.pid))) == pids   # no worker died
+    assert sorted(session_pids(gateway.proc.pid)) == pids   # no worker died
     assert open_fds(pids) <= fds + 32   # no connection left open (chunkserver pools aside)
     log = open(gateway.log, encoding="utf-8", errors="replace").read()
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
@@ -224,9 +202,9 @@ def fuzz(gateway, target, examples: int, derandomize: bool) -> None:
               suppress_health_check=list(HealthCheck))
     @given(requests(key, port))
     def run(raw):
-        check(port, raw)
+        check(gateway, raw)
     run()
-    check_still_serving(gateway, port, kept, pids, fds)
+    check_still_serving(gateway, kept, pids, fds)
 
 
 def test_odd_requests_get_a_4xx_or_an_answer(gateway, target):

@@ -21,18 +21,6 @@ def gw(tmp_path_factory):
         yield g
 
 
-def exchange(gw: Gateway, data: bytes, half_close: bool = True) -> bytes:
-    """Send raw bytes; everything the gateway answers until it closes."""
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
-        s.sendall(data)
-        if half_close:
-            s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
-
-
 def statuses(answer: bytes) -> list[int]:
     """The status of each answer in a stream of answers with Content-Length bodies."""
     out = []
@@ -46,22 +34,22 @@ def statuses(answer: bytes) -> list[int]:
 
 def test_keep_alive_and_pipelining(gw):
     one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
-    answer = exchange(gw, one * 3 + b"GET /nowhere HTTP/1.1\r\nHost: x\r\n"
+    answer = gw.exchange(one * 3 + b"GET /nowhere HTTP/1.1\r\nHost: x\r\n"
                       b"Connection: close\r\n\r\n", half_close=False)
     assert statuses(answer) == [200, 200, 200, 404]
     assert answer.count(b"Connection: close") == 1
 
 
 def test_http_1_0_closes_unless_asked(gw):
-    answer = exchange(gw, b"GET /metrics HTTP/1.0\r\n\r\n", half_close=False)
+    answer = gw.exchange(b"GET /metrics HTTP/1.0\r\n\r\n", half_close=False)
     assert statuses(answer) == [200] and b"Connection: close" in answer
-    answer = exchange(gw, b"GET /metrics HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    answer = gw.exchange(b"GET /metrics HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
                       b"GET /nowhere HTTP/1.0\r\n\r\n", half_close=False)
     assert statuses(answer) == [200, 404]
 
 
 def test_head_has_no_body(gw):
-    answer = exchange(gw, b"HEAD /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = gw.exchange(b"HEAD /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert statuses(answer) == [404] and body == b"" and b"Content-Length: " in head
 
@@ -83,7 +71,7 @@ def test_head_has_no_body(gw):
     (b"GET /metrics HTTP/1.1\r\nHost: x", 400),
 ])
 def test_malformed_requests_get_one_line_4xx(gw, request_bytes, status):
-    answer = exchange(gw, request_bytes)
+    answer = gw.exchange(request_bytes)
     assert statuses(answer) == [status], answer[:200]
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"Content-Type: text/plain" in head and body.count(b"\n") == 1 and body.strip()
@@ -100,7 +88,7 @@ def test_malformed_requests_get_one_line_4xx(gw, request_bytes, status):
     b"5",                              # cut in a chunk size line
 ])
 def test_malformed_or_cut_chunked_body_is_a_400(gw, body):
-    answer = exchange(gw, b"POST /blobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    answer = gw.exchange(b"POST /blobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                       b"\r\n" + body)
     # the body is read (and its framing refused) before the master is asked
     assert statuses(answer)[0] == 400, answer[:200]
@@ -125,7 +113,7 @@ def test_expect_100_continue(gw):
     (b"/\xd9\xa3,5", 404, b"malformed key"),         # digits are ASCII digits only
 ])
 def test_the_key_route_takes_the_wire_key_grammar(gw, path, status, reason):
-    answer = exchange(gw, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = gw.exchange(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert statuses(answer) == [status], answer[:300]
     assert reason in answer.partition(b"\r\n\r\n")[2], answer[:300]
 

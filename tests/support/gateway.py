@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -76,6 +77,29 @@ class Gateway(Started):
     def conn(self, timeout: float = 30.0) -> http.client.HTTPConnection:
         """A keep-alive HTTP connection to the gateway."""
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def exchange(self, data: bytes, half_close: bool = True, timeout: float = 20.0) -> bytes:
+        """Send raw bytes on a new connection (then close it for writing, when half_close);
+        everything the gateway answers until it closes (AssertionError if it does not)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            try:
+                s.sendall(data)
+                if half_close:
+                    s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass   # the gateway may answer and close before it took everything
+            out = b""
+            while True:
+                try:
+                    got = s.recv(65536)
+                except ConnectionResetError:
+                    return out
+                except socket.timeout:
+                    raise AssertionError(f"no end of the answer within {timeout:g} s to "
+                                         f"{data[:300]!r}") from None
+                if not got:
+                    return out
+                out += got
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:

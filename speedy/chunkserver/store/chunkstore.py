@@ -394,7 +394,6 @@ class ChunkStore:
         if c.error is not None:
             self.read_only = True
             dropped = self._drop_staged(ch)
-            ch.tail = ch.sb.current_offset
             self._restore_superblock(ch)  # in case the new one reached the file
             log.error("%s: commit of %d writes failed: %s; read-only now (%d staged dropped)",
                       ch.name, len(c.fids), c.error, len(dropped))
@@ -411,12 +410,14 @@ class ChunkStore:
         return [fid for fid, _ in c.fids]
 
     def _drop_staged(self, ch: Chunk) -> list[int]:
-        """Forget a chunk's staged records (not written yet); their fids."""
+        """Forget a chunk's staged records (not written yet), its tail back at the
+        committed end; their fids."""
         fids = [fid for fid, (cid, _) in self.staged.items() if cid == ch.chunk_id]
         for fid in fids:
             del self.staged[fid]
         ch.pending = []
         ch.staged = 0
+        ch.tail = ch.sb.current_offset
         self.large_staged.pop(ch.chunk_id, None)
         return fids
 
@@ -509,7 +510,6 @@ class ChunkStore:
             for ch in self.ordered_chunks():
                 if ch.staged:
                     self._drop_staged(ch)
-                    ch.tail = ch.sb.current_offset
         clean = True
         for ch in self.ordered_chunks():  # superblocks were written by the commits and delete()
             try:
