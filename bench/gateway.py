@@ -35,11 +35,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5,
                    help="GET phases of gateway and client library in turn (default 5)")
     p.add_argument("--no-baseline", action="store_true", help="skip the sink and disk runs")
+    p.add_argument("--access-log", metavar="PATH",
+                   help="the gateway writes its access log there (default: none)")
     args = p.parse_args()
     defaults = {size: (n, c) for size, n, c in RUNS}
     n0, c0 = defaults.get(args.size, (20000, 16))
     runs = [(args.size, args.n or n0, args.c or c0)] if args.size else RUNS
-    with bench_cluster("speedy-gwbench-", args.workers) as c:
+    extra = [f"--access_log={os.path.abspath(args.access_log)}"] if args.access_log else []
+    with bench_cluster("speedy-gwbench-", args.workers, extra) as c:
         for size, n, conns in runs:
             cmd = [sys.executable, "-m", "speedy", "bench", "--gateway",
                    f"127.0.0.1:{c.gateway_port}", "--client-baseline",

@@ -10,6 +10,7 @@ the Python work the gateway adds to every GET, the steady figure behind the nois
 
     .venv/bin/python bench/gateway_own.py             # 50,000 requests a round
     .venv/bin/python bench/gateway_own.py -n 200000
+    .venv/bin/python bench/gateway_own.py --access-log /tmp/access.log   # with an access log
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from speedy.gateway.access import AccessLog  # noqa: E402
 from speedy.gateway.app import GatewayApp  # noqa: E402
 from speedy.gateway.meta import open_meta  # noqa: E402
 from speedy.gateway.records import BlobRecord, RecordStore  # noqa: E402
@@ -86,6 +88,8 @@ def per_request(serve: Callable[[], None], n: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-n", type=int, default=50000, help="requests a round (default 50000)")
+    p.add_argument("--access-log", metavar="PATH",
+                   help="also write the access log there (default: none)")
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="speedy-gwown-")
     try:
@@ -93,7 +97,8 @@ def main() -> int:
         records = RecordStore(meta)
         records.put(BlobRecord(KEY, "image/jpeg", len(BLOB), "ab" * 16, 1700000000))
         app = GatewayApp(ReadOnlyClient(), meta, records=records)
-        server = HTTPServer(SinkSocket(), app, NoStreamServer, None)
+        access = AccessLog(args.access_log) if args.access_log else None
+        server = HTTPServer(SinkSocket(), app, NoStreamServer, None, access=access)
         conn = Conn(SinkSocket())
         base = dict(server.base, REMOTE_ADDR="127.0.0.1", REMOTE_PORT="50000")
         etag = b'"' + b"ab" * 16 + b'"'

@@ -215,11 +215,13 @@ def server_cmd(port: int, group: int, data_dir: str, log: str, master_port: int,
 
 
 def gateway_cmd(port: int, master_port: int, metadb: str, log: str, workers: int = 1,
-                python: str = sys.executable, min_replicas: int = 2) -> list[str]:
+                python: str = sys.executable, min_replicas: int = 2,
+                access_log: str = "") -> list[str]:
     """The `speedy gateway` command line (one worker: a local cluster is for trying)."""
     return [python, *GATEWAY_MODULE, f"--ip={HOST}", f"--port={port}",
             f"--master={HOST}:{master_port}", f"--metadb=sqlite:///{metadb}",
-            f"--workers={workers}", f"--error_log={log}", f"--min_replicas={min_replicas}"]
+            f"--workers={workers}", f"--error_log={log}", f"--min_replicas={min_replicas}",
+            f"--access_log={access_log}"]
 
 
 def route_statuses(master: Master) -> dict[tuple[str, int], int]:
@@ -390,7 +392,8 @@ def start(ns: argparse.Namespace, state: State, todo: list[Daemon],
             cmd = master_cmd(m.port, os.path.join(root, "master", "master.db"), d.log(root))
         elif d is state.gateway:
             cmd = gateway_cmd(d.port, m.port, os.path.join(root, d.name, "gateway.db"),
-                              d.log(root), min_replicas=min(2, len(state.servers)))
+                              d.log(root), min_replicas=min(2, len(state.servers)),
+                              access_log=os.path.join(root, d.name, "access.log"))
         else:
             data = os.path.join(root, d.name, "data")
             os.makedirs(data, exist_ok=True)

@@ -310,6 +310,9 @@ def gateway_parser() -> configargparse.ArgParser:
                         "to send its head (408), or stall in a body or an answer")
     p.add_argument("--metrics_port", type=port_or_zero, default=0,
                    help="Prometheus metrics port (0: off; GET /metrics is always served)")
+    p.add_argument("--access_log", default="",
+                   help="file of one line per request (Combined Log Format and seconds); "
+                        "'-': standard output; empty: off")
     gateway_s3_options(p)
     _common(p, "pid file of the gateway's supervisor (written at start, removed at exit)")
     return p
@@ -448,6 +451,14 @@ def load_gateway_config(argv: Sequence[str] | None = None) -> argparse.Namespace
     """The gateway's configuration, checked; exits 2 with a message when invalid."""
     p = gateway_parser()
     ns = parse(p, argv, ("error_log", "pidfile"))
+    if ns.access_log == "-" and ns.daemonize:
+        p.error("argument --access_log: '-' (standard output) is lost with --daemonize=1: "
+                "name a file")
+    if ns.access_log not in ("", "-"):
+        ns.access_log = os.path.abspath(ns.access_log)
+        if not os.path.isdir(os.path.dirname(ns.access_log)):
+            p.error(f"argument --access_log: directory {os.path.dirname(ns.access_log)} "
+                    f"does not exist")
     if ns.metadb.startswith("sqlite:///"):
         path = os.path.abspath(ns.metadb[len("sqlite:///"):])
         if not os.path.isdir(os.path.dirname(path)):

@@ -2,6 +2,7 @@
 
     app = GatewayApp(Client("127.0.0.1:8099"), open_meta("sqlite:///./speedy_gateway.db"))
     GET /metrics                      -> Prometheus text
+    GET /healthz                      -> speedy.gateway.health (200 ok / 503 unavailable)
     POST /blobs                       -> blobs.upload
     GET | HEAD | DELETE /<key>        -> blobs.download / blobs.remove  (key: 3,10452 or 3,10460m)
     /v1/...                           -> speedy.gateway.paths.handle(app, request)
@@ -24,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from speedy.client import Client, ClusterError, IntegrityError, MasterError, NotFoundError
 from speedy.client import KeyFormatError, SpeedyError
 from speedy.gateway import blobs, console, paths
+from speedy.gateway.health import HealthCheck
 from speedy.gateway.s3 import api as s3api
 from speedy.gateway.http import HTTPError, Request, Response, status_line
 from speedy.gateway.records import RecordStore
@@ -52,6 +54,7 @@ class GatewayApp:
         self.stats = stats or GatewayStats()
         self.metrics = metrics
         self.s3 = None            # an S3Service when S3 keys are configured
+        self.health = HealthCheck()
 
     # -- WSGI --------------------------------------------------------------------------
 
@@ -120,6 +123,9 @@ class GatewayApp:
             if self.metrics is None:
                 raise HTTPError(404, "metrics are not served here")
             return Response.raw(200, self.metrics(), CONTENT_TYPE_LATEST)
+        if path == "/healthz":
+            req.route = "health"
+            return self.health.check(self, req)
         if console.wants(path):
             req.route = "other"
             return console.handle(self, req)
@@ -154,6 +160,8 @@ def route_of(path: str) -> str:
         return "upload"
     if path == "/metrics":
         return "metrics"
+    if path == "/healthz":
+        return "health"
     if path.startswith("/v1/"):
         return "paths"
     return "get" if key_text(path) is not None else "other"

@@ -29,6 +29,7 @@ from speedy.common.daemonize import (PidfileError, StartError, daemonize, remove
 from speedy.common.children import describe_exit, exit_code, exited_children
 from speedy.common.listener import bind_listener
 from speedy.common.logs import reopen_logs, setup_logging
+from speedy.gateway.access import open_log
 from speedy.gateway.meta import MetaError, open_meta
 from speedy.gateway.meta.postgres import redact
 from speedy.gateway.stats import GatewayStats
@@ -87,6 +88,12 @@ class Supervisor:
             open_meta(cfg.metadb).close()   # create or migrate it now: a bad one is a start error
         except MetaError as e:
             raise StartError(f"--metadb: {e}") from None
+        if cfg.access_log and cfg.access_log != "-":
+            try:
+                os.close(open_log(cfg.access_log))   # the workers open it: fail here, once
+            except OSError as e:
+                raise StartError(f"cannot open --access_log {cfg.access_log}: "
+                                 f"{e.strerror or e}") from None
         self.listener = bind_listener(cfg.ip, cfg.port, inheritable=True)
         if cfg.daemonize:
             if not cfg.error_log:

@@ -6,7 +6,8 @@
 What the gateway needs and no more: keep-alive (HTTP/1.1, or 1.0 with
 `Connection: keep-alive`), request bodies with Content-Length or chunked, `Expect:
 100-continue`, answers with Content-Length (one send for the head and a small body) or
-chunked, a one-line plain-text 4xx for a malformed request line or header block, and a
+chunked, a one-line plain-text 4xx for a malformed request line or header block, a line
+per answer in the access log when it is given one (speedy.gateway.access), and a
 timeout: a connection may wait for its next request, and then take to send its head, at
 most `timeout` seconds (a head cut off by it gets 408); a body or an answer that makes no
 progress for that long is cut. It
@@ -29,9 +30,10 @@ from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 from speedy.common.sockets import send_all, send_parts, shut
+from speedy.gateway.access import AccessLog
 from speedy.gateway.http import BODY_KEYS, chunk_size, environ_key, one_line, status_line
 
-log = logging.getLogger("speedy.gateway.access")
+log = logging.getLogger("speedy.gateway.http")
 
 MAX_HEAD = 64 << 10          # request line + headers
 MAX_HEADERS = 100
@@ -240,9 +242,10 @@ class HTTPServer:
     """Serves a WSGI app on a listening gevent socket; one greenlet per connection."""
 
     def __init__(self, sock: Any, app: Callable, stream_server: Any, pool: Any,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, access: AccessLog | None = None):
         self.app = app
         self.timeout = timeout
+        self.access = access   # the access log, or None
         self.heads: dict[Conn, float] = {}   # connections waiting for a request head: since
         self.stopping = False
         self.server = stream_server(sock, self.handle, spawn=pool)
@@ -341,24 +344,32 @@ class HTTPServer:
     def serve_one(self, conn: Conn, base: dict) -> bool:
         """Read one request, answer it; True when the connection stays open. base: the
         connection's environ entries (server, WSGI and remote address)."""
+        head = None
+        environ = base
+        t0 = 0.0
         try:
             head = self.read_head(conn)
             if head is None:
                 return False
+            t0 = time.monotonic()
             environ = base.copy()
             proto, keep = parse_head(head, environ)
             body = self.request_body(conn, environ, proto)
         except BadRequest as e:
-            self.send_error(conn.sock, e.status, str(e))
+            sent = self.send_error(conn.sock, e.status, str(e))
+            if self.access is not None:
+                self.log_access(environ, head if head is not None else bytes(conn.buf),
+                                e.status, sent, t0)
             return False
-        debug = log.isEnabledFor(logging.DEBUG)
-        t0 = time.monotonic() if debug else 0.0
-        status, sent, keep = self.respond(conn.sock, environ, body, proto, keep)
-        if debug:
-            log.debug('%s "%s %s %s" %s %d %.4f', environ.get("REMOTE_ADDR"),
-                      environ["REQUEST_METHOD"], environ["PATH_INFO"][:200], proto,
-                      status, sent, time.monotonic() - t0)
+        keep = self.respond(conn.sock, environ, body, proto, keep, head, t0)
         return keep and body.drain()
+
+    def log_access(self, environ: dict, head: bytes, status: int, sent: int,
+                   t0: float) -> None:
+        """Add one request's line to the access log."""
+        self.access.record(environ.get("REMOTE_ADDR", ""), head, status, sent,
+                           environ.get("HTTP_REFERER", ""), environ.get("HTTP_USER_AGENT", ""),
+                           time.monotonic() - t0 if t0 else 0.0)
 
     def request_body(self, conn: Conn, environ: dict, proto: str) -> Body:
         """The wsgi.input of a request (400 for a malformed length or framing)."""
@@ -383,8 +394,9 @@ class HTTPServer:
         return body
 
     def respond(self, sock: socket.socket, environ: dict, body: Body, proto: str,
-                keep: bool) -> tuple[int, int, bool]:
-        """Run the app and send its answer: (status, body bytes sent, keep-alive)."""
+                keep: bool, head: bytes, t0: float) -> bool:
+        """Run the app and send its answer (logged, as far as it got, in the access log);
+        whether the connection may be kept."""
         started: list = []
 
         def start_response(status: str, headers: list, exc_info=None) -> Callable:
@@ -396,9 +408,11 @@ class HTTPServer:
         except Exception:  # noqa: BLE001 (the gateway's app answers every error itself)
             log.exception("the app failed on %s %s", environ["REQUEST_METHOD"],
                           environ["PATH_INFO"][:100])
-            self.send_error(sock, 500, "internal error")
-            return 500, 0, False
-        sent = 0
+            sent = self.send_error(sock, 500, "internal error")
+            if self.access is not None:
+                self.log_access(environ, head, 500, sent, t0)
+            return False
+        code = sent = 0
         try:
             status, headers = started
             code = int(status[:3])
@@ -416,13 +430,13 @@ class HTTPServer:
                    + f"Date: {self.date()}\r\n{extra}\r\n").encode("latin-1")
             if no_body:
                 send_all(sock, out)
-                return code, 0, keep
+                return keep
             for piece in result:
                 if not piece:
                     continue
-                sent += len(piece)
+                n = len(piece)
                 if chunked:
-                    piece = b"%x\r\n%s\r\n" % (len(piece), piece)
+                    piece = b"%x\r\n%s\r\n" % (n, piece)
                 if out and len(piece) <= COALESCE:
                     send_all(sock, out + piece)
                 elif out:
@@ -430,13 +444,14 @@ class HTTPServer:
                 else:
                     send_all(sock, piece)
                 out = b""
+                sent += n
             if out:
                 send_all(sock, out + (b"0\r\n\r\n" if chunked else b""))
             elif chunked:
                 send_all(sock, b"0\r\n\r\n")
             if length is not None and sent != int(length):
-                return code, sent, False  # the app broke its own length: do not reuse
-            return code, sent, keep
+                return False  # the app broke its own length: do not reuse
+            return keep
         except Exception as e:  # noqa: BLE001 (a body that fails mid-way: cut the answer)
             if not isinstance(e, OSError):
                 log.error("answer of %s %s cut short: %s", environ["REQUEST_METHOD"],
@@ -446,13 +461,17 @@ class HTTPServer:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
+            if self.access is not None:   # an answer cut short: the bytes it got
+                self.log_access(environ, head, code, sent, t0)
 
-    def send_error(self, sock: socket.socket, status: int, reason: str) -> None:
-        """A one-line plain-text error answer; the connection closes after it."""
+    def send_error(self, sock: socket.socket, status: int, reason: str) -> int:
+        """A one-line plain-text error answer (the connection closes after it); the body
+        bytes sent."""
         body = (one_line(reason) + "\n").encode()
         try:
             send_all(sock, (f"HTTP/1.1 {status_line(status)}\r\nContent-Type: text/plain; "
                           f"charset=utf-8\r\nContent-Length: {len(body)}\r\nDate: "
                           f"{self.date()}\r\nConnection: close\r\n\r\n").encode() + body)
         except OSError:
-            pass
+            return 0
+        return len(body)

@@ -19,7 +19,7 @@ from prometheus_client.utils import floatToGoString
 from speedy import __version__
 from speedy.common.metrics import LATENCY_BUCKETS, bucket_index
 
-ROUTES = ("upload", "get", "delete", "paths", "s3", "metrics", "other")
+ROUTES = ("upload", "get", "delete", "paths", "s3", "metrics", "health", "other")
 CODES = (200, 201, 204, 206, 304, 400, 403, 404, 405, 409, 411, 413, 416, 500, 502, 503)
 NB = len(LATENCY_BUCKETS) + 1
 # per slot: requests[route][code + other] | latency counts[route][NB] | latency sum_us[route]

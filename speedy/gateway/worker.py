@@ -1,8 +1,8 @@
 """One gateway worker process: gevent (patched here, after fork), a WSGI server on the
 shared listening socket, the client library, the record and path metadata databases.
 
-SIGTERM: stop accepting, let in-flight requests finish (STOP_TIMEOUT), exit 0.
-SIGHUP: reopen the log file.
+SIGTERM: stop accepting, let in-flight requests finish (STOP_TIMEOUT), flush the access
+log, exit 0. SIGHUP: reopen the log files.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ STOP_TIMEOUT = 20.0     # seconds in-flight requests get on SIGTERM
 MAX_CONNECTIONS = 10000
 UPLOAD_PARALLEL = 2     # parts in flight per upload: bounds an upload's memory
 IDLE_CHUNK_CONNECTIONS = 64  # per chunkserver, per worker
+ACCESS_FLUSH = 1.0      # seconds between access log writes, at most
 
 
 def s3_service(cfg: Namespace, meta):
@@ -51,6 +52,14 @@ def maintain(app, interval: float) -> None:
             log.warning("maintenance: %s", e)
 
 
+def flush_access(access) -> None:
+    """Forever: append the access log's buffered lines once a second."""
+    import gevent
+    while True:
+        gevent.sleep(ACCESS_FLUSH)
+        access.flush()
+
+
 def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
                stats: GatewayStats) -> int:
     """The worker's body; its exit code."""
@@ -64,6 +73,7 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
 
     from speedy.client import Client
     from speedy.common.logs import reopen_logs
+    from speedy.gateway.access import AccessLog
     from speedy.gateway.app import GatewayApp
     from speedy.gateway.meta import open_meta
     from speedy.gateway.records import RecordStore
@@ -88,9 +98,17 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     if slot == 0:
         gevent.spawn(maintain, app, cfg.maintenance_interval)
 
+    try:
+        access = AccessLog(cfg.access_log) if cfg.access_log else None
+    except OSError as e:
+        log.error("worker %d: cannot open --access_log %s: %s", slot, cfg.access_log,
+                  e.strerror or e)
+        return BOOT_ERROR
+    if access is not None:
+        gevent.spawn(flush_access, access)
     sock = gevent.socket.socket(listener.family, listener.type, fileno=listener.detach())
     server = HTTPServer(sock, app, gevent.server.StreamServer,
-                        gevent.pool.Pool(MAX_CONNECTIONS), cfg.idle_timeout)
+                        gevent.pool.Pool(MAX_CONNECTIONS), cfg.idle_timeout, access)
     done = gevent.event.Event()
 
     def stop() -> None:
@@ -103,6 +121,8 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
 
     def on_hup() -> None:
         reopen_logs()
+        if access is not None:
+            access.reopen()
 
     server.start()
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(stop))
@@ -110,6 +130,8 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
     log.debug("worker %d serving", slot)
     done.wait()
+    if access is not None:
+        access.close()
     client.close()
     close = getattr(meta, "close", None)
     if close is not None:

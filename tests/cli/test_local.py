@@ -6,6 +6,7 @@ import os
 import socket
 
 from tests.support.cluster import run_cli
+from tests.support.daemon import wait_ready
 from tests.support import free_port
 from speedy.cli import local
 
@@ -125,6 +126,9 @@ def test_one_server_cluster_and_another_base_port(tmp_path):
         answer = gw.getresponse()
         assert answer.status == 201, answer.read()
         gw.close()
+        access = os.path.join(root, "gateway", "access.log")
+        wait_ready(lambda: '"POST /blobs HTTP/1.1" 201' in open(access).read(), 10,
+                   "the gateway's access log line")
         assert f"http://127.0.0.1:{first - 11}/ui/" in out
 
         r = run_cli("local", "up", *opts, "--base-port", str(second), timeout=60)

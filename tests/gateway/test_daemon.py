@@ -124,6 +124,15 @@ def test_config_sources_and_start_errors(tmp_path):
     assert r.returncode == 2 and b"--workers" in r.stderr
     r = gateway_cli("--metadb", "sqlite:////nonexistent/dir/x.db")
     assert r.returncode == 2 and b"does not exist" in r.stderr
+    r = gateway_cli("--access_log", "/nonexistent/dir/access.log")
+    assert r.returncode == 2 and b"--access_log: directory /nonexistent/dir does not " \
+        b"exist" in r.stderr, r.stderr
+    r = gateway_cli("--access_log=-", "--daemonize=1")
+    assert r.returncode == 2 and b"name a file" in r.stderr, r.stderr
+    r = gateway_cli("--access_log", str(tmp_path), "--metadb", f"sqlite:///{tmp_path}/g.db",
+                    "--port", "0")
+    assert r.returncode == 1, r.stderr
+    assert f"cannot open --access_log {tmp_path}: Is a directory".encode() in r.stderr, r.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)

@@ -10,6 +10,7 @@ import time
 
 from speedy.wire.protocol import Err
 from tests.support.cluster import Cluster, blob
+from tests.support.daemon import wait_ready
 from tests.support.gateway import Gateway
 
 CLUSTER = dict(groups=1, per_group=2, chunks=4, chunk_size=32 << 20, mem_blocks=32)
@@ -94,9 +95,13 @@ def test_starts_without_a_master_and_answers_503_until_it_has_a_route(tmp_path):
             status, _, data = gw.request("POST", "/blobs", b"early")
             assert status == 503 and b"master" in data, data
             assert gw.request("GET", "/1,5")[0] == 503
+            status, _, data = gw.request("GET", "/healthz")
+            assert status == 503 and data.startswith(b"unavailable: no route from the master")
             c.start()
             key = upload(gw, b"late")
             assert gw.request("GET", "/" + key)[2] == b"late"
+            wait_ready(lambda: gw.request("GET", "/healthz")[::2] ==
+                       (200, b"ok: 1 groups, 1 readable, 1 writable\n"), 5, "/healthz ok")
     finally:
         c.stop()
 

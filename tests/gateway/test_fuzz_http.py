@@ -7,8 +7,9 @@ twice, bare LF, a header without a colon, a bad method or version), one to three
 on a fresh connection, closed for writing after them. Every answer must be a well-formed
 HTTP status line below 500 (or 501/505 for what is not supported), the gateway must close
 the connection (no hang), and afterwards it must still serve with the same workers, no
-traceback in its log and no more file descriptors than a few pooled connections. The
-gateway keeps its metadata on SQLite, then on PostgreSQL.
+traceback in its log, no more file descriptors than a few pooled connections, and every
+line of its access log well-formed. The gateway keeps its metadata on SQLite, then on
+PostgreSQL.
 
 The default run is short; a measured run:
     SPEEDY_FUZZ_EXAMPLES=50000 python -m pytest -m slow -s tests/gateway/test_fuzz_http.py
@@ -17,14 +18,16 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from speedy.gateway.worker import ACCESS_FLUSH
 from tests.support.cluster import cluster_fixture
 from tests.support.daemon import session_pids
-from tests.support.gateway import Gateway
+from tests.support.gateway import Gateway, access_lines
 
 CI_EXAMPLES = 1000
 LONG_EXAMPLES = int(os.environ.get("SPEEDY_FUZZ_EXAMPLES", "50000"))
@@ -40,9 +43,12 @@ def gateway(request, cluster, tmp_path_factory):
     """The gateway under test, its metadata on SQLite and then on PostgreSQL."""
     metadb = request.getfixturevalue("postgres").new_database() \
         if request.param == "postgresql" else None
-    with Gateway(cluster, tmp_path_factory.mktemp("gateway"), metadb=metadb,
+    root = tmp_path_factory.mktemp("gateway")
+    with Gateway(cluster, root, metadb=metadb,
                  extra=[f"--s3_access_key={ACCESS}", f"--s3_secret_key={SECRET}",
-                        "--timeout=3", "--idle_timeout=5"]) as gw:
+                        "--timeout=3", "--idle_timeout=5",
+                        f"--access_log={root / 'access.log'}"]) as gw:
+        gw.access_log = str(root / "access.log")
         yield gw
 
 
@@ -191,6 +197,8 @@ def check_still_serving(gateway, key: str, pids: list[int], fds: int) -> None:
     assert open_fds(pids) <= fds + 32   # no connection left open (chunkserver pools aside)
     log = open(gateway.log, encoding="utf-8", errors="replace").read()
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+    time.sleep(ACCESS_FLUSH + 0.5)
+    assert access_lines(gateway.access_log)   # every line well-formed, whatever was sent
 
 
 def fuzz(gateway, target, examples: int, derandomize: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,23 @@ from tests.support.cluster import Cluster
 from tests.support.daemon import exited, session_pids, spawn, stop_session, tail, wait_ready
 
 GATEWAY_MODULE = ["-m", "speedy", "gateway"]
+ACCESS_LINE = re.compile(   # one line of --access_log: Combined Log Format and seconds
+    r'(?P<addr>\S+) - - \[(?P<time>\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000)\] '
+    r'"(?P<request>[^"]*)" (?P<status>\d{3}) (?P<sent>\d+) "(?P<referer>[^"]*)" '
+    r'"(?P<agent>[^"]*)" (?P<seconds>\d+\.\d{6})')
+
+
+def access_lines(path: str) -> list[dict]:
+    """The parsed lines of an access log (AssertionError on a malformed one)."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, "rb") as f:
+        for raw in f.read().decode("ascii").splitlines():
+            m = ACCESS_LINE.fullmatch(raw)
+            assert m, f"malformed access log line {raw!r}"
+            out.append(m.groupdict())
+    return out
 
 
 class Gateway(Started):

@@ -1,0 +1,85 @@
+"""GET /healthz: whether this gateway can serve blobs, for load balancers and probes.
+
+    200  ok: 2 groups, 2 readable, 1 writable
+    503  unavailable: no route from the master (...)
+    503  unavailable: no chunkserver answers (2 groups)
+
+The worker takes its route (the client library's: refetched from the master when older
+than its TTL, the last one kept while the master is down) and PINGs every chunkserver in
+it, all at once. A group is readable when one of its chunkservers answers, writable when
+the placement rule would choose it and every chunkserver answers. 200 means at least one
+group is readable: reads can be served (writes need a writable group too: the count is
+in the body, not in the status, so that a full or read-only cluster still serves its
+reads through the balancer). The master keeps a silent chunkserver in its route (as RO),
+hence the PINGs. A worker answers probes from one round of PINGs for CACHE_SECONDS, so
+a probe every few milliseconds costs at most one round a second.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Callable
+
+from speedy.client import ClusterError, Route, ServerInfo, choose_group
+from speedy.gateway.http import HTTPError, Request, Response
+
+if TYPE_CHECKING:
+    from speedy.gateway.app import GatewayApp
+
+CACHE_SECONDS = 1.0
+HEADERS = [("Cache-Control", "no-store")]
+
+
+def health_line(route: Route, answers: Callable[[ServerInfo], bool],
+                min_replicas: int) -> tuple[bool, str]:
+    """(healthy, one line) for a route, given which chunkservers answered."""
+    groups = route.groups
+    readable = writable = 0
+    for g, servers in groups.items():
+        up = [answers(s) for s in servers]
+        readable += any(up)
+        writable += bool(servers) and all(up) and \
+            choose_group({g: servers}, 0, min_replicas) is not None
+    if not readable:
+        return False, f"unavailable: no chunkserver answers ({len(groups)} groups)"
+    return True, f"ok: {len(groups)} groups, {readable} readable, {writable} writable"
+
+
+def ping_all(app: "GatewayApp", route: Route, io: Executor) -> set[tuple[str, int]]:
+    """The addresses in route whose chunkserver answers PING (all asked at once)."""
+    addrs = {s.addr for servers in route.groups.values() for s in servers}
+
+    def ping(addr: tuple[str, int]) -> bool:
+        try:
+            return app.client.pool.ping(addr).ok
+        except Exception:  # noqa: BLE001 (any failure: it does not answer)
+            return False
+    futures = {addr: io.submit(ping, addr) for addr in addrs}
+    return {addr for addr, f in futures.items() if f.result()}
+
+
+class HealthCheck:
+    """One worker's /healthz, answered from PINGs at most CACHE_SECONDS old."""
+
+    def __init__(self) -> None:
+        self._answer: tuple[float, int, str] = (-CACHE_SECONDS, 0, "")
+
+    def check(self, app: "GatewayApp", req: Request) -> Response:
+        """The answer to GET or HEAD /healthz."""
+        if req.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "use GET for /healthz", [("Allow", "GET, HEAD")])
+        at, status, line = self._answer
+        if time.monotonic() - at >= CACHE_SECONDS:
+            status, line = self.probe(app)
+            self._answer = (time.monotonic(), status, line)
+        return Response.text(status, line, HEADERS)
+
+    def probe(self, app: "GatewayApp") -> tuple[int, str]:
+        """(status, line) from the route and a round of PINGs."""
+        try:
+            route = app.client.route()
+        except ClusterError as e:
+            return 503, f"unavailable: no route from the master ({e})"
+        up = ping_all(app, route, app.io)
+        healthy, line = health_line(route, lambda s: s.addr in up, app.client.min_replicas)
+        return (200 if healthy else 503), line

@@ -1,0 +1,94 @@
+"""The gateway's access log (--access_log) over real HTTP: its lines, logrotate and stop."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from tests.support.cluster import blob, cluster_fixture
+from tests.support.daemon import wait_ready
+from tests.support.gateway import Gateway, access_lines
+
+cluster = cluster_fixture(groups=1, per_group=2, chunks=4, chunk_size=4 << 20)
+
+def wait_lines(path: str, n: int, timeout: float = 10.0) -> list[dict]:
+    """The lines of path once it has at least n."""
+    wait_ready(lambda: len(access_lines(path)) >= n, timeout, f"{n} lines in {path}")
+    return access_lines(path)
+
+
+def test_every_answer_gets_a_combined_log_line(cluster, tmp_path):
+    path = str(tmp_path / "access.log")
+    with Gateway(cluster, tmp_path, workers=2, extra=[f"--access_log={path}"]) as gw:
+        body = blob(5000, seed=3)
+        status, _, data = gw.request("POST", "/blobs", body, {
+            "User-Agent": 'speedy-test/1 "quoted" \\ back', "Referer": "http://example.com/p",
+            "Content-Type": "image/png"})
+        assert status == 201, data
+        key = json.loads(data)["key"]
+        assert gw.request("GET", "/" + key)[0] == 200
+        assert gw.request("HEAD", "/" + key)[0] == 200
+        assert gw.request("GET", "/" + key, headers={"Range": "bytes=0-9"})[0] == 206
+        assert gw.request("GET", "/no-such-route?x=1")[0] == 404
+        assert gw.exchange(b"BOGUS\r\n\r\n").startswith(b"HTTP/1.1 400")
+        assert gw.exchange(b"GET /a\x01b HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
+        got = {x["request"]: x for x in wait_lines(path, 7)}
+        # the metrics scraped while the gateway started (readiness checks) come first
+        assert {r for r in got if "/metrics" not in r} == {
+            "POST /blobs HTTP/1.1", f"GET /{key} HTTP/1.1", f"HEAD /{key} HTTP/1.1",
+            "GET /no-such-route?x=1 HTTP/1.1", "BOGUS", "GET /a\\x01b HTTP/1.1"}, got
+        post = got["POST /blobs HTTP/1.1"]
+        assert post["status"] == "201" and post["addr"] == "127.0.0.1"
+        assert post["agent"] == "speedy-test/1 \\x22quoted\\x22 \\x5C back"
+        assert post["referer"] == "http://example.com/p"
+        assert int(post["sent"]) == len(data) and float(post["seconds"]) < 30
+        when = time.strptime(post["time"], "%d/%b/%Y:%H:%M:%S +0000")
+        assert abs(time.mktime(when) - time.mktime(time.gmtime())) < 120
+        every = [x for x in access_lines(path) if "/metrics" not in x["request"]]
+        assert sorted((x["request"].split(" ")[0], x["status"], x["sent"]) for x in every) == [
+            ("BOGUS", "400", str(len("malformed request line\n"))),
+            ("GET", "200", "5000"), ("GET", "206", "10"),
+            ("GET", "400", str(len("malformed request target\n"))),
+            ("GET", "404", got["GET /no-such-route?x=1 HTTP/1.1"]["sent"]),
+            ("HEAD", "200", "0"), ("POST", "201", str(len(data)))]
+        assert got["GET /no-such-route?x=1 HTTP/1.1"]["agent"] == "-"   # none sent
+
+
+def test_logrotate_and_stop_lose_no_line(cluster, tmp_path):
+    """Rename + SIGHUP moves the workers to a new file; SIGTERM writes what is buffered."""
+    path = str(tmp_path / "access.log")
+    gw = Gateway(cluster, tmp_path, workers=2, extra=[f"--access_log={path}"])
+    with gw:
+        for i in range(20):
+            assert gw.request("GET", f"/healthz?before={i}")[0] == 200
+        wait_lines(path, 20)
+        os.rename(path, path + ".1")
+        os.kill(gw.proc.pid, signal.SIGHUP)
+        sent = 20
+
+        def moved() -> bool:   # a probe a try, until one lands in the new file
+            nonlocal sent
+            gw.request("GET", "/healthz?probe")
+            sent += 1
+            return bool(access_lines(path))
+        wait_ready(moved, 15, "the access log reopened after SIGHUP")
+        time.sleep(1.5)   # the last probes are flushed (to the new file)
+        for i in range(200):
+            gw.request("GET", f"/healthz?last={i}")
+        sent += 200
+        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(30) == 0
+    old, new = access_lines(path + ".1"), access_lines(path)
+    requests = [x["request"] for x in old + new if "/metrics" not in x["request"]]
+    assert len(requests) == sent, (len(requests), sent)
+    assert all(f"GET /healthz?before={i} HTTP/1.1" in {x["request"] for x in old}
+               for i in range(20))
+    assert sum(1 for x in new if "?last=" in x["request"]) == 200   # written at the stop
+
+
+def test_dash_writes_to_standard_output(cluster, tmp_path):
+    with Gateway(cluster, tmp_path, extra=["--access_log=-"]) as gw:
+        gw.request("GET", "/healthz?to=stdout")
+        wait_ready(lambda: "GET /healthz?to=stdout HTTP/1.1" in open(gw.stdout).read(), 10,
+                   "the access line on standard output")
