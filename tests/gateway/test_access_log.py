@@ -92,3 +92,20 @@ def test_dash_writes_to_standard_output(cluster, tmp_path):
         gw.request("GET", "/healthz?to=stdout")
         wait_ready(lambda: "GET /healthz?to=stdout HTTP/1.1" in open(gw.stdout).read(), 10,
                    "the access line on standard output")
+
+
+def test_a_failing_log_write_drops_lines_not_requests(cluster, tmp_path):
+    """/dev/full fails every write with ENOSPC: requests are still answered, one warning a
+    minute says how many lines were dropped."""
+    with Gateway(cluster, tmp_path, extra=["--access_log=/dev/full"]) as gw:
+        for i in range(3):
+            for _ in range(10):
+                assert gw.request("GET", "/healthz")[0] == 200
+            time.sleep(1.2)   # a flush a second: three failed writes
+        (worker,) = gw.worker_pids()
+        assert gw.request("GET", "/healthz")[0] == 200 and gw.worker_pids() == [worker]
+        log = open(gw.log).read()
+        warnings = [x for x in log.splitlines() if "access log /dev/full" in x]
+        assert len(warnings) == 1, log[-2000:]
+        assert "No space left on device; " in warnings[0] and "lines dropped so far" in \
+            warnings[0] and "Traceback" not in log
