@@ -5,17 +5,26 @@ like the other connections, every payload starts with its index so a GET checks 
 got the right blob, not just the right number of bytes. The requests are written and
 the answers parsed by hand on a plain socket (Content-Length bodies only), so that the
 load generator spends little CPU next to the gateway it measures.
+
+The gateway closes keep-alive connections left idle (--idle_timeout), for instance while
+the client library's rounds run. A connection idle for IDLE_CHECK seconds is checked
+before it is used again and reopened when the gateway closed it; a GET that still finds
+its reused connection closed before any byte of the answer is sent once more on a new
+one. A PUT never is: the gateway may have stored it before the connection broke.
 """
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
+import time
 from typing import Any
 
 PREFIX = 8
 U64 = struct.Struct(">Q")
 HEAD_LIMIT = 16 << 10
+IDLE_CHECK = 0.5          # seconds idle after which a connection is checked before use
 
 
 class HTTPAnswerError(Exception):
@@ -38,6 +47,7 @@ class GatewayConnection:
         self.detail = ""
         self.sock: socket.socket | None = None
         self.reused = False       # the connection has answered before (it may have gone stale)
+        self.used = 0.0           # when it last answered (time.monotonic)
         self.buf = b""
         self.host = f"Host: {target.host}:{target.port}\r\n".encode()
 
@@ -96,15 +106,25 @@ class GatewayConnection:
         self.buf = b""
         return status, body
 
-    def _call(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
-        """One exchange; once more on a new connection when a reused one turns out to
-        have been closed while idle (the gateway shut it before it read the request)."""
+    def _call(self, head: bytes, body: bytes, retry: bool) -> tuple[int, bytes]:
+        """One exchange; when retry, once more on a new connection if a reused one turns
+        out to have been closed while idle (the gateway shut it before it read the request)."""
         try:
             return self._once(head, body)
         except StaleConnection:
+            if not retry:
+                raise
             return self._once(head, body)   # on a new connection: never stale
 
+    def _closed_while_idle(self) -> bool:
+        """True when a connection idle for a while was closed by the gateway meanwhile."""
+        if time.monotonic() - self.used < IDLE_CHECK:
+            return False
+        return bool(select.select([self.sock], [], [], 0)[0])   # EOF (or stray bytes)
+
     def _once(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+        if self.sock is not None and self.reused and self._closed_while_idle():
+            self.close()
         if self.sock is None:
             self.connect()
         try:
@@ -121,13 +141,15 @@ class GatewayConnection:
             self.close()  # the next request reconnects
             raise
         self.reused = True
+        self.used = time.monotonic()
         return answer
 
-    def _exchange(self, head: bytes, body: bytes, want: int) -> tuple[str | None, bytes]:
+    def _exchange(self, head: bytes, body: bytes, want: int,
+                  retry: bool) -> tuple[str | None, bytes]:
         """(None, answer body) when the status is want, else (error name, b"")."""
         try:
-            status, data = self._call(head, body)
-        except (OSError, ValueError, HTTPAnswerError) as e:
+            status, data = self._call(head, body, retry)
+        except (OSError, ValueError, HTTPAnswerError, StaleConnection) as e:
             self.detail = str(e)
             return type(e).__name__, b""
         if status != want:
@@ -141,7 +163,7 @@ class GatewayConnection:
         head = (b"POST /blobs HTTP/1.1\r\n" + self.host +
                 b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
                 % len(body))
-        err, data = self._exchange(head, body, 201)
+        err, data = self._exchange(head, body, 201, retry=False)
         if err is None:
             self.keys[index] = json.loads(data)["key"]
         return err
@@ -150,7 +172,7 @@ class GatewayConnection:
         """GET one blob by key; check its size and index prefix."""
         key, index = item
         err, data = self._exchange(b"GET /%s HTTP/1.1\r\n%s\r\n" % (key.encode(), self.host),
-                                   b"", 200)
+                                   b"", 200, retry=True)
         if err is not None:
             return err
         if len(data) != self.size:

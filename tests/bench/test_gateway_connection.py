@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 import time
 
 import pytest
@@ -48,3 +49,24 @@ def test_a_connection_that_breaks_mid_answer_is_an_error(quick):
     conn.sock.shutdown(socket.SHUT_RD)               # and then the end of the stream
     assert conn.get((keys[0], 0)) is not None        # counted, not retried
     assert conn.sock is None
+
+
+def stored_blobs(gw: Gateway) -> int:
+    """Blob records in the gateway's database: one per stored PUT."""
+    with sqlite3.connect(gw.metadb[len("sqlite:///"):]) as db:
+        return db.execute("SELECT count(*) FROM gateway_blob").fetchone()[0]
+
+
+def test_a_put_is_never_sent_twice(quick):
+    """A reused connection found closed after a PUT went out is an error, not a retry:
+    the gateway may have stored the PUT (here it did: its record shows it once)."""
+    keys: dict = {}
+    conn = GatewayConnection(Target("gateway", "127.0.0.1", quick.port, timeout=5),
+                             blob(100), keys)
+    assert conn.put(0) is None, conn.detail
+    before = stored_blobs(quick)
+    conn.sock.shutdown(socket.SHUT_RD)   # the answer to the next request is lost
+    assert conn.put(1) == "StaleConnection" and conn.sock is None
+    time.sleep(0.5)
+    assert stored_blobs(quick) == before + 1          # sent once: stored once
+    assert conn.get((keys[0], 0)) is None, conn.detail  # a new connection for the next
