@@ -11,13 +11,16 @@ the placement rule would choose it and every chunkserver answers. 200 means at l
 group is readable: reads can be served (writes need a writable group too: the count is
 in the body, not in the status, so that a full or read-only cluster still serves its
 reads through the balancer). The master keeps a silent chunkserver in its route (as RO),
-hence the PINGs. A worker answers probes from one round of PINGs for CACHE_SECONDS, so
-a probe every few milliseconds costs at most one round a second.
+hence the PINGs. A chunkserver that has not answered within PING_WAIT seconds counts as
+down. A worker answers probes from one round of PINGs for CACHE_SECONDS and runs one
+round at a time (probes that come meanwhile wait for it), so a probe every few
+milliseconds costs at most one round a second.
 """
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, wait
 from typing import TYPE_CHECKING, Callable
 
 from speedy.client import ClusterError, Route, ServerInfo, choose_group
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from speedy.gateway.app import GatewayApp
 
 CACHE_SECONDS = 1.0
+PING_WAIT = 2.0          # seconds a round of PINGs waits for the slowest answer
 HEADERS = [("Cache-Control", "no-store")]
 
 
@@ -55,7 +59,8 @@ def ping_all(app: "GatewayApp", route: Route, io: Executor) -> set[tuple[str, in
         except Exception:  # noqa: BLE001 (any failure: it does not answer)
             return False
     futures = {addr: io.submit(ping, addr) for addr in addrs}
-    return {addr for addr, f in futures.items() if f.result()}
+    wait(futures.values(), timeout=PING_WAIT)
+    return {addr for addr, f in futures.items() if f.done() and f.result()}
 
 
 class HealthCheck:
@@ -63,6 +68,7 @@ class HealthCheck:
 
     def __init__(self) -> None:
         self._answer: tuple[float, int, str] = (-CACHE_SECONDS, 0, "")
+        self._lock = threading.Lock()   # one round of PINGs at a time
 
     def check(self, app: "GatewayApp", req: Request) -> Response:
         """The answer to GET or HEAD /healthz."""
@@ -70,8 +76,11 @@ class HealthCheck:
             raise HTTPError(405, "use GET for /healthz", [("Allow", "GET, HEAD")])
         at, status, line = self._answer
         if time.monotonic() - at >= CACHE_SECONDS:
-            status, line = self.probe(app)
-            self._answer = (time.monotonic(), status, line)
+            with self._lock:
+                at, status, line = self._answer
+                if time.monotonic() - at >= CACHE_SECONDS:   # nobody probed meanwhile
+                    status, line = self.probe(app)
+                    self._answer = (time.monotonic(), status, line)
         return Response.text(status, line, HEADERS)
 
     def probe(self, app: "GatewayApp") -> tuple[int, str]:

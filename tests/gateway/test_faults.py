@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 
+from speedy.gateway.health import CACHE_SECONDS as PING_CACHE, PING_WAIT
 from speedy.wire.protocol import Err
 from tests.support.cluster import Cluster, blob
 from tests.support.daemon import wait_ready
@@ -71,9 +72,14 @@ def test_reads_fail_over_when_a_chunkserver_dies(tmp_path):
 
 
 def test_hung_chunkservers_give_a_502_not_a_hang(tmp_path):
+    """Calls time out (--timeout); /healthz says 503 within its own PING wait even when
+    the calls' timeout is longer (the second gateway's)."""
     with Cluster(tmp_path, **CLUSTER) as c, \
-            Gateway(c, tmp_path, workers=1, extra=["--timeout=1"]) as gw:
+            Gateway(c, tmp_path, workers=1, extra=["--timeout=1"]) as gw, \
+            Gateway(c, tmp_path, workers=1, extra=["--timeout=20"]) as patient:
         key = upload(gw, b"frozen")
+        assert patient.request("GET", "/healthz")[0] == 200
+        time.sleep(PING_CACHE)
         for d in c.servers:   # alive but silent: every call must time out
             os.killpg(d.proc.pid, signal.SIGSTOP)
         try:
@@ -82,6 +88,11 @@ def test_hung_chunkservers_give_a_502_not_a_hang(tmp_path):
             assert status in (502, 503) and data.count(b"\n") == 1, data
             status, _, data = gw.request("POST", "/blobs", b"x")
             assert status in (502, 503), data
+            t0 = time.monotonic()
+            status, _, data = patient.request("GET", "/healthz")
+            took = time.monotonic() - t0
+            assert (status, data) == (503, b"unavailable: no chunkserver answers (1 groups)\n")
+            assert took < PING_WAIT + 3, took   # not the 20 s of a call's timeout
         finally:
             for d in c.servers:
                 os.killpg(d.proc.pid, signal.SIGCONT)
