@@ -44,9 +44,10 @@ def health_line(route: Route, answers: Callable[[ServerInfo], bool],
         readable += any(up)
         writable += bool(servers) and all(up) and \
             choose_group({g: servers}, 0, min_replicas) is not None
+    n = f"{len(groups)} group{'' if len(groups) == 1 else 's'}"
     if not readable:
-        return False, f"unavailable: no chunkserver answers ({len(groups)} groups)"
-    return True, f"ok: {len(groups)} groups, {readable} readable, {writable} writable"
+        return False, f"unavailable: no chunkserver answers ({n})"
+    return True, f"ok: {n}, {readable} readable, {writable} writable"
 
 
 def ping_all(app: "GatewayApp", route: Route, io: Executor) -> set[tuple[str, int]]:

@@ -91,7 +91,7 @@ def test_hung_chunkservers_give_a_502_not_a_hang(tmp_path):
             t0 = time.monotonic()
             status, _, data = patient.request("GET", "/healthz")
             took = time.monotonic() - t0
-            assert (status, data) == (503, b"unavailable: no chunkserver answers (1 groups)\n")
+            assert (status, data) == (503, b"unavailable: no chunkserver answers (1 group)\n")
             assert took < PING_WAIT + 3, took   # not the 20 s of a call's timeout
         finally:
             for d in c.servers:
@@ -112,7 +112,7 @@ def test_starts_without_a_master_and_answers_503_until_it_has_a_route(tmp_path):
             key = upload(gw, b"late")
             assert gw.request("GET", "/" + key)[2] == b"late"
             wait_ready(lambda: gw.request("GET", "/healthz")[::2] ==
-                       (200, b"ok: 1 groups, 1 readable, 1 writable\n"), 5, "/healthz ok")
+                       (200, b"ok: 1 group, 1 readable, 1 writable\n"), 5, "/healthz ok")
     finally:
         c.stop()
 

@@ -38,10 +38,10 @@ def test_healthz_follows_the_chunkservers(tmp_path):
     c = Cluster(tmp_path, groups=1, per_group=2, chunks=2)
     with c, Gateway(c, tmp_path) as gw:
         status, h, data = gw.request("GET", "/healthz")
-        assert (status, data) == (200, b"ok: 1 groups, 1 readable, 1 writable\n")
+        assert (status, data) == (200, b"ok: 1 group, 1 readable, 1 writable\n")
         assert h["cache-control"] == "no-store" and h["content-type"].startswith("text/plain")
         status, h, data = gw.request("HEAD", "/healthz")
-        assert (status, data, h["content-length"]) == (200, b"", str(len("ok: 1 groups, "
+        assert (status, data, h["content-length"]) == (200, b"", str(len("ok: 1 group, "
                                                                          "1 readable, 1 writable\n")))
         status, h, data = gw.request("POST", "/healthz", b"")
         assert status == 405 and h["allow"] == "GET, HEAD"
@@ -52,8 +52,8 @@ def test_healthz_follows_the_chunkservers(tmp_path):
 
         def unavailable() -> bool:
             return gw.request("GET", "/healthz")[::2] == \
-                (503, b"unavailable: no chunkserver answers (1 groups)\n")
+                (503, b"unavailable: no chunkserver answers (1 group)\n")
         wait_ready(unavailable, 10, "/healthz to say 503")
         c.restart(c.servers[0])
         wait_ready(lambda: gw.request("GET", "/healthz")[0] == 200, 40, "/healthz to say 200")
-        assert gw.request("GET", "/healthz")[2].startswith(b"ok: 1 groups, 1 readable")
+        assert gw.request("GET", "/healthz")[2].startswith(b"ok: 1 group, 1 readable")
