@@ -11,8 +11,12 @@ import signal
 import socket
 import time
 from argparse import Namespace
+from typing import TYPE_CHECKING
 
 from speedy.gateway.stats import GatewayStats
+
+if TYPE_CHECKING:
+    from speedy.gateway.access import AccessLog
 
 log = logging.getLogger("speedy.gateway.worker")
 
@@ -52,7 +56,7 @@ def maintain(app, interval: float) -> None:
             log.warning("maintenance: %s", e)
 
 
-def flush_access(access) -> None:
+def flush_access(access: "AccessLog") -> None:
     """Forever: append the access log's buffered lines once a second."""
     import gevent
     while True:
@@ -100,10 +104,10 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
 
     try:
         access = AccessLog(cfg.access_log) if cfg.access_log else None
-    except OSError as e:
-        log.error("worker %d: cannot open --access_log %s: %s", slot, cfg.access_log,
-                  e.strerror or e)
-        return BOOT_ERROR
+    except OSError as e:   # the supervisor opened it at start: serving comes first now
+        log.error("worker %d: cannot open --access_log %s: %s; serving without it", slot,
+                  cfg.access_log, e.strerror or e)
+        access = None
     if access is not None:
         gevent.spawn(flush_access, access)
     sock = gevent.socket.socket(listener.family, listener.type, fileno=listener.detach())

@@ -109,3 +109,18 @@ def test_a_failing_log_write_drops_lines_not_requests(cluster, tmp_path):
         assert len(warnings) == 1, log[-2000:]
         assert "No space left on device; " in warnings[0] and "lines dropped so far" in \
             warnings[0] and "Traceback" not in log
+
+
+def test_a_worker_that_cannot_open_the_log_still_serves(cluster, tmp_path):
+    """The supervisor checks the file at start; a worker respawned after the file became
+    unopenable (here: a directory) serves without it and says so in the error log."""
+    path = str(tmp_path / "access.log")
+    with Gateway(cluster, tmp_path, extra=[f"--access_log={path}"]) as gw:
+        (worker,) = gw.worker_pids()
+        os.remove(path)
+        os.mkdir(path)
+        os.kill(worker, signal.SIGKILL)
+        wait_ready(lambda: gw.worker_pids() not in ([], [worker]), 15, "a new worker")
+        wait_ready(lambda: gw.request("GET", "/healthz")[0] == 200, 15, "the new worker")
+        assert f"cannot open --access_log {path}: Is a directory; serving without it" \
+            in open(gw.log).read()
