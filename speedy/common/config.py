@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import io
+import ipaddress
 import os
 import re
 import sys
@@ -192,6 +193,27 @@ def positive_float(text: str) -> float:
     return value
 
 
+def parse_networks(text: str) -> tuple:
+    """The addresses or networks of a comma-separated list (10.0.0.0/8, ::1); ValueError
+    naming a malformed one."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or network "
+                             f"(e.g. 127.0.0.1, 10.0.0.0/8)") from None
+    return tuple(out)
+
+
+def networks(text: str) -> str:
+    """An argparse type: a comma-separated list of addresses or networks, normalized."""
+    try:
+        return ",".join(str(n) for n in parse_networks(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def flag01(text: str) -> int:
     """An argparse type: 0 or 1."""
     if text not in ("0", "1"):
@@ -313,6 +335,9 @@ def gateway_parser() -> configargparse.ArgParser:
     p.add_argument("--access_log", default="",
                    help="file of one line per request (Combined Log Format and seconds); "
                         "'-': standard output; empty: off")
+    p.add_argument("--trusted_proxies", type=networks, default="",
+                   help="proxies (addresses, networks) whose X-Forwarded-For names the "
+                        "client in the access log; empty: none")
     gateway_s3_options(p)
     _common(p, "pid file of the gateway's supervisor (written at start, removed at exit)")
     return p

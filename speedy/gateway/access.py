@@ -6,6 +6,10 @@
                 │ └ user (always -)                                        status │ Referer  User-Agent      read to answer sent
                 └ identity (always -)                                    body bytes sent
 
+Behind proxies listed in --trusted_proxies the client is taken from X-Forwarded-For: the
+rightmost address in it that is not a trusted proxy (nginx's real_ip_recursive), or the
+proxy itself when that entry is malformed.
+
 Quotes, backslashes and bytes outside printable ASCII in the quoted fields are written
 as \\xHH, so that a line never breaks or forges another. A request refused before it
 could be parsed (400, 408, 431) is logged with what arrived of its first line.
@@ -19,6 +23,7 @@ for the log.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -54,6 +59,29 @@ def request_line(head: bytes) -> str:
     return escape(line.decode("latin-1"))
 
 
+def client_address(peer: str, forwarded: str, trusted: tuple) -> str:
+    """The client's address: peer, or, when peer is a trusted proxy, the rightmost address
+    of X-Forwarded-For that is not one (a malformed entry stops the walk there)."""
+    addr = peer
+    hops = [h.strip() for h in forwarded.split(",")] if forwarded else []
+    while is_trusted(addr, trusted) and hops:
+        hop = hops.pop()
+        try:
+            addr = str(ipaddress.ip_address(hop))
+        except ValueError:
+            break
+    return addr
+
+
+def is_trusted(addr: str, trusted: tuple) -> bool:
+    """True when addr lies in one of the trusted networks."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
 def open_log(path: str) -> int:
     """A file descriptor appending to path (created 0644), or standard output for "-"."""
     if path == STDOUT:
@@ -64,8 +92,9 @@ def open_log(path: str) -> int:
 class AccessLog:
     """One worker's access log: lines buffered, appended in whole-line writes."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, trusted_proxies: tuple = ()):
         self.path = path
+        self.trusted = trusted_proxies   # networks whose X-Forwarded-For is believed
         self.fd = open_log(path)
         self.lines: list[str] = []
         self.size = 0
@@ -74,8 +103,11 @@ class AccessLog:
         self._stamp = (0, "")
 
     def record(self, addr: str, head: bytes, status: int, sent: int, referer: str,
-               agent: str, seconds: float) -> None:
-        """Add the line of one answered request (written by the next flush)."""
+               agent: str, seconds: float, forwarded: str = "") -> None:
+        """Add the line of one answered request (written by the next flush); forwarded:
+        its X-Forwarded-For header."""
+        if self.trusted:
+            addr = escape(client_address(addr, forwarded, self.trusted))
         now = int(time.time())
         if self._stamp[0] != now:
             self._stamp = (now, clf_time(now))

@@ -369,7 +369,8 @@ class HTTPServer:
         """Add one request's line to the access log."""
         self.access.record(environ.get("REMOTE_ADDR", ""), head, status, sent,
                            environ.get("HTTP_REFERER", ""), environ.get("HTTP_USER_AGENT", ""),
-                           time.monotonic() - t0 if t0 else 0.0)
+                           time.monotonic() - t0 if t0 else 0.0,
+                           environ.get("HTTP_X_FORWARDED_FOR", ""))
 
     def request_body(self, conn: Conn, environ: dict, proto: str) -> Body:
         """The wsgi.input of a request (400 for a malformed length or framing)."""

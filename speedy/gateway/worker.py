@@ -76,6 +76,7 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     import gevent.socket
 
     from speedy.client import Client
+    from speedy.common.config import parse_networks
     from speedy.common.logs import reopen_logs
     from speedy.gateway.access import AccessLog
     from speedy.gateway.app import GatewayApp
@@ -103,7 +104,8 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
         gevent.spawn(maintain, app, cfg.maintenance_interval)
 
     try:
-        access = AccessLog(cfg.access_log) if cfg.access_log else None
+        access = AccessLog(cfg.access_log, parse_networks(cfg.trusted_proxies)) \
+            if cfg.access_log else None
     except OSError as e:   # the supervisor opened it at start: serving comes first now
         log.error("worker %d: cannot open --access_log %s: %s; serving without it", slot,
                   cfg.access_log, e.strerror or e)

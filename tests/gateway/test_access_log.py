@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+from speedy.common.config import parse_networks
+from speedy.gateway.access import client_address
 from tests.support.cluster import blob, cluster_fixture
 from tests.support.daemon import wait_ready
 from tests.support.gateway import Gateway, access_lines
@@ -124,3 +126,32 @@ def test_a_worker_that_cannot_open_the_log_still_serves(cluster, tmp_path):
         wait_ready(lambda: gw.request("GET", "/healthz")[0] == 200, 15, "the new worker")
         assert f"cannot open --access_log {path}: Is a directory; serving without it" \
             in open(gw.log).read()
+
+
+def test_client_address_behind_trusted_proxies():
+    trusted = parse_networks("127.0.0.1, 10.0.0.0/8, ::1")
+    assert client_address("127.0.0.1", "203.0.113.7, 10.1.1.1", trusted) == "203.0.113.7"
+    assert client_address("127.0.0.1", "198.51.100.9, 203.0.113.7", trusted) == "203.0.113.7"
+    assert client_address("192.0.2.1", "203.0.113.7", trusted) == "192.0.2.1"  # not a proxy
+    assert client_address("127.0.0.1", "", trusted) == "127.0.0.1"
+    assert client_address("127.0.0.1", "junk, 10.1.1.1", trusted) == "10.1.1.1"
+    assert client_address("::1", "2001:db8::1", trusted) == "2001:db8::1"
+    assert client_address("127.0.0.1", "10.2.2.2", trusted) == "10.2.2.2"  # all proxies
+    assert client_address("127.0.0.1", "203.0.113.7", ()) == "127.0.0.1"
+
+
+def test_x_forwarded_for_is_believed_only_from_trusted_proxies(cluster, tmp_path):
+    path = str(tmp_path / "access.log")
+    forged = {"X-Forwarded-For": "203.0.113.7, 10.1.1.1"}
+    with Gateway(cluster, tmp_path, extra=[f"--access_log={path}",
+                                           "--trusted_proxies=127.0.0.0/8,10.0.0.0/8"]) as gw:
+        gw.request("GET", "/healthz?via=proxy", headers=forged)
+        gw.request("GET", "/healthz?via=none")
+        got = {x["request"]: x["addr"] for x in wait_lines(path, 3)}
+    assert got["GET /healthz?via=proxy HTTP/1.1"] == "203.0.113.7"
+    assert got["GET /healthz?via=none HTTP/1.1"] == "127.0.0.1"
+    other = str(tmp_path / "other.log")
+    with Gateway(cluster, tmp_path, extra=[f"--access_log={other}"]) as gw:
+        gw.request("GET", "/healthz?via=untrusted", headers=forged)
+        got = {x["request"]: x["addr"] for x in wait_lines(other, 2)}
+    assert got["GET /healthz?via=untrusted HTTP/1.1"] == "127.0.0.1"   # not believed

@@ -127,6 +127,9 @@ def test_config_sources_and_start_errors(tmp_path):
     r = gateway_cli("--access_log", "/nonexistent/dir/access.log")
     assert r.returncode == 2 and b"--access_log: directory /nonexistent/dir does not " \
         b"exist" in r.stderr, r.stderr
+    r = gateway_cli("--trusted_proxies", "10.0.0.0/8,proxy.example")
+    assert r.returncode == 2 and b"'proxy.example' is not an address or network" in \
+        r.stderr, r.stderr
     r = gateway_cli("--access_log=-", "--daemonize=1")
     assert r.returncode == 2 and b"name a file" in r.stderr, r.stderr
     r = gateway_cli("--access_log", str(tmp_path), "--metadb", f"sqlite:///{tmp_path}/g.db",
