@@ -335,6 +335,9 @@ def gateway_parser() -> configargparse.ArgParser:
     p.add_argument("--access_log", default="",
                    help="file of one line per request (Combined Log Format and seconds); "
                         "'-': standard output; empty: off")
+    p.add_argument("--drain_seconds", type=int_range(0, 300), default=0,
+                   help="seconds between SIGTERM and the stop during which /healthz answers "
+                        "503 while requests are still served (load balancers go first)")
     p.add_argument("--trusted_proxies", type=networks, default="",
                    help="proxies (addresses, networks) whose X-Forwarded-For names the "
                         "client in the access log; empty: none")

@@ -231,7 +231,8 @@ class Supervisor:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-        for sig, grace in ((signal.SIGTERM, STOP_TIMEOUT + 2.0), (signal.SIGKILL, 5.0)):
+        drain = self.cfg.drain_seconds
+        for sig, grace in ((signal.SIGTERM, drain + STOP_TIMEOUT + 2.0), (signal.SIGKILL, 5.0)):
             for pid in list(self.workers):
                 self.kill(pid, sig)
             deadline = time.monotonic() + grace

@@ -3,6 +3,7 @@
     200  ok: 2 groups, 2 readable, 1 writable
     503  unavailable: no route from the master (...)
     503  unavailable: no chunkserver answers (2 groups)
+    503  unavailable: draining before a stop
 
 The worker takes its route (the client library's: refetched from the master when older
 than its TTL, the last one kept while the master is down) and PINGs every chunkserver in
@@ -14,7 +15,9 @@ reads through the balancer). The master keeps a silent chunkserver in its route 
 hence the PINGs. A chunkserver that has not answered within PING_WAIT seconds counts as
 down. A worker answers probes from one round of PINGs for CACHE_SECONDS and runs one
 round at a time (probes that come meanwhile wait for it), so a probe every few
-milliseconds costs at most one round a second.
+milliseconds costs at most one round a second. From SIGTERM to the stop the worker
+drains (--drain_seconds): requests are served, /healthz says 503 so that balancers take
+the gateway out before it stops accepting.
 """
 from __future__ import annotations
 
@@ -70,11 +73,14 @@ class HealthCheck:
     def __init__(self) -> None:
         self._answer: tuple[float, int, str] = (-CACHE_SECONDS, 0, "")
         self._lock = threading.Lock()   # one round of PINGs at a time
+        self.draining = False   # set on SIGTERM with --drain_seconds
 
     def check(self, app: "GatewayApp", req: Request) -> Response:
         """The answer to GET or HEAD /healthz."""
         if req.method not in ("GET", "HEAD"):
             raise HTTPError(405, "use GET for /healthz", [("Allow", "GET, HEAD")])
+        if self.draining:
+            return Response.text(503, "unavailable: draining before a stop", HEADERS)
         at, status, line = self._answer
         if time.monotonic() - at >= CACHE_SECONDS:
             with self._lock:

@@ -1,8 +1,9 @@
 """One gateway worker process: gevent (patched here, after fork), a WSGI server on the
 shared listening socket, the client library, the record and path metadata databases.
 
-SIGTERM: stop accepting, let in-flight requests finish (STOP_TIMEOUT), flush the access
-log, exit 0. SIGHUP: reopen the log files.
+SIGTERM: drain for --drain_seconds (serve, but /healthz says 503), stop accepting, let
+in-flight requests finish (STOP_TIMEOUT), flush the access log, exit 0. SIGHUP: reopen
+the log files.
 """
 from __future__ import annotations
 
@@ -118,6 +119,10 @@ def run_worker(cfg: Namespace, slot: int, listener: socket.socket,
     done = gevent.event.Event()
 
     def stop() -> None:
+        if cfg.drain_seconds and not app.health.draining:
+            app.health.draining = True
+            log.info("worker %d: draining for %d s before it stops", slot, cfg.drain_seconds)
+            gevent.sleep(cfg.drain_seconds)
         t0 = time.monotonic()
         try:
             server.stop(timeout=STOP_TIMEOUT)

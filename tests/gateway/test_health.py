@@ -1,6 +1,10 @@
 """GET /healthz over real HTTP: ok with a readable group, 503 when none can be read."""
 from __future__ import annotations
 
+import json
+import signal
+import time
+
 from speedy.client import RO, RW, Route, ServerInfo
 from speedy.gateway.health import health_line
 from tests.support.cluster import Cluster
@@ -57,3 +61,24 @@ def test_healthz_follows_the_chunkservers(tmp_path):
         c.restart(c.servers[0])
         wait_ready(lambda: gw.request("GET", "/healthz")[0] == 200, 40, "/healthz to say 200")
         assert gw.request("GET", "/healthz")[2].startswith(b"ok: 1 group, 1 readable")
+
+
+def test_drain_says_503_while_it_still_serves(tmp_path):
+    """--drain_seconds: after SIGTERM /healthz says 503 and requests are still answered,
+    on new connections too; the gateway stops when the drain is over."""
+    with Cluster(tmp_path, groups=1, per_group=2, chunks=2) as c, \
+            Gateway(c, tmp_path, workers=2, extra=["--drain_seconds=4"]) as gw:
+        status, _, data = gw.request("POST", "/blobs", b"still here")
+        assert status == 201, data
+        key = json.loads(data)["key"]
+        assert gw.request("GET", "/healthz")[0] == 200
+        t0 = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        wait_ready(lambda: gw.request("GET", "/healthz")[::2] ==
+                   (503, b"unavailable: draining before a stop\n"), 3, "/healthz 503")
+        for _ in range(10):   # both workers still serve
+            assert gw.request("GET", "/" + key)[::2] == (200, b"still here")
+        assert gw.proc.wait(30) == 0
+        took = time.monotonic() - t0
+        assert 3.5 < took < 4 + 20, took
+        assert "draining for 4 s before it stops" in open(gw.log).read()
