@@ -171,7 +171,12 @@ def test_writer_killed_leaves_no_unreported_file(tmp_path):
             for t in threads:
                 t.start()
             time.sleep(1.0)
-            os.kill(writer_pid(victim), signal.SIGKILL)
+            # stopped first, so that writes are surely waiting on it when it dies (killed
+            # at once, it sometimes died between batches with none: no put failed)
+            pid = writer_pid(victim)
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGKILL)
             time.sleep(1.0)
             stop.set()
             for t in threads:
