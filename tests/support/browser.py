@@ -89,10 +89,25 @@ def submit(driver, element, timeout: float = 30.0) -> None:
     """Click an element that loads a new page; return once the old page is gone and the
     new one loaded (the old one's going alone leaves the new one half parsed)."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
     old = driver.find_element(By.TAG_NAME, "html")
     element.click()
     wait = WebDriverWait(driver, timeout, poll_frequency=0.1)
-    wait.until(ec.staleness_of(old))
+    wait.until(lambda d: gone(old), "the old page to go")
     wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def gone(element) -> bool:
+    """True once element's page was replaced. Selenium's staleness_of knows only the
+    stale-reference error; mid-navigation chromedriver may instead answer "Node with
+    given id does not belong to the document", which says the same."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as e:
+        if "does not belong to the document" in str(e):
+            return True
+        raise
+    return False
