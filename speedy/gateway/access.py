@@ -107,7 +107,7 @@ class AccessLog:
         """Add the line of one answered request (written by the next flush); forwarded:
         its X-Forwarded-For header."""
         if self.trusted:
-            addr = escape(client_address(addr, forwarded, self.trusted))
+            addr = client_address(addr, forwarded, self.trusted)   # a parsed address
         now = int(time.time())
         if self._stamp[0] != now:
             self._stamp = (now, clf_time(now))

@@ -27,6 +27,7 @@ from concurrent.futures import Executor, wait
 from typing import TYPE_CHECKING, Callable
 
 from speedy.client import ClusterError, Route, ServerInfo, choose_group
+from speedy.client.chunkconn import ConnPool
 from speedy.gateway.http import HTTPError, Request, Response
 
 if TYPE_CHECKING:
@@ -53,13 +54,13 @@ def health_line(route: Route, answers: Callable[[ServerInfo], bool],
     return True, f"ok: {n}, {readable} readable, {writable} writable"
 
 
-def ping_all(app: "GatewayApp", route: Route, io: Executor) -> set[tuple[str, int]]:
+def ping_all(pool: ConnPool, route: Route, io: Executor) -> set[tuple[str, int]]:
     """The addresses in route whose chunkserver answers PING (all asked at once)."""
     addrs = {s.addr for servers in route.groups.values() for s in servers}
 
     def ping(addr: tuple[str, int]) -> bool:
         try:
-            return app.client.pool.ping(addr).ok
+            return pool.ping(addr).ok
         except Exception:  # noqa: BLE001 (any failure: it does not answer)
             return False
     futures = {addr: io.submit(ping, addr) for addr in addrs}
@@ -96,6 +97,6 @@ class HealthCheck:
             route = app.client.route()
         except ClusterError as e:
             return 503, f"unavailable: no route from the master ({e})"
-        up = ping_all(app, route, app.io)
+        up = ping_all(app.client.pool, route, app.io)
         healthy, line = health_line(route, lambda s: s.addr in up, app.client.min_replicas)
         return (200 if healthy else 503), line
